@@ -1,0 +1,35 @@
+"""Tiny Shakespeare with the GPT-2 BPE (tiktoken): train/val shards, 90/10 split.
+
+    python data/shakespeare/prepare.py                 # downloads input.txt when it is missing
+    python data/shakespeare/prepare.py --input FILE    # or uses a local copy
+"""
+import argparse
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", ".."))
+import numpy as np  # noqa: E402
+import tiktoken  # noqa: E402
+
+from data.shakespeare_char.prepare import get_text  # noqa: E402
+from data.shards import write_shard  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", help="local input.txt instead of downloading")
+    parser.add_argument("--out_dir", default=HERE)
+    args = parser.parse_args(argv)
+    os.makedirs(args.out_dir, exist_ok=True)
+    text = get_text(args.input, args.out_dir)
+    split = int(0.9 * len(text))
+    enc = tiktoken.get_encoding("gpt2")
+    for name, part in (("train", text[:split]), ("val", text[split:])):
+        ids = np.array(enc.encode_ordinary(part), dtype=np.uint16)
+        write_shard(os.path.join(args.out_dir, f"{name}_000000.bin"), ids, enc.n_vocab)
+        print(f"{name}: {len(ids):,} tokens")
+
+
+if __name__ == "__main__":
+    main()

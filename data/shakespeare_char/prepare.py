@@ -1,0 +1,53 @@
+"""Tiny Shakespeare, character level: train/val shards (90/10 split) plus meta.pkl (vocab_size, stoi, itos).
+
+    python data/shakespeare_char/prepare.py                 # downloads input.txt when it is missing
+    python data/shakespeare_char/prepare.py --input FILE    # or uses a local copy
+"""
+import argparse
+import os
+import pickle
+import shutil
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", ".."))
+import numpy as np  # noqa: E402
+
+from data.shards import write_shard  # noqa: E402
+
+
+def get_text(input_path, out_dir):
+    """The text: copied from --input, else downloaded once into out_dir/input.txt."""
+    target = os.path.join(out_dir, "input.txt")
+    if input_path:
+        if not os.path.isfile(input_path):
+            sys.exit(f"--input {input_path}: no such file")
+        if os.path.abspath(input_path) != os.path.abspath(target):
+            shutil.copyfile(input_path, target)
+    elif not os.path.exists(target):
+        from data.download import SHAKESPEARE_URL, download_file
+        download_file(SHAKESPEARE_URL, target, desc="tinyshakespeare")
+    with open(target, encoding="utf-8") as f:
+        return f.read()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", help="local input.txt instead of downloading")
+    parser.add_argument("--out_dir", default=HERE)
+    args = parser.parse_args(argv)
+    os.makedirs(args.out_dir, exist_ok=True)
+    text = get_text(args.input, args.out_dir)
+    chars = sorted(set(text))
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    ids = np.array([stoi[ch] for ch in text], dtype=np.uint16)
+    split = int(0.9 * len(ids))
+    write_shard(os.path.join(args.out_dir, "train_000000.bin"), ids[:split], len(chars))
+    write_shard(os.path.join(args.out_dir, "val_000000.bin"), ids[split:], len(chars))
+    with open(os.path.join(args.out_dir, "meta.pkl"), "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}, f)
+    print(f"{len(text):,} characters, vocab {len(chars)}: {split:,} train / {len(ids) - split:,} val tokens in {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Token shards: the llm.c / modded-nanogpt `.bin` format, so their FineWeb shards load as they are.
+
+A shard is a header of 256 int32 (magic, version, token count, then zeros) followed by the tokens:
+uint16 (magic 20240520, version 1) or, for vocabularies over 65,535 tokens, uint32 (magic 20240801, version 7).
+Files are named `{split}_{index:06d}.bin`; reading is an np.memmap taken after the header is validated.
+"""
+import glob
+import os
+
+import numpy as np
+
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+FORMATS = {20240520: (1, np.uint16), 20240801: (7, np.uint32)}  # magic -> (version, token dtype)
+
+
+class ShardError(ValueError):
+    pass
+
+
+def write_shard(path, tokens, vocab_size=None):
+    """Write one shard atomically (temp file + rename). uint16 unless vocab_size (or the data) needs more."""
+    tokens = np.asarray(tokens)
+    top = vocab_size - 1 if vocab_size is not None else (int(tokens.max()) if tokens.size else 0)
+    magic = 20240520 if top < 2**16 else 20240801
+    version, dtype = FORMATS[magic]
+    if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(dtype).max):
+        raise ShardError(f"{path}: token ids out of range for {np.dtype(dtype).name}")
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:3] = magic, version, len(tokens)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype(dtype, copy=False).tobytes())
+    os.replace(tmp, path)
+
+
+def read_header(path):
+    """Validate a shard's header against its size; return (token dtype, token count)."""
+    size = os.path.getsize(path)
+    if size < HEADER_BYTES:
+        raise ShardError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte shard header (truncated download?)")
+    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    magic, version, count = (int(v) for v in header[:3])
+    if magic not in FORMATS:
+        raise ShardError(f"{path}: bad magic {magic}, expected one of {sorted(FORMATS)}: not a token shard")
+    want_version, dtype = FORMATS[magic]
+    if version != want_version:
+        raise ShardError(f"{path}: unsupported version {version} for magic {magic} (expected {want_version})")
+    need = HEADER_BYTES + count * np.dtype(dtype).itemsize
+    if count < 0 or size < need:
+        raise ShardError(f"{path}: header says {count} tokens ({need} bytes) but the file has {size} bytes: truncated; "
+                         "delete it and rerun the dataset's prepare.py")
+    return dtype, count
+
+
+def read_shard(path):
+    """The tokens of a shard as a read-only memmap."""
+    dtype, count = read_header(path)
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def shard_paths(data_dir, split):
+    """Sorted shard files of a split; a clear error when there are none."""
+    paths = sorted(glob.glob(os.path.join(data_dir, f"{split}_*.bin")))
+    if not paths:
+        name = os.path.basename(os.path.normpath(data_dir))
+        raise FileNotFoundError(f"no '{split}' shards in {data_dir}: run `python data/{name}/prepare.py` first")
+    return paths
+
+
+class ShardWriter:
+    """Accumulates a token stream and writes it as shards of `shard_size` tokens: `{split}_000000.bin`, ..."""
+
+    def __init__(self, data_dir, split, shard_size=100_000_000, vocab_size=None):
+        self.data_dir, self.split, self.shard_size, self.vocab_size = data_dir, split, shard_size, vocab_size
+        self.buffer, self.buffered, self.paths = [], 0, []
+        os.makedirs(data_dir, exist_ok=True)
+        for stale in glob.glob(os.path.join(data_dir, f"{split}_*.bin")):  # a rerun replaces, never mixes
+            os.remove(stale)
+
+    def add(self, tokens):
+        self.buffer.append(np.asarray(tokens))
+        self.buffered += len(tokens)
+        while self.buffered >= self.shard_size:
+            self._flush(self.shard_size)
+
+    def close(self):
+        if self.buffered or not self.paths:
+            self._flush(self.buffered)
+        return self.paths
+
+    def _flush(self, n):
+        data = np.concatenate(self.buffer) if self.buffer else np.zeros(0, np.uint32)
+        path = os.path.join(self.data_dir, f"{self.split}_{len(self.paths):06d}.bin")
+        write_shard(path, data[:n], self.vocab_size)
+        self.paths.append(path)
+        self.buffer, self.buffered = [data[n:]], len(data) - n

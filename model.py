@@ -1,0 +1,458 @@
+"""A GPT in one file: RoPE, MQA/GQA, hybrid local (sliding-window) / global attention, cross-layer KV sharing,
+DeepSeek-V3-style mixture-of-experts, optional fp8 matmuls, and KV-cached generation.
+
+Layer plan. `attn_pattern` is tiled over the layers ("LLLLLG": five sliding-window layers, then one global).
+Runs of adjacent layers of the same kind are cut into groups of `kv_share` layers that share one K/V: the first
+layer of a group (the producer) projects K and V, the others (consumers) own no K/V weights and attend to the
+producer's. With `share_global_kv` every global layer uses the first global layer's K/V (Character.AI's design).
+The KV cache stores one K/V per group: local groups in a ring of `local_window` slots, global groups in full.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256
+    vocab_size: int = 65
+    n_layer: int = 6
+    n_embd: int = 384
+    n_head: int = 6
+    n_kv_head: int = 0            # 1 = multi-query, n_head (or 0) = multi-head, in between = grouped-query
+    mlp: str = "swiglu"           # 'swiglu' or 'relu2'
+    mlp_hidden: int = 0           # 0: 8/3·n_embd for swiglu, 4·n_embd for relu2 (rounded up to a multiple of 64)
+    qk_norm: bool = True          # RMSNorm on queries and keys (stabilises higher learning rates)
+    tie_embeddings: bool = False
+    dropout: float = 0.0
+    rope_theta: float = 10000.0
+    attn_pattern: str = "G"       # tiled over layers: L = sliding window, G = global causal
+    local_window: int = 1024      # a local query at i sees keys in (i - local_window, i]
+    kv_share: int = 1             # adjacent same-kind layers per shared K/V (2 = CLA2)
+    share_global_kv: bool = False # all global layers share the first global layer's K/V
+    n_expert: int = 0             # routed experts; 0 = dense MLP everywhere
+    n_expert_active: int = 2      # top-k
+    n_shared_expert: int = 1      # always-on experts
+    moe_hidden: int = 0           # expert width; 0 = mlp width / n_expert_active
+    n_dense_layers: int = 1       # the first layers keep a dense MLP
+    moe_bias_gamma: float = 1e-3  # aux-loss-free balancing: bias step per optimizer step
+    moe_aux_alpha: float = 1e-4   # sequence-wise balance loss weight (0 disables)
+    attn_impl: str = "sdpa"       # 'sdpa' (PyTorch) or 'triton' (kernels/attention.py)
+
+    def __post_init__(self):
+        def check(ok, message):
+            if not ok:
+                raise ValueError(f"GPTConfig: {message}")
+        self.n_kv_head = self.n_kv_head or self.n_head
+        check(self.attn_pattern and set(self.attn_pattern) <= {"L", "G"},
+              f"attn_pattern {self.attn_pattern!r} may only contain L (local) and G (global), e.g. 'LLLLLG'")
+        check(self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} must be divisible by n_head {self.n_head}")
+        check(self.n_head % self.n_kv_head == 0, f"n_head {self.n_head} must be a multiple of n_kv_head {self.n_kv_head}")
+        check(self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even for RoPE")
+        check(self.kv_share >= 1, f"kv_share must be >= 1, got {self.kv_share}")
+        check(self.local_window >= 1, f"local_window must be >= 1, got {self.local_window}")
+        check(self.mlp in ("swiglu", "relu2"), f"mlp must be 'swiglu' or 'relu2', got {self.mlp!r}")
+        check(self.attn_impl in ("sdpa", "triton"), f"attn_impl must be 'sdpa' or 'triton', got {self.attn_impl!r}")
+        if self.n_expert:
+            check(1 <= self.n_expert_active <= self.n_expert,
+                  f"n_expert_active {self.n_expert_active} must be between 1 and n_expert {self.n_expert}")
+            check(0 <= self.n_dense_layers <= self.n_layer, f"n_dense_layers must be in [0, n_layer]")
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @property
+    def hidden(self):
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        width = 8 * self.n_embd // 3 if self.mlp == "swiglu" else 4 * self.n_embd
+        return 64 * math.ceil(width / 64)
+
+    @property
+    def expert_hidden(self):
+        return self.moe_hidden or max(1, self.hidden // self.n_expert_active)
+
+
+def layer_plan(cfg):
+    """For each layer: (kind 'L'/'G', kv group id, whether it produces the group's K/V)."""
+    kinds = [cfg.attn_pattern[i % len(cfg.attn_pattern)] for i in range(cfg.n_layer)]
+    plan, groups, run_start = [], 0, 0
+    global_group = None
+    for i, kind in enumerate(kinds):
+        if i > 0 and kinds[i - 1] != kind:
+            run_start = i
+        if kind == "G" and cfg.share_global_kv and global_group is not None:
+            plan.append((kind, global_group, False))
+            continue
+        if (i - run_start) % cfg.kv_share == 0:  # a new group starts every kv_share layers of a run
+            plan.append((kind, groups, True))
+            groups += 1
+        else:
+            plan.append((kind, plan[-1][1], False))
+        if kind == "G" and global_group is None:
+            global_group = plan[-1][1]
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------------------- parts
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def rope_tables(start, length, head_dim, theta, device):
+    """cos and sin (length, head_dim/2) for positions start..start+length-1; computed per call (cheap, compile-friendly)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    freqs = torch.outer(torch.arange(start, start + length, device=device, dtype=torch.float32), inv_freq)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotary position embedding, rotate-half form, on x (B, H, T, D)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+
+
+def attention_mask(t_q, t_k, window, device):
+    """Boolean (t_q, t_k) mask: causal with the diagonal aligned to the end, and keys within `window` if given."""
+    i = torch.arange(t_k - t_q, t_k, device=device)[:, None]
+    j = torch.arange(t_k, device=device)[None, :]
+    mask = j <= i
+    if window is not None:
+        mask &= j > i - window
+    return mask
+
+
+def attend(q, k, v, window, impl, dropout=0.0):
+    """Causal attention of q (B, Hq, Tq, D) over k, v (B, Hkv, Tk, D), keys aligned to the end of the query span."""
+    t_q, t_k = q.size(2), k.size(2)
+    if window is not None and window >= t_k:
+        window = None  # a window covering every key is plain causal attention
+    if impl == "triton" and dropout == 0.0:
+        from kernels.attention import flash_attention
+        return flash_attention(q, k, v, window=window)
+    gqa = q.size(1) != k.size(1)
+    if t_q == 1:  # one query at the end sees every key it is given
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=gqa)
+    if window is None and t_q == t_k:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
+    mask = attention_mask(t_q, t_k, window, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, kind, group, produces_kv):
+        super().__init__()
+        self.cfg, self.group, self.produces_kv = cfg, group, produces_kv
+        self.window = cfg.local_window if kind == "L" else None
+        d, hd = cfg.n_embd, cfg.head_dim
+        self.q_proj = nn.Linear(d, cfg.n_head * hd, bias=False)
+        if produces_kv:  # consumers of a shared K/V own no K/V weights at all
+            self.k_proj = nn.Linear(d, cfg.n_kv_head * hd, bias=False)
+            self.v_proj = nn.Linear(d, cfg.n_kv_head * hd, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * hd, d, bias=False)
+        self.q_norm = RMSNorm(hd) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(hd) if cfg.qk_norm and produces_kv else nn.Identity()
+
+    def forward(self, x, cos, sin, shared_kv, cache):
+        B, T, _ = x.shape
+        hd = self.cfg.head_dim
+        q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, -1, hd).transpose(1, 2)), cos, sin)
+        window = self.window
+        if self.produces_kv:
+            k = apply_rope(self.k_norm(self.k_proj(x).view(B, T, -1, hd).transpose(1, 2)), cos, sin)
+            v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
+            if cache is not None:
+                k, v, decoding = cache.update(self.group, k, v)
+                window = None if decoding else window  # a decode step's ring holds exactly its window
+            shared_kv[self.group] = (k, v, window)
+        else:
+            k, v, window = shared_kv[self.group]
+        dropout = self.cfg.dropout if self.training else 0.0
+        y = attend(q, k, v, window, self.cfg.attn_impl, dropout)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg, hidden):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        self.up_proj = nn.Linear(cfg.n_embd, hidden, bias=False)
+        self.gate_proj = nn.Linear(cfg.n_embd, hidden, bias=False) if self.swiglu else None
+        self.down_proj = nn.Linear(hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        h = F.silu(self.gate_proj(x)) * self.up_proj(x) if self.swiglu else F.relu(self.up_proj(x)).square()
+        return self.down_proj(h)
+
+
+class MoE(nn.Module):
+    """DeepSeek-V3 mixture-of-experts: sigmoid router, top-k chosen with a selection-only bias, gates normalised
+    over the chosen experts, shared always-on experts, auxiliary-loss-free balancing, no token dropping."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        E, d, h = cfg.n_expert, cfg.n_embd, cfg.expert_hidden
+        self.router = nn.Linear(d, E, bias=False)
+        n_up = 2 if cfg.mlp == "swiglu" else 1
+        # expert weights stacked in nn.Linear layout (out, in): gate and up rows together for swiglu
+        self.w_up = nn.Parameter(torch.empty(E, n_up * h, d))
+        self.w_down = nn.Parameter(torch.empty(E, d, h))
+        self.shared = MLP(cfg, cfg.n_shared_expert * h) if cfg.n_shared_expert else None
+        self.register_buffer("bias", torch.zeros(E))        # selection-only bias, updated by update_bias()
+        self.register_buffer("load", torch.zeros(E), persistent=False)  # tokens routed per expert since the last update
+        self.aux_loss = None
+        self.fp8_linear = None                              # set by model.convert_fp8(): runs experts in fp8
+
+    def forward(self, x):
+        B, T, d = x.shape
+        tokens = x.reshape(-1, d)
+        scores = torch.sigmoid(self.router(tokens).float())                        # (N, E)
+        chosen = torch.topk(scores + self.bias, self.cfg.n_expert_active, dim=-1).indices
+        gates = scores.gather(1, chosen)
+        gates = gates / gates.sum(-1, keepdim=True)
+        if self.training:
+            self.load += torch.bincount(chosen.flatten(), minlength=self.cfg.n_expert).to(self.load.dtype)
+            self.aux_loss = self.balance_loss(scores.view(B, T, -1), chosen.view(B, T, -1))
+        out = self.run_experts(tokens, chosen, gates.to(x.dtype))
+        if self.shared is not None:
+            out = out + self.shared(tokens)
+        return out.view(B, T, d)
+
+    def run_experts(self, tokens, chosen, gates):
+        """Sort (token, expert) pairs by expert; run each expert on its contiguous slice; scatter-add back."""
+        k = chosen.size(1)
+        order = chosen.flatten().argsort(stable=True)
+        token_of = order // k
+        counts = torch.bincount(chosen.flatten(), minlength=self.cfg.n_expert)
+        xs = tokens[token_of]
+        if self.use_grouped_mm(xs):
+            offsets = counts.cumsum(0).to(torch.int32)
+            h = torch._grouped_mm(xs, self.w_up.transpose(1, 2), offs=offsets)
+            ys = torch._grouped_mm(self.activation(h), self.w_down.transpose(1, 2), offs=offsets)
+        else:
+            ys = torch.cat([self.expert(e, chunk) for e, chunk in enumerate(xs.split(counts.tolist()))])
+        ys = ys * gates.flatten()[order, None]
+        return torch.zeros_like(tokens).index_add_(0, token_of, ys.to(tokens.dtype))
+
+    def use_grouped_mm(self, xs):
+        aligned = all(n % 8 == 0 for n in (self.w_up.size(1), self.w_down.size(1), self.w_down.size(2)))
+        return (hasattr(torch, "_grouped_mm") and xs.is_cuda and xs.dtype == torch.bfloat16 and aligned
+                and self.fp8_linear is None)
+
+    def expert(self, e, x):
+        linear = self.fp8_linear or F.linear
+        return linear(self.activation(linear(x, self.w_up[e].to(x.dtype))), self.w_down[e].to(x.dtype))
+
+    def activation(self, h):
+        if self.cfg.mlp == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        return F.relu(h).square()
+
+    def balance_loss(self, scores, chosen):
+        """DeepSeek-V3 sequence-wise balance loss: alpha * sum_i f_i * P_i per sequence, averaged over sequences."""
+        if not self.cfg.moe_aux_alpha:
+            return None
+        E, k, T = self.cfg.n_expert, self.cfg.n_expert_active, scores.size(1)
+        hits = torch.zeros_like(scores).scatter_(2, chosen, 1.0)                   # (B, T, E)
+        f = hits.sum(1) * E / (k * T)
+        p = (scores / scores.sum(-1, keepdim=True)).mean(1)
+        return self.cfg.moe_aux_alpha * (f * p).sum(-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self):
+        """bias_i -= gamma * sign(load_i - mean load); call after each optimizer step (load all-reduced under DDP)."""
+        if self.load.sum() > 0:
+            self.bias -= self.cfg.moe_bias_gamma * torch.sign(self.load - self.load.mean())
+        self.load.zero_()
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer, kind, group, produces_kv):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.n_embd)
+        self.attn = Attention(cfg, kind, group, produces_kv)
+        self.mlp_norm = RMSNorm(cfg.n_embd)
+        self.mlp = MoE(cfg) if cfg.n_expert and layer >= cfg.n_dense_layers else MLP(cfg, cfg.hidden)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, shared_kv, cache):
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, shared_kv, cache))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+# ------------------------------------------------------------------------------------------------------- KV cache
+
+class KVCache:
+    """One K/V per sharing group: local groups in a ring of `local_window` slots, global groups for the context.
+    The first call is the prefill (up to block_size tokens); later calls add one token each."""
+
+    def __init__(self, cfg):
+        self.pos, self.block_size, self.k, self.v = 0, cfg.block_size, {}, {}
+        self.slots = {group: min(cfg.local_window, cfg.block_size) if kind == "L" else cfg.block_size
+                      for kind, group, produces in layer_plan(cfg) if produces}
+
+    def update(self, group, k, v):
+        """Store new K/V; return (keys, values, decoding) to attend over."""
+        size, T = self.slots[group], k.size(2)
+        if self.pos == 0:  # prefill: attend over the prompt itself, keep its last `size` positions
+            if T > self.block_size:
+                raise ValueError(f"prompt of {T} tokens exceeds block_size {self.block_size}")
+            self.k[group] = k.new_zeros(k.shape[:2] + (size, k.size(3)))
+            self.v[group] = torch.zeros_like(self.k[group])
+            keep = min(T, size)
+            slots = torch.arange(T - keep, T, device=k.device) % size
+            self.k[group][:, :, slots] = k[:, :, -keep:]
+            self.v[group][:, :, slots] = v[:, :, -keep:]
+            return k, v, False
+        if T != 1:
+            raise ValueError("after the prefill the cache takes one token per step")
+        if self.pos >= self.block_size:
+            raise ValueError(f"cache is full ({self.block_size} positions): start a new one from a cropped context")
+        slot = self.pos % size
+        self.k[group][:, :, slot] = k[:, :, 0]
+        self.v[group][:, :, slot] = v[:, :, 0]
+        n = min(self.pos + 1, size)  # ring order does not matter: softmax is permutation-invariant over keys
+        return self.k[group][:, :, :n], self.v[group][:, :, :n], True
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in list(self.k.values()) + list(self.v.values()))
+
+    @staticmethod
+    def bytes_at(cfg, context, dtype_bytes=2):
+        """Cache bytes for one sequence at `context` tokens."""
+        per_pos = 2 * cfg.n_kv_head * cfg.head_dim * dtype_bytes
+        total = 0
+        for kind, _, produces in layer_plan(cfg):
+            if produces:
+                total += per_pos * min(context, cfg.local_window if kind == "L" else context)
+        return total
+
+
+# ----------------------------------------------------------------------------------------------------------- model
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg, i, *spec) for i, spec in enumerate(layer_plan(cfg)))
+        self.norm = RMSNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        std = 0.02
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, MoE):
+            nn.init.normal_(module.w_up, std=std)
+            nn.init.normal_(module.w_down, std=std / math.sqrt(2 * self.config.n_layer))
+        for name in ("o_proj", "down_proj"):  # residual-stream writers: GPT-2's 1/sqrt(2·layers) scaling
+            if hasattr(module, name):
+                nn.init.normal_(getattr(module, name).weight, std=std / math.sqrt(2 * self.config.n_layer))
+
+    def forward(self, idx, targets=None, cache=None, last_pos=None):
+        """With targets: (logits (B, T, V), loss). Otherwise: (logits at last_pos (B,) or the last position, None)."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size and cache is None:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        cos, sin = rope_tables(start, T, self.config.head_dim, self.config.rope_theta, idx.device)
+        x, shared_kv = self.wte(idx), {}
+        for block in self.blocks:
+            x = block(x, cos, sin, shared_kv, cache)
+        x = self.norm(x)
+        if cache is not None:
+            cache.pos += T
+        if targets is None:
+            rows = torch.arange(B, device=idx.device)
+            last = last_pos if last_pos is not None else torch.full((B,), T - 1, device=idx.device)
+            return self.lm_head(x[rows, last]).float(), None
+        logits = self.lm_head(x).float()
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        if self.training:
+            aux = [b.mlp.aux_loss for b in self.blocks if isinstance(b.mlp, MoE) and b.mlp.aux_loss is not None]
+            loss = loss + sum(aux) if aux else loss
+        return logits, loss
+
+    # --------------------------------------------------------------------------------------- counting and optimizer
+
+    def num_params(self, active=False):
+        """Parameters excluding the input embedding (a lookup, not a matmul); active: only top-k of the routed experts."""
+        n = sum(p.numel() for p in self.parameters())
+        if not self.config.tie_embeddings:
+            n -= self.wte.weight.numel()
+        if active:
+            for block in self.blocks:
+                if isinstance(block.mlp, MoE):
+                    routed = block.mlp.w_up.numel() + block.mlp.w_down.numel()
+                    n -= routed - routed * self.config.n_expert_active // self.config.n_expert
+        return n
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token (forward + backward): 6·active matmul params + attention over visible keys."""
+        cfg = self.config
+        attn = 0
+        for kind, _, _ in layer_plan(cfg):
+            w = min(cfg.local_window if kind == "L" else seq_len, seq_len)
+            visible = (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len  # mean keys a query sees: sum of min(i+1, w)
+            attn += 12 * cfg.n_head * cfg.head_dim * visible
+        return 6 * self.num_params(active=True) + attn
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; weight decay on matrices only (not norms, not biases); fused on CUDA."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+
+    def moe_layers(self):
+        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
+
+    # ------------------------------------------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
+        """Sample continuations with the KV cache. Past block_size, the cache is rebuilt from the last 3/4 block."""
+        block = self.config.block_size
+        cache = None
+        for _ in range(max_new_tokens):
+            if cache is None or cache.pos >= block:
+                keep = block if cache is None else block * 3 // 4
+                cache = KVCache(self.config)
+                logits, _ = self(idx[:, -keep:], cache=cache)
+            else:
+                logits, _ = self(idx[:, -1:], cache=cache)
+            idx = torch.cat((idx, sample_next(logits, temperature, top_k, top_p, generator)), dim=1)
+        return idx
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Next tokens (B, 1) from last-position logits (B, V): greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)

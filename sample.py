@@ -1,0 +1,61 @@
+"""Sample from a trained model with the KV cache.
+
+    python sample.py                                    # from out/ckpt.pt
+    python sample.py --out_dir=out-x --start="ROMEO:" --num_samples=3 --max_new_tokens=200
+    python sample.py --start=FILE:prompt.txt --temperature=0.8 --top_p=0.95
+"""
+import time
+from contextlib import nullcontext
+
+import torch
+
+from checkpoint import load_model
+from configurator import configure
+from model import KVCache
+
+out_dir = "out"
+start = "\n"                   # prompt text, or FILE:path to read it from a file
+num_samples = 3
+max_new_tokens = 500
+temperature = 0.8              # 0 = greedy
+top_k = 200                    # 0 = off
+top_p = 1.0                    # nucleus sampling; 1.0 = off
+seed = 1337
+device = "auto"
+dtype = "auto"
+config = configure(globals())
+
+if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+if dtype == "auto":
+    dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+autocast = nullcontext() if not device.startswith("cuda") else torch.autocast("cuda", dtype=ptdtype)
+torch.manual_seed(seed)
+
+try:
+    model, tokenizer, ckpt = load_model(out_dir, device)
+except (FileNotFoundError, ValueError, RuntimeError) as e:
+    raise SystemExit(str(e))
+if start.startswith("FILE:"):
+    with open(start[5:], encoding="utf-8") as f:
+        start = f.read()
+ids = tokenizer.encode(start)
+if not ids:
+    raise SystemExit("the prompt encodes to no tokens: give --start some text")
+x = torch.tensor(ids, dtype=torch.long, device=device)[None].repeat(num_samples, 1)
+
+cfg = model.config
+with torch.inference_mode(), autocast:
+    cache = KVCache(cfg)
+    model(x[:, -cfg.block_size:], cache=cache)  # one prefill to measure the cache this model keeps
+    t0 = time.time()
+    y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p)
+    dt = time.time() - t0
+for row in y.tolist():
+    print(tokenizer.decode(row))
+    print("---------------")
+per_token = KVCache.bytes_at(cfg, 1, torch.finfo(ptdtype).bits // 8)
+print(f"{num_samples * max_new_tokens / dt:,.1f} tokens/s; KV cache {per_token:,} bytes/token/sequence, "
+      f"{cache.nbytes() / 2**20:.2f} MiB for {num_samples} x {min(x.size(1), cfg.block_size)} prompt tokens "
+      f"(at most {KVCache.bytes_at(cfg, cfg.block_size, torch.finfo(ptdtype).bits // 8) * num_samples / 2**20:.2f} MiB at full context)")

@@ -1,0 +1,368 @@
+"""Train a GPT. The defaults are the quick run: character-level tiny Shakespeare, about 3 minutes on a 2-core CPU.
+
+    python train.py                                          # the quick run (prepares its data when missing)
+    python train.py config/train_shakespeare_char.py --max_iters=500
+    torchrun --standalone --nproc_per_node=8 train.py config/train_7b.py --batch_size=8
+    python train.py config/train_7b.py --dry_run=True        # parameter count, FLOPs and KV cache, built on meta
+"""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from configurator import configure
+from data.loader import BatchLoader
+from model import GPT, GPTConfig, KVCache, MoE
+from tokenizer import Tokenizer
+
+# ----------------------------------------------------------------------------------------------------------- config
+# I/O
+out_dir = "out"
+eval_interval = 250
+eval_iters = 20
+log_interval = 25
+eval_only = False
+always_save_checkpoint = True
+init_from = "scratch"          # 'scratch', 'resume' (out_dir/ckpt.pt), or a path to a ckpt.pt (weights only)
+dry_run = False                # print parameters, FLOPs and KV cache for this config, then exit
+kv_context = 8192              # context length of the dry run's KV-cache report
+# data
+data_root = "data"
+dataset = "shakespeare_char"
+datasets = {}                  # {name: weight} mixes several prepared datasets; overrides `dataset` when set
+batch_size = 32                # micro-batch per device
+block_size = 128
+gradient_accumulation_steps = 1
+total_batch_size = 0           # tokens per optimizer step; > 0 derives gradient_accumulation_steps
+# model (see GPTConfig in model.py)
+n_layer = 4
+n_embd = 128
+n_head = 4
+n_kv_head = 0
+mlp = "relu2"
+mlp_hidden = 0
+qk_norm = True
+tie_embeddings = False
+dropout = 0.0
+rope_theta = 10000.0
+attn_pattern = "G"
+local_window = 1024
+kv_share = 1
+share_global_kv = False
+n_expert = 0
+n_expert_active = 2
+n_shared_expert = 1
+moe_hidden = 0
+n_dense_layers = 1
+moe_bias_gamma = 1e-3
+moe_aux_alpha = 1e-4
+attn_impl = "auto"             # 'auto' (triton on CUDA, sdpa elsewhere), 'triton' or 'sdpa'
+# optimizer and schedule
+learning_rate = 4e-3
+min_lr = 4e-4
+max_iters = 1500
+lr_schedule = "cosine"         # 'cosine' or 'wsd' (warmup-stable-decay)
+warmup_iters = 50
+lr_decay_iters = 0             # 0 = max_iters
+wsd_decay_frac = 0.2           # wsd: the final fraction of iterations that decays to min_lr
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+# system
+device = "auto"                # 'auto', 'cpu', 'cuda', 'cuda:1', ...
+dtype = "auto"                 # 'auto' (bfloat16 on CUDA, float32 elsewhere), 'float32', 'bfloat16', 'float16'
+compile = None                 # None = on for CUDA, off elsewhere
+seed = 1337
+peak_flops = 0.0               # for MFU; 0 = look the device up
+backend = "auto"               # distributed backend: 'auto' (nccl on CUDA, gloo on CPU)
+config = configure(globals())
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def setup_distributed():
+    """(rank, local_rank, world_size, device); initialises the process group under torchrun."""
+    global device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "RANK" not in os.environ:
+        return 0, 0, 1, device
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=("nccl" if device.startswith("cuda") else "gloo") if backend == "auto" else backend)
+    return rank, local_rank, world, device
+
+
+def model_config(vocab_size):
+    args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name in config}
+    args.update(vocab_size=vocab_size, block_size=block_size)
+    args["attn_impl"] = ("triton" if device_type == "cuda" else "sdpa") if attn_impl == "auto" else attn_impl
+    return GPTConfig(**args)
+
+
+def dataset_dirs():
+    """(folders, weights) of the configured dataset or mixture; prepares the shakespeare sets when missing."""
+    mix = datasets or {dataset: 1.0}
+    dirs = [os.path.join(data_root, name) for name in mix]
+    for name, d in zip(mix, dirs):
+        script = os.path.join(data_root, name, "prepare.py")
+        missing = not any(f.startswith("train_") for f in os.listdir(d)) if os.path.isdir(d) else True
+        if missing and master and os.path.exists(script):
+            print(f"no shards in {d}: running {script}")
+            subprocess.run([sys.executable, script], check=True)
+    if ddp:
+        dist.barrier()
+    return dirs, list(mix.values())
+
+
+def get_lr(it):
+    decay_iters = lr_decay_iters or max_iters
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= decay_iters:
+        return min_lr
+    if lr_schedule == "wsd":
+        decay_start = int(decay_iters * (1 - wsd_decay_frac))
+        if it < decay_start:
+            return learning_rate
+        return min_lr + (learning_rate - min_lr) * (1 - (it - decay_start) / (decay_iters - decay_start))
+    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def device_peak_flops():
+    """Dense bf16 peak of the device (for MFU); 0 when unknown."""
+    if peak_flops or device_type != "cuda":
+        return peak_flops
+    name = torch.cuda.get_device_name()
+    table = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "4090": 165e12}
+    return next((v for k, v in table.items() if k in name), 0.0)
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over eval_iters fixed batches of each split (fresh loaders: the same batches every eval)."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        loader = BatchLoader(data_dirs, split, batch_size, block_size, rank, world_size, seed + 7, mix_weights)
+        losses = torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            x, y = loader.next_batch(device)
+            with autocast:
+                _, loss = model(x, y)
+            losses[k] = loss.item()
+        mean = losses.mean().to(device)
+        if ddp:
+            dist.all_reduce(mean, op=dist.ReduceOp.AVG)
+        out[split] = mean.item()
+    model.train()
+    return out
+
+
+def plot_metrics(path_png, path_jsonl):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in open(path_jsonl)]
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "val_loss" in r]
+    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=(3, 1))
+    ax.plot([r["iter"] for r in train_rows], [r["loss"] for r in train_rows], alpha=0.5, label="train (batch)")
+    ax.plot([r["iter"] for r in eval_rows], [r["train_loss"] for r in eval_rows], "o-", label="train (eval)")
+    ax.plot([r["iter"] for r in eval_rows], [r["val_loss"] for r in eval_rows], "o-", label="val")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    ax_lr.plot([r["iter"] for r in train_rows], [r["lr"] for r in train_rows])
+    ax_lr.set_xlabel("iteration")
+    ax_lr.set_ylabel("lr")
+    fig.tight_layout()
+    fig.savefig(path_png + ".tmp.png")
+    plt.close(fig)
+    os.replace(path_png + ".tmp.png", path_png)
+
+
+def log_metrics(row):
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def print_dry_run(model, cfg):
+    """Parameters, FLOPs per token and KV-cache size next to equal-width GQA-8 and MHA baselines."""
+    total, active = model.num_params(), model.num_params(active=True)
+    embedding = model.wte.weight.numel()
+    print(f"parameters: {total + embedding:,} total ({total:,} without the input embedding), {active:,} active")
+    print(f"training FLOPs per token at {block_size} context: {model.flops_per_token(block_size) / 1e9:.2f} GFLOP")
+    baseline = dict(asdict(cfg), attn_pattern="G", kv_share=1, share_global_kv=False)
+    gqa8 = KVCache.bytes_at(GPTConfig(**dict(baseline, n_kv_head=math.gcd(8, cfg.n_head))), kv_context)
+    mha = KVCache.bytes_at(GPTConfig(**dict(baseline, n_kv_head=cfg.n_head)), kv_context)
+    ours = KVCache.bytes_at(cfg, kv_context)
+    print(f"KV cache at {kv_context:,} tokens of context (bf16, one sequence):")
+    for name, b in (("this model", ours), ("GQA-8", gqa8), ("MHA", mha)):
+        print(f"  {name:10s} {b / kv_context:>10,.0f} bytes/token {b / 2**20:>10,.1f} MiB")
+    print(f"  this model needs {gqa8 / ours:.1f}x less than GQA-8 and {mha / ours:.1f}x less than MHA")
+
+
+# ------------------------------------------------------------------------------------------------------------ setup
+rank, local_rank, world_size, device = setup_distributed()
+ddp, master = world_size > 1, rank == 0
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+if dtype == "auto":
+    dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+compile = device_type == "cuda" if compile is None else compile
+ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+autocast = nullcontext() if device_type == "cpu" else torch.autocast(device_type, dtype=ptdtype)
+torch.manual_seed(seed + rank)
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+
+if dry_run:
+    char_level = os.path.exists(os.path.join(data_root, dataset, "meta.pkl"))
+    with torch.device("meta"):  # no memory, no data: just shapes
+        meta_model = GPT(model_config(Tokenizer.for_dataset(os.path.join(data_root, dataset)).vocab_size
+                                      if char_level else 50257))
+    print_dry_run(meta_model, meta_model.config)
+    sys.exit(0)
+
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+data_dirs, mix_weights = dataset_dirs()
+tokenizer = Tokenizer.for_dataset(data_dirs[0])
+train_loader = BatchLoader(data_dirs, "train", batch_size, block_size, rank, world_size, seed, mix_weights)
+if total_batch_size:
+    per_micro_step = batch_size * block_size * world_size
+    if total_batch_size % per_micro_step:
+        sys.exit(f"total_batch_size {total_batch_size} is not a multiple of batch_size*block_size*world_size = {per_micro_step}")
+    gradient_accumulation_steps = total_batch_size // per_micro_step
+tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
+
+iter_num, best_val_loss, ckpt = 0, float("inf"), None
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if init_from == "scratch":
+    model = GPT(model_config(tokenizer.vocab_size))
+else:
+    ckpt = load_checkpoint(ckpt_path if init_from == "resume" else init_from, map_location="cpu")
+    model = model_from_checkpoint(ckpt, init_from)
+    if ckpt["model_args"]["vocab_size"] != tokenizer.vocab_size:
+        sys.exit(f"checkpoint vocab_size {ckpt['model_args']['vocab_size']} != dataset vocab {tokenizer.vocab_size}")
+    if init_from != "resume":
+        ckpt = None  # weights only: a new run (next training phase) with fresh optimizer and data stream
+model.to(device)
+if master:
+    print(f"{model.num_params():,} parameters ({model.num_params(active=True):,} active), "
+          f"{tokens_per_iter:,} tokens/iter, device {device} {dtype}, world {world_size}")
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+if ckpt is not None:
+    optimizer.load_state_dict(ckpt["optimizer"])
+    train_loader.load_state_dict(ckpt["loader"])
+    iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if device_type == "cuda" and ckpt["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
+    ckpt = None
+elif master and os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
+    os.remove(os.path.join(out_dir, "metrics.jsonl"))  # a fresh run starts a fresh log
+
+raw_model = model
+if compile:
+    model = torch.compile(model)
+if ddp:
+    # buffers stay per rank: MoE loads are summed explicitly after each step, and the biases stay equal by construction
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
+moe_layers = raw_model.moe_layers()
+flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
+peak = device_peak_flops() * world_size
+
+
+def save(val_loss):
+    state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": asdict(raw_model.config),
+             "config": config, "iter_num": iter_num, "best_val_loss": best_val_loss, "val_loss": val_loss,
+             "loader": train_loader.state_dict(), "tokenizer": tokenizer.spec,
+             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}}
+    save_checkpoint(state, ckpt_path)
+
+
+# ------------------------------------------------------------------------------------------------------------- loop
+t_start = t_log = time.time()
+losses = {}
+while True:
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+    if iter_num % eval_interval == 0 or iter_num == max_iters:
+        losses = estimate_loss()
+        if master:
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            log_metrics({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                         "time": time.time() - t_start})
+            plot_metrics(os.path.join(out_dir, "loss.png"), os.path.join(out_dir, "metrics.jsonl"))
+            if not math.isfinite(losses["val"]):
+                sys.exit("val loss is not finite: stopping without overwriting the last checkpoint")
+            if iter_num > 0 and (losses["val"] < best_val_loss or always_save_checkpoint):
+                best_val_loss = min(best_val_loss, losses["val"])
+                save(losses["val"])
+        if eval_only:
+            break
+    if iter_num >= max_iters:
+        break
+
+    for micro_step in range(gradient_accumulation_steps):
+        x, y = train_loader.next_batch(device)
+        sync = micro_step == gradient_accumulation_steps - 1
+        with (nullcontext() if sync or not ddp else model.no_sync()), autocast:
+            _, loss = model(x, y)
+            loss = loss / gradient_accumulation_steps
+        scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    imbalance = None
+    if moe_layers:  # aux-loss-free balancing: nudge each expert's selection bias against its load
+        loads = torch.stack([m.load for m in moe_layers])
+        if ddp:
+            dist.all_reduce(loads)
+        imbalance = (loads.max(1).values / loads.mean(1).clamp(min=1)).mean().item()
+        for m, load in zip(moe_layers, loads):
+            m.load.copy_(load)
+            m.update_bias()
+    iter_num += 1
+
+    if iter_num % log_interval == 0 and master:
+        loss_value = loss.item() * gradient_accumulation_steps  # the only host sync in the step, at log intervals
+        if not math.isfinite(loss_value):
+            sys.exit(f"loss is {loss_value} at iter {iter_num}: stopping (the last good checkpoint is kept); "
+                     "try a lower learning_rate or grad_clip")
+        dt = (time.time() - t_log) / log_interval
+        t_log = time.time()
+        mfu = f"{100 * flops_per_iter / dt / peak:.1f}%" if peak else "n/a"
+        moe = f", expert load max/mean {imbalance:.2f}" if imbalance is not None else ""
+        mixture = f", mixture {[round(f, 3) for f in train_loader.mixture()]}" if len(data_dirs) > 1 else ""
+        print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
+              f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu}{moe}{mixture}")
+        log_metrics({"iter": iter_num, "loss": loss_value, "lr": lr, "ms_per_iter": dt * 1000,
+                     "tokens_per_s": tokens_per_iter / dt, "mfu": flops_per_iter / dt / peak if peak else None,
+                     "expert_imbalance": imbalance, "mixture": train_loader.mixture()})
+
+if master and losses:
+    print(f"final val loss {losses['val']:.4f} at iter {iter_num} ({time.time() - t_start:.1f} s)")
+if ddp:
+    dist.destroy_process_group()
