@@ -10,8 +10,12 @@ from tokenizer import Tokenizer
 
 def save_checkpoint(state, path):
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never a mix
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never a mix
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_checkpoint(path, map_location="cpu"):

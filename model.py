@@ -209,6 +209,8 @@ class MoE(nn.Module):
         # expert weights stacked in nn.Linear layout (out, in): gate and up rows together for swiglu
         self.w_up = nn.Parameter(torch.empty(E, n_up * h, d))
         self.w_down = nn.Parameter(torch.empty(E, d, h))
+        nn.init.normal_(self.w_up, std=0.02)
+        nn.init.normal_(self.w_down, std=0.02)
         self.shared = MLP(cfg, cfg.n_shared_expert * h) if cfg.n_shared_expert else None
         self.register_buffer("bias", torch.zeros(E))        # selection-only bias, updated by update_bias()
         self.register_buffer("load", torch.zeros(E), persistent=False)  # tokens routed per expert since the last update
@@ -218,7 +220,7 @@ class MoE(nn.Module):
     def forward(self, x):
         B, T, d = x.shape
         tokens = x.reshape(-1, d)
-        scores = torch.sigmoid(self.router(tokens).float())                        # (N, E)
+        scores = torch.sigmoid(self.router(tokens).to(torch.promote_types(x.dtype, torch.float32)))  # (N, E)
         chosen = torch.topk(scores + self.bias, self.cfg.n_expert_active, dim=-1).indices
         gates = scores.gather(1, chosen)
         gates = gates / gates.sum(-1, keepdim=True)
@@ -385,9 +387,10 @@ class GPT(nn.Module):
             return self.lm_head(x[rows, last]).float(), None
         logits = self.lm_head(x).float()
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        if self.training:
-            aux = [b.mlp.aux_loss for b in self.blocks if isinstance(b.mlp, MoE) and b.mlp.aux_loss is not None]
-            loss = loss + sum(aux) if aux else loss
+        for moe in self.moe_layers():  # the balance losses of this forward (None in eval or with alpha = 0)
+            if moe.aux_loss is not None:
+                loss = loss + moe.aux_loss
+            moe.aux_loss = None
         return logits, loss
 
     # --------------------------------------------------------------------------------------- counting and optimizer

@@ -55,7 +55,8 @@ with torch.inference_mode(), autocast:
 for row in y.tolist():
     print(tokenizer.decode(row))
     print("---------------")
-per_token = KVCache.bytes_at(cfg, 1, torch.finfo(ptdtype).bits // 8)
-print(f"{num_samples * max_new_tokens / dt:,.1f} tokens/s; KV cache {per_token:,} bytes/token/sequence, "
-      f"{cache.nbytes() / 2**20:.2f} MiB for {num_samples} x {min(x.size(1), cfg.block_size)} prompt tokens "
-      f"(at most {KVCache.bytes_at(cfg, cfg.block_size, torch.finfo(ptdtype).bits // 8) * num_samples / 2**20:.2f} MiB at full context)")
+width = torch.finfo(ptdtype).bits // 8
+full = KVCache.bytes_at(cfg, cfg.block_size, width)
+print(f"{num_samples * max_new_tokens / dt:,.1f} tokens/s; KV cache {full / cfg.block_size:,.0f} bytes/token "
+      f"(per sequence, averaged over a full {cfg.block_size}-token context), {cache.nbytes() / 2**20:.2f} MiB "
+      f"allocated for {num_samples} sequences")
