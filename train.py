@@ -241,8 +241,11 @@ if dry_run:
 if master:
     os.makedirs(out_dir, exist_ok=True)
 data_dirs, mix_weights = dataset_dirs()
+try:
+    train_loader = BatchLoader(data_dirs, "train", batch_size, block_size, rank, world_size, seed, mix_weights)
+except (OSError, ValueError) as e:  # missing or corrupt shards: the message names the file and the fix
+    sys.exit(str(e))
 tokenizer = Tokenizer.for_dataset(data_dirs[0])
-train_loader = BatchLoader(data_dirs, "train", batch_size, block_size, rank, world_size, seed, mix_weights)
 if total_batch_size:
     per_micro_step = batch_size * block_size * world_size
     if total_batch_size % per_micro_step:
@@ -349,7 +352,7 @@ while True:
     if iter_num % log_interval == 0 and master:
         loss_value = loss.item() * gradient_accumulation_steps  # the only host sync in the step, at log intervals
         if not math.isfinite(loss_value):
-            sys.exit(f"loss is {loss_value} at iter {iter_num}: stopping (the last good checkpoint is kept); "
+            sys.exit(f"loss is not finite ({loss_value}) at iter {iter_num}: stopping, the last good checkpoint is kept; "
                      "try a lower learning_rate or grad_clip")
         dt = (time.time() - t_log) / log_interval
         t_log = time.time()

@@ -10,3 +10,6 @@ if not torch.cuda.is_available():
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+TIKTOKEN_CACHE = os.path.join(SHARED, "tiktoken_cache")
+if os.path.isdir(TIKTOKEN_CACHE):
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)  # GPT-2 BPE offline (subprocesses inherit it)

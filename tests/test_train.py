@@ -1,0 +1,115 @@
+"""train.py and sample.py end to end, in subprocesses: exact resume, the quick run's CLI, failure messages."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from checkpoint import load_checkpoint, save_checkpoint
+from tests.conftest import ROOT, SHARED
+
+TINY = ["--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=4", "--eval_iters=2",
+        "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=16", "--compile=False", "--device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    for name in ("shakespeare_char",):
+        os.makedirs(root / name)
+        shutil.copy(os.path.join(ROOT, "data", name, "prepare.py"), root / name / "prepare.py")
+        subprocess.run([sys.executable, os.path.join(ROOT, "data", name, "prepare.py"), "--out_dir", str(root / name),
+                        "--input", os.path.join(SHARED, "data", "tinyshakespeare", "input.txt")], check=True)
+    return str(root)
+
+
+def run(script, *args, check=True):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def train_losses(out_dir):
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    return {r["iter"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.mark.parametrize("extra", [[], ["--n_expert=4", "--n_dense_layers=0", "--attn_pattern=LG", "--local_window=8",
+                                        "--kv_share=2", "--n_kv_head=1", "--dropout=0.1"]])
+def test_resume_reproduces_uninterrupted_losses(tmp_path, data_root, extra):
+    common = TINY + extra + [f"--data_root={data_root}", "--eval_interval=8"]
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    run("train.py", *common, "--max_iters=16", f"--out_dir={straight}")
+    run("train.py", *common, "--max_iters=8", f"--out_dir={split}")
+    run("train.py", *common, "--max_iters=16", f"--out_dir={split}", "--init_from=resume")
+    a, b = train_losses(straight), train_losses(split)
+    assert sorted(a) == sorted(b) == list(range(1, 17))
+    assert a == b  # bit-identical losses after the resume at iter 8
+
+
+def test_quick_run_trains_and_samples(tmp_path, data_root):
+    out = str(tmp_path / "out")
+    result = run("train.py", *TINY, f"--data_root={data_root}", "--max_iters=30", "--eval_interval=15",
+                 "--log_interval=10", f"--out_dir={out}")
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1].startswith("final val loss")
+    assert any(line.startswith("iter 10: loss") and "tok/s" in line and "mfu" in line for line in lines)
+    assert {"ckpt.pt", "metrics.jsonl", "loss.png"} <= set(os.listdir(out))
+    first, last = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))][0::2][:1][0], None
+    assert first["val_loss"] > float(lines[-1].split()[3])  # val loss fell
+    sample = run("sample.py", f"--out_dir={out}", "--start=ROMEO:", "--num_samples=2", "--max_new_tokens=40",
+                 "--device=cpu")
+    assert sample.stdout.count("ROMEO:") == 2 and "bytes/token" in sample.stdout
+
+
+def test_sample_without_checkpoint_says_how_to_make_one(tmp_path):
+    result = run("sample.py", f"--out_dir={tmp_path}", check=False)
+    assert result.returncode != 0 and "python train.py" in result.stderr
+
+
+def test_unknown_key_and_missing_dataset_fail_clearly(tmp_path):
+    result = run("train.py", "--learning_rat=1", check=False)
+    assert result.returncode == 2 and "did you mean learning_rate" in result.stderr
+    result = run("train.py", *TINY, f"--data_root={tmp_path}", "--dataset=nothing", f"--out_dir={tmp_path}", check=False)
+    assert result.returncode != 0 and "python data/nothing/prepare.py" in result.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, data_root):
+    out = str(tmp_path / "out")
+    common = TINY + [f"--data_root={data_root}", f"--out_dir={out}", "--eval_interval=4"]
+    run("train.py", *common, "--max_iters=4")
+    before = load_checkpoint(os.path.join(out, "ckpt.pt"))["model"]
+    result = run("train.py", *common, "--max_iters=12", "--init_from=resume", "--learning_rate=1e30",
+                 "--grad_clip=0.0", "--warmup_iters=0", check=False)
+    assert result.returncode != 0 and "not finite" in result.stderr
+    after = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert after["iter_num"] == 4 and all(torch.equal(before[k], v) for k, v in after["model"].items())
+
+
+def test_checkpoint_write_failure_keeps_previous(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint({"model": {}, "model_args": {"n_layer": 1}}, path)
+
+    def broken_save(obj, f):
+        open(f, "wb").write(b"half")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        save_checkpoint({"model": {}, "model_args": {"n_layer": 2}}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["model_args"] == {"n_layer": 1} and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    from checkpoint import model_from_checkpoint
+    with pytest.raises(ValueError, match="another model version"):
+        model_from_checkpoint({"model": {}, "model_args": {"n_layer": 2, "not_a_field": 1}})
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        path = str(tmp_path / "x.pt")
+        torch.save({"weights": 1}, path)
+        load_checkpoint(path)
