@@ -32,14 +32,18 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
+def clean_state_dict(state):
+    """Strip the wrappers' prefixes (torch.compile's _orig_mod., DDP's module.) from parameter names."""
+    return {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in state.items()}
+
+
 def model_from_checkpoint(ckpt, path="checkpoint"):
     """Build the GPT a checkpoint describes and load its weights, with a clear error for a mismatched model."""
     try:
         model = GPT(GPTConfig(**ckpt["model_args"]))
     except TypeError as e:
         raise ValueError(f"{path}: its model_args do not fit this model.py ({e}); it comes from another model version") from e
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
-    result = model.load_state_dict(state, strict=False)
+    result = model.load_state_dict(clean_state_dict(ckpt["model"]), strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"{path}: weights do not match the model it describes "
                          f"(missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})")
@@ -49,6 +53,84 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
 def load_model(out_dir, device="cpu"):
     """(model in eval mode on `device`, its Tokenizer, the raw checkpoint dict) from out_dir/ckpt.pt."""
     path = os.path.join(out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(path)
+    if not os.path.exists(path) and step_dirs(out_dir):  # an FSDP run: read its newest sharded checkpoint
+        path = step_dirs(out_dir)[-1]
+        ckpt = consolidate(path)
+    else:
+        ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt, path).to(device).eval()
     return model, Tokenizer(ckpt.get("tokenizer", {"kind": "gpt2"})), ckpt
+
+
+# ------------------------------------------------- sharded checkpoints (FSDP): torch.distributed.checkpoint folders
+
+def step_dirs(out_dir):
+    """Complete sharded checkpoints, oldest first: out_dir/step_NNNNNN (a .tmp folder is an unfinished write)."""
+    if not os.path.isdir(out_dir):
+        return []
+    names = sorted(n for n in os.listdir(out_dir) if n.startswith("step_") and n[5:].isdigit())
+    return [os.path.join(out_dir, n) for n in names if os.path.exists(os.path.join(out_dir, n, "meta.pt"))]
+
+
+def save_sharded(out_dir, step, model, optimizer, meta, keep=2):
+    """Every rank writes its shards into step_N.tmp; rank 0 adds meta.pt and renames the folder when all are done."""
+    import shutil
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = os.path.join(out_dir, f"step_{step:06d}")
+    tmp = final + ".tmp"
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        torch.save(meta, os.path.join(tmp, "meta.pt"))
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in step_dirs(out_dir)[:-keep]:
+            shutil.rmtree(old)
+    dist.barrier()
+
+
+def load_sharded(path, model, optimizer):
+    """Load a sharded checkpoint into an FSDP model and optimizer (any world size); return its meta dict."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return torch.load(os.path.join(path, "meta.pt"), weights_only=False)
+
+
+def consolidate(path):
+    """A sharded checkpoint folder as one ckpt.pt-style dict (model weights + meta), in a single process."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(path, os.path.join(tmp, "full.pt"))
+        full = torch.load(os.path.join(tmp, "full.pt"), weights_only=False)
+    meta = torch.load(os.path.join(path, "meta.pt"), weights_only=False)
+    return dict(meta, model=full["model"])
+
+
+def export(out_dir):
+    """Write out_dir/ckpt.pt from the newest sharded checkpoint (for sample.py, eval_mmlu.py or sharing)."""
+    dirs = step_dirs(out_dir)
+    if not dirs:
+        raise FileNotFoundError(f"no sharded checkpoint (step_*/) in {out_dir}")
+    save_checkpoint(consolidate(dirs[-1]), os.path.join(out_dir, "ckpt.pt"))
+    return dirs[-1]
+
+
+if __name__ == "__main__":
+    import sys
+    if len(sys.argv) != 3 or sys.argv[1] != "--export":
+        sys.exit("usage: python checkpoint.py --export OUT_DIR   (newest out_dir/step_*/ -> out_dir/ckpt.pt)")
+    print(f"exported {export(sys.argv[2])} -> {os.path.join(sys.argv[2], 'ckpt.pt')}")

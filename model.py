@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass
@@ -289,8 +290,14 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.n_embd)
         self.mlp = MoE(cfg) if cfg.n_expert and layer >= cfg.n_dense_layers else MLP(cfg, cfg.hidden)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.checkpoint = False  # activation checkpointing: keep only the input, recompute the rest in backward
 
     def forward(self, x, cos, sin, shared_kv, cache):
+        if self.checkpoint and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, shared_kv, cache, use_reentrant=False)
+        return self._forward(x, cos, sin, shared_kv, cache)
+
+    def _forward(self, x, cos, sin, shared_kv, cache):
         x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, shared_kv, cache))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
@@ -355,15 +362,23 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        self.init_weights()
+
+    def init_weights(self):
+        """(Re)initialise every parameter and buffer: also how a model built on the meta device is materialised."""
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
         std = 0.02
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
         if isinstance(module, MoE):
             nn.init.normal_(module.w_up, std=std)
             nn.init.normal_(module.w_down, std=std / math.sqrt(2 * self.config.n_layer))
+            module.bias.zero_()
+            module.load.zero_()
         for name in ("o_proj", "down_proj"):  # residual-stream writers: GPT-2's 1/sqrt(2·layers) scaling
             if hasattr(module, name):
                 nn.init.normal_(getattr(module, name).weight, std=std / math.sqrt(2 * self.config.n_layer))

@@ -20,10 +20,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoint import clean_state_dict, load_checkpoint, load_sharded, save_checkpoint, save_sharded, step_dirs
 from configurator import configure
 from data.loader import BatchLoader
-from model import GPT, GPTConfig, KVCache, MoE
+from memory import advice, fits, format_plan, memory_plan
+from model import GPT, GPTConfig, KVCache
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------------------- config
@@ -44,7 +45,7 @@ datasets = {}                  # {name: weight} mixes several prepared datasets;
 batch_size = 32                # micro-batch per device
 block_size = 128
 gradient_accumulation_steps = 1
-total_batch_size = 0           # tokens per optimizer step; > 0 derives gradient_accumulation_steps
+total_batch_size = 0           # about this many tokens per optimizer step: > 0 derives gradient_accumulation_steps
 # model (see GPTConfig in model.py)
 n_layer = 4
 n_embd = 128
@@ -87,6 +88,12 @@ compile = None                 # None = on for CUDA, off elsewhere
 seed = 1337
 peak_flops = 0.0               # for MFU; 0 = look the device up
 backend = "auto"               # distributed backend: 'auto' (nccl on CUDA, gloo on CPU)
+# scale-out
+fsdp = False                   # FSDP2: shard params, grads and optimizer state (checkpoints become step_N/ folders)
+activation_checkpoint = "none" # 'none', 'full' (every block) or 'selective' (every ac_every-th block)
+ac_every = 2
+keep_checkpoints = 2           # sharded checkpoints kept in out_dir
+gpu_mem_gb = 0.0               # memory plan: GPU memory to plan for; 0 = the detected GPU
 config = configure(globals())
 # ------------------------------------------------------------------------------------------------------------------
 
@@ -97,7 +104,10 @@ def setup_distributed():
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if "RANK" not in os.environ:
-        return 0, 0, 1, device
+        if not fsdp:
+            return 0, 0, 1, device
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", "29517"))  # FSDP needs a process group, even of one
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
@@ -217,6 +227,80 @@ def print_dry_run(model, cfg):
     print(f"  this model needs {gqa8 / ours:.1f}x less than GQA-8 and {mha / ours:.1f}x less than MHA")
 
 
+def dataset_vocab_size():
+    """Vocabulary of the configured dataset without reading its shards: meta.pkl's characters, else GPT-2's."""
+    folder = os.path.join(data_root, next(iter(datasets)) if datasets else dataset)
+    return Tokenizer.for_dataset(folder).vocab_size if os.path.exists(os.path.join(folder, "meta.pkl")) else 50257
+
+
+def build_meta_model(vocab_size):
+    """The model on the meta device (shapes only, no memory), with fp8 and checkpointing applied."""
+    with torch.device("meta"):
+        model = GPT(model_config(vocab_size))
+    for i, block in enumerate(model.blocks):
+        block.checkpoint = activation_checkpoint == "full" or (activation_checkpoint == "selective" and i % ac_every == 0)
+    return model
+
+
+def gpu_memory_gb():
+    if gpu_mem_gb:
+        return gpu_mem_gb
+    return torch.cuda.get_device_properties(device).total_memory / 2**30 if device_type == "cuda" else None
+
+
+def memory_plan_for(model):
+    return memory_plan(model, batch_size, block_size, world_size, fsdp, activation_checkpoint, ac_every,
+                       act_bytes=4 if dtype == "float32" and device_type == "cuda" else 2)  # plans for a bf16 GPU run
+
+
+def build_model(vocab_size, checkpoint=None):
+    """Build on the meta device, check the memory plan, shard with FSDP2 if asked, then materialise and initialise
+    on `device` (each rank only its shard), and load `checkpoint`'s weights if given."""
+    model = build_meta_model(vocab_size)
+    plan, gpu = memory_plan_for(model), gpu_memory_gb()
+    if gpu and not fits(plan, gpu):
+        print(format_plan(plan, gpu))
+        sys.exit("this run does not fit in GPU memory; change one of:\n  - " +
+                 "\n  - ".join(advice(plan, gpu, fsdp, world_size, activation_checkpoint)))
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        policy = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32)
+        for block in model.blocks:
+            if compile:
+                block.compile()
+            fully_shard(block, mp_policy=policy)
+        if not model.config.tie_embeddings:  # own units: the embedding is needed first, the head last
+            fully_shard(model.wte, mp_policy=policy)
+            fully_shard(model.lm_head, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+    model.to_empty(device=device)
+    if model.config.tie_embeddings and not fsdp:
+        model.lm_head.weight = model.wte.weight  # materialising gave the two modules separate tensors
+    torch.manual_seed(seed)  # the same initial weights on every rank
+    model.init_weights()
+    if checkpoint is not None:
+        check_compatible(checkpoint, model)
+        state = clean_state_dict(checkpoint["model"])
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+            set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+        else:
+            model.load_state_dict(state)
+    torch.manual_seed(seed + rank)
+    return model
+
+
+def check_compatible(checkpoint, model):
+    """A checkpoint's weights only load into the same architecture; context, dropout and kernel may change."""
+    ours = asdict(model.config)
+    theirs = checkpoint["model_args"]
+    differ = {k: (theirs.get(k), v) for k, v in ours.items()
+              if k not in ("block_size", "dropout", "attn_impl") and theirs.get(k) != v}
+    if differ:
+        sys.exit(f"the checkpoint's model differs from this config (checkpoint, config): {differ}; "
+                 "set the same values (or start from scratch)")
+
+
 # ------------------------------------------------------------------------------------------------------------ setup
 rank, local_rank, world_size, device = setup_distributed()
 ddp, master = world_size > 1, rank == 0
@@ -225,17 +309,17 @@ if dtype == "auto":
     dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
 compile = device_type == "cuda" if compile is None else compile
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-autocast = nullcontext() if device_type == "cpu" else torch.autocast(device_type, dtype=ptdtype)
+autocast = nullcontext() if device_type == "cpu" or fsdp else torch.autocast(device_type, dtype=ptdtype)
 torch.manual_seed(seed + rank)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 
 if dry_run:
-    char_level = os.path.exists(os.path.join(data_root, dataset, "meta.pkl"))
-    with torch.device("meta"):  # no memory, no data: just shapes
-        meta_model = GPT(model_config(Tokenizer.for_dataset(os.path.join(data_root, dataset)).vocab_size
-                                      if char_level else 50257))
+    meta_model = build_meta_model(dataset_vocab_size())
     print_dry_run(meta_model, meta_model.config)
+    print(f"memory per GPU, world size {world_size}, batch_size {batch_size}, fsdp={fsdp}, "
+          f"activation_checkpoint={activation_checkpoint!r}:")
+    print(format_plan(memory_plan_for(meta_model), gpu_memory_gb()))
     sys.exit(0)
 
 if master:
@@ -246,45 +330,47 @@ try:
 except (OSError, ValueError) as e:  # missing or corrupt shards: the message names the file and the fix
     sys.exit(str(e))
 tokenizer = Tokenizer.for_dataset(data_dirs[0])
-if total_batch_size:
-    per_micro_step = batch_size * block_size * world_size
-    if total_batch_size % per_micro_step:
-        sys.exit(f"total_batch_size {total_batch_size} is not a multiple of batch_size*block_size*world_size = {per_micro_step}")
-    gradient_accumulation_steps = total_batch_size // per_micro_step
+if total_batch_size:  # the accumulation that comes closest to the requested tokens per step
+    gradient_accumulation_steps = max(1, round(total_batch_size / (batch_size * block_size * world_size)))
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
 
-iter_num, best_val_loss, ckpt = 0, float("inf"), None
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
-if init_from == "scratch":
-    model = GPT(model_config(tokenizer.vocab_size))
-else:
-    ckpt = load_checkpoint(ckpt_path if init_from == "resume" else init_from, map_location="cpu")
-    model = model_from_checkpoint(ckpt, init_from)
-    if ckpt["model_args"]["vocab_size"] != tokenizer.vocab_size:
-        sys.exit(f"checkpoint vocab_size {ckpt['model_args']['vocab_size']} != dataset vocab {tokenizer.vocab_size}")
-    if init_from != "resume":
-        ckpt = None  # weights only: a new run (next training phase) with fresh optimizer and data stream
-model.to(device)
+resume_from = None
+if init_from == "resume":
+    resume_from = (step_dirs(out_dir) or [None])[-1] if fsdp else os.path.join(out_dir, "ckpt.pt")
+    if resume_from is None:
+        sys.exit(f"init_from='resume' but {out_dir} holds no complete sharded checkpoint (step_*/)")
+weights = None
+if init_from not in ("scratch", "resume"):  # weights only: a new phase with a fresh optimizer and data stream
+    weights = load_checkpoint(init_from)
+elif resume_from and not fsdp:
+    weights = load_checkpoint(resume_from)
+model = build_model(tokenizer.vocab_size, weights)
 if master:
     print(f"{model.num_params():,} parameters ({model.num_params(active=True):,} active), "
-          f"{tokens_per_iter:,} tokens/iter, device {device} {dtype}, world {world_size}")
+          f"{tokens_per_iter:,} tokens/iter, device {device} {dtype}, world {world_size}"
+          f"{', fsdp' if fsdp else ''}, activation_checkpoint={activation_checkpoint!r}")
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
-if ckpt is not None:
-    optimizer.load_state_dict(ckpt["optimizer"])
-    train_loader.load_state_dict(ckpt["loader"])
-    iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if device_type == "cuda" and ckpt["rng"].get("cuda") is not None:
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
-    ckpt = None
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16" and not fsdp)
+iter_num, best_val_loss = 0, float("inf")
+if init_from == "resume":
+    state = load_sharded(resume_from, model, optimizer) if fsdp else weights
+    if not fsdp:
+        optimizer.load_state_dict(state["optimizer"])
+    train_loader.load_state_dict(state["loader"])
+    iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
+    torch.set_rng_state(state["rng"]["torch"])
+    if device_type == "cuda" and state["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"].cpu())
+    if master:
+        print(f"resumed from {resume_from} at iter {iter_num}")
 elif master and os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
     os.remove(os.path.join(out_dir, "metrics.jsonl"))  # a fresh run starts a fresh log
+weights = state = None
 
 raw_model = model
-if compile:
+if compile and not fsdp:  # under FSDP each block was compiled before sharding
     model = torch.compile(model)
-if ddp:
+if ddp and not fsdp:
     # buffers stay per rank: MoE loads are summed explicitly after each step, and the biases stay equal by construction
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
 moe_layers = raw_model.moe_layers()
@@ -293,11 +379,16 @@ peak = device_peak_flops() * world_size
 
 
 def save(val_loss):
-    state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": asdict(raw_model.config),
-             "config": config, "iter_num": iter_num, "best_val_loss": best_val_loss, "val_loss": val_loss,
-             "loader": train_loader.state_dict(), "tokenizer": tokenizer.spec,
-             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}}
-    save_checkpoint(state, ckpt_path)
+    """ckpt.pt (temp file + rename) from rank 0, or under FSDP a sharded step folder written by every rank."""
+    meta = {"model_args": asdict(raw_model.config), "config": config, "iter_num": iter_num,
+            "best_val_loss": best_val_loss, "val_loss": val_loss, "loader": train_loader.state_dict(),
+            "tokenizer": tokenizer.spec,
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}}
+    if fsdp:
+        save_sharded(out_dir, iter_num, model, optimizer, meta, keep=keep_checkpoints)
+    elif master:
+        save_checkpoint(dict(meta, model=raw_model.state_dict(), optimizer=optimizer.state_dict()),
+                        os.path.join(out_dir, "ckpt.pt"))
 
 
 # ------------------------------------------------------------------------------------------------------------- loop
@@ -315,11 +406,11 @@ while True:
             log_metrics({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
                          "time": time.time() - t_start})
             plot_metrics(os.path.join(out_dir, "loss.png"), os.path.join(out_dir, "metrics.jsonl"))
-            if not math.isfinite(losses["val"]):
-                sys.exit("val loss is not finite: stopping without overwriting the last checkpoint")
-            if iter_num > 0 and (losses["val"] < best_val_loss or always_save_checkpoint):
-                best_val_loss = min(best_val_loss, losses["val"])
-                save(losses["val"])
+        if not math.isfinite(losses["val"]):  # the same on every rank: losses are all-reduced
+            sys.exit("val loss is not finite: stopping without overwriting the last checkpoint")
+        if iter_num > 0 and (losses["val"] < best_val_loss or always_save_checkpoint):
+            best_val_loss = min(best_val_loss, losses["val"])
+            save(losses["val"])
         if eval_only:
             break
     if iter_num >= max_iters:
@@ -328,7 +419,9 @@ while True:
     for micro_step in range(gradient_accumulation_steps):
         x, y = train_loader.next_batch(device)
         sync = micro_step == gradient_accumulation_steps - 1
-        with (nullcontext() if sync or not ddp else model.no_sync()), autocast:
+        if fsdp:
+            model.set_requires_gradient_sync(sync)  # reduce-scatter gradients only on the last micro-step
+        with (model.no_sync() if ddp and not fsdp and not sync else nullcontext()), autocast:
             _, loss = model(x, y)
             loss = loss / gradient_accumulation_steps
         scaler.scale(loss).backward()

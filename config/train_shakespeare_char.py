@@ -1,0 +1,19 @@
+# nanoGPT's GPU recipe for character-level Shakespeare (a baby GPT, ~10M parameters, a few minutes on one GPU).
+out_dir = "out-shakespeare-char"
+eval_interval = 250
+eval_iters = 200
+log_interval = 10
+always_save_checkpoint = False
+dataset = "shakespeare_char"
+batch_size = 64
+block_size = 256
+n_layer = 6
+n_head = 6
+n_embd = 384
+dropout = 0.2
+learning_rate = 1e-3
+max_iters = 5000
+lr_decay_iters = 5000
+min_lr = 1e-4
+beta2 = 0.99
+warmup_iters = 100

@@ -1,0 +1,86 @@
+"""A per-GPU memory plan, computed from the config alone (the model is built on the meta device), so that a launch
+that cannot fit is stopped before it allocates anything.
+
+What is counted, per GPU:
+- params, grads: fp32 masters and fp32 gradients (sharded by world size under FSDP, whole under DDP);
+- optimizer: AdamW's two fp32 moments (sharded under FSDP);
+- gathered: FSDP's unsharded bf16 copies of the block being computed and the one being prefetched;
+- activations: the tensors autograd keeps per token per layer (listed in `saved_per_token`), times batch·block_size;
+  with checkpointing only each checkpointed block's input is kept, plus one block's activations while it is recomputed;
+- logits: fp32 logits and their log-softmax for the loss (batch·block_size·vocab·8 bytes);
+- overhead: CUDA context, workspaces and allocator slack (a flat 2 GiB).
+"""
+from model import MoE
+
+GIB = 2**30
+
+
+def saved_per_token(cfg, block):
+    """Elements autograd saves per token in one block (flash attention: no T×T scores)."""
+    d, kv = cfg.n_embd, 2 * cfg.n_kv_head * cfg.head_dim
+    produces = hasattr(block.attn, "k_proj")
+    attn = 7 * d + (3 * kv if produces else 0)  # x, norm(x), q raw/normed/rotated, attention out; k, v raw/rotated
+    if isinstance(block.mlp, MoE):
+        k, h, shared = cfg.n_expert_active, cfg.expert_hidden, cfg.n_shared_expert * cfg.expert_hidden
+        per_hidden = 4 if cfg.mlp == "swiglu" else 3
+        mlp = 2 * d + cfg.n_expert + 2 * k * d + k * per_hidden * h + per_hidden * shared
+    else:
+        mlp = 2 * d + (4 if cfg.mlp == "swiglu" else 3) * cfg.hidden
+    return attn + mlp
+
+
+def memory_plan(model, batch_size, block_size, world_size, fsdp, activation_checkpoint="none", ac_every=1,
+                act_bytes=2):
+    """Bytes per GPU by category (a dict), for the given model (on any device, meta included)."""
+    cfg = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    shard = world_size if fsdp else 1
+    tokens = batch_size * block_size
+    per_block = [saved_per_token(cfg, b) * tokens * act_bytes for b in model.blocks]
+    if activation_checkpoint == "none":
+        checkpointed = [False] * len(per_block)
+    elif activation_checkpoint == "full":
+        checkpointed = [True] * len(per_block)
+    else:  # 'selective': every ac_every-th block
+        checkpointed = [i % ac_every == 0 for i in range(len(per_block))]
+    activations = sum(tokens * cfg.n_embd * act_bytes if c else a for a, c in zip(per_block, checkpointed))
+    activations += max((a for a, c in zip(per_block, checkpointed) if c), default=0)  # one block being recomputed
+    block_params = max(sum(p.numel() for p in b.parameters()) for b in model.blocks)
+    unit = max(block_params, model.lm_head.weight.numel())
+    return {
+        "params (fp32)": 4 * n_params / shard,
+        "grads (fp32)": 4 * n_params / shard,
+        "optimizer (AdamW, fp32)": 8 * n_params / shard,
+        "gathered bf16 units (FSDP)": 2 * 2 * unit if fsdp else 0,
+        "activations": activations,
+        "logits + log-softmax (fp32)": tokens * cfg.vocab_size * 8,
+        "overhead": 2 * GIB,
+    }
+
+
+def format_plan(plan, gpu_mem_gb=None):
+    lines = [f"  {name:30s} {value / GIB:9.2f} GiB" for name, value in plan.items()]
+    total = sum(plan.values())
+    lines.append(f"  {'total per GPU':30s} {total / GIB:9.2f} GiB")
+    if gpu_mem_gb:
+        verdict = "fits" if fits(plan, gpu_mem_gb) else "DOES NOT FIT"
+        lines.append(f"  {'GPU memory':30s} {gpu_mem_gb:9.2f} GiB  -> {verdict}")
+    return "\n".join(lines)
+
+
+def fits(plan, gpu_mem_gb):
+    return sum(plan.values()) <= 0.95 * gpu_mem_gb * GIB
+
+
+def advice(plan, gpu_mem_gb, fsdp, world_size, activation_checkpoint):
+    """What to change when the plan does not fit."""
+    tips = []
+    states = plan["params (fp32)"] + plan["grads (fp32)"] + plan["optimizer (AdamW, fp32)"]
+    if states > 0.6 * gpu_mem_gb * GIB:
+        per_gpu = states * (world_size if fsdp else 1)
+        needed = int(per_gpu // (0.6 * gpu_mem_gb * GIB)) + 1
+        tips.append(f"shard the model: fsdp=True on at least {needed} GPUs (torchrun --nproc_per_node=...)")
+    if activation_checkpoint != "full":
+        tips.append("activation_checkpoint='full' (keeps one tensor per block, recomputes the rest)")
+    tips.append("a smaller batch_size (gradient accumulation keeps the global batch when total_batch_size is set)")
+    return tips
