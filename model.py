@@ -165,7 +165,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(hd) if cfg.qk_norm and produces_kv else nn.Identity()
 
-    def forward(self, x, cos, sin, shared_kv, cache):
+    def forward(self, x, cos, sin, kv, cache):
+        """Returns (output, kv): a producer computes kv = (k, v, window); a consumer is handed its producer's."""
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, -1, hd).transpose(1, 2)), cos, sin)
@@ -176,12 +177,11 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v, decoding = cache.update(self.group, k, v)
                 window = None if decoding else window  # a decode step's ring holds exactly its window
-            shared_kv[self.group] = (k, v, window)
-        else:
-            k, v, window = shared_kv[self.group]
+            kv = (k, v, window)
+        k, v, window = kv
         dropout = self.cfg.dropout if self.training else 0.0
         y = attend(q, k, v, window, self.cfg.attn_impl, dropout)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), kv
 
 
 class MLP(nn.Module):
@@ -292,14 +292,16 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.checkpoint = False  # activation checkpointing: keep only the input, recompute the rest in backward
 
-    def forward(self, x, cos, sin, shared_kv, cache):
+    def forward(self, x, cos, sin, kv=None, cache=None):
+        """Returns (x, kv). K/V travel as arguments and results, not in a shared dict: FSDP copies containers."""
         if self.checkpoint and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, shared_kv, cache, use_reentrant=False)
-        return self._forward(x, cos, sin, shared_kv, cache)
+            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, kv, cache, use_reentrant=False)
+        return self._forward(x, cos, sin, kv, cache)
 
-    def _forward(self, x, cos, sin, shared_kv, cache):
-        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, shared_kv, cache))
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+    def _forward(self, x, cos, sin, kv, cache):
+        h, kv = self.attn(self.attn_norm(x), cos, sin, kv, cache)
+        x = x + self.dropout(h)
+        return x + self.dropout(self.mlp(self.mlp_norm(x))), kv
 
 
 # ------------------------------------------------------------------------------------------------------- KV cache
@@ -390,9 +392,10 @@ class GPT(nn.Module):
         if start + T > self.config.block_size and cache is None:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
         cos, sin = rope_tables(start, T, self.config.head_dim, self.config.rope_theta, idx.device)
-        x, shared_kv = self.wte(idx), {}
+        x, shared_kv = self.wte(idx), {}  # K/V of each sharing group, from its producer layer
         for block in self.blocks:
-            x = block(x, cos, sin, shared_kv, cache)
+            group = block.attn.group
+            x, shared_kv[group] = block(x, cos, sin, shared_kv.get(group), cache)
         x = self.norm(x)
         if cache is not None:
             cache.pos += T

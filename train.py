@@ -442,8 +442,12 @@ while True:
             m.update_bias()
     iter_num += 1
 
+    if iter_num % log_interval == 0:
+        loss_value = loss.detach() * gradient_accumulation_steps
+        if ddp:  # the mean over ranks: the loss of the whole global micro-batch
+            dist.all_reduce(loss_value, op=dist.ReduceOp.AVG)
+        loss_value = loss_value.item()  # the only host sync in the step, at log intervals
     if iter_num % log_interval == 0 and master:
-        loss_value = loss.item() * gradient_accumulation_steps  # the only host sync in the step, at log intervals
         if not math.isfinite(loss_value):
             sys.exit(f"loss is not finite ({loss_value}) at iter {iter_num}: stopping, the last good checkpoint is kept; "
                      "try a lower learning_rate or grad_clip")

@@ -152,9 +152,8 @@ def test_shared_kv_consumers_own_no_kv_and_gradients_reach_producer():
     x = torch.randn(2, 10, 32, requires_grad=True)
     from model import rope_tables
     cos, sin = rope_tables(0, 10, cfg.head_dim, cfg.rope_theta, "cpu")
-    shared = {}
-    model.blocks[2].attn(x, cos, sin, shared, None)
-    out(torch.randn(2, 10, 32), cos, sin, shared, None).sum().backward()
+    _, kv = model.blocks[2].attn(x, cos, sin, None, None)
+    out(torch.randn(2, 10, 32), cos, sin, kv, None)[0].sum().backward()
     assert model.blocks[2].attn.k_proj.weight.grad.abs().sum() > 0
     assert model.blocks[2].attn.q_proj.weight.grad is None  # the producer's own query took no part
     _, loss = model(idx, idx)
