@@ -226,9 +226,12 @@ class MoE(nn.Module):
         gates = scores.gather(1, chosen)
         gates = gates / gates.sum(-1, keepdim=True)
         if self.training:
-            self.load += torch.bincount(chosen.flatten(), minlength=self.cfg.n_expert).to(self.load.dtype)
+            self.load += F.one_hot(chosen, self.cfg.n_expert).sum((0, 1)).to(self.load.dtype)  # static shape
             self.aux_loss = self.balance_loss(scores.view(B, T, -1), chosen.view(B, T, -1))
-        out = self.run_experts(tokens, chosen, gates.to(x.dtype))
+        if x.device.type == "xla":  # XLA needs static shapes: every expert on every token, unchosen gates zero
+            out = self.run_experts_dense(tokens, chosen, gates.to(x.dtype))
+        else:
+            out = self.run_experts(tokens, chosen, gates.to(x.dtype))
         if self.shared is not None:
             out = out + self.shared(tokens)
         return out.view(B, T, d)
@@ -248,6 +251,14 @@ class MoE(nn.Module):
             ys = torch.cat([self.expert(e, chunk) for e, chunk in enumerate(xs.split(counts.tolist()))])
         ys = ys * gates.flatten()[order, None]
         return torch.zeros_like(tokens).index_add_(0, token_of, ys.to(tokens.dtype))
+
+    def run_experts_dense(self, tokens, chosen, gates):
+        """Shape-static dispatch: E times the expert FLOPs, fine for the small MoE configs run on XLA."""
+        weights = torch.zeros(tokens.size(0), self.cfg.n_expert, dtype=gates.dtype, device=tokens.device)
+        weights = weights.scatter(1, chosen, gates)                                   # (N, E)
+        h = self.activation(torch.einsum("nd,ehd->enh", tokens, self.w_up.to(tokens.dtype)))
+        ys = torch.einsum("enh,edh->end", h, self.w_down.to(tokens.dtype))
+        return torch.einsum("end,ne->nd", ys, weights)
 
     def use_grouped_mm(self, xs):
         aligned = all(n % 8 == 0 for n in (self.w_up.size(1), self.w_down.size(1), self.w_down.size(2)))
@@ -277,8 +288,7 @@ class MoE(nn.Module):
     @torch.no_grad()
     def update_bias(self):
         """bias_i -= gamma * sign(load_i - mean load); call after each optimizer step (load all-reduced under DDP)."""
-        if self.load.sum() > 0:
-            self.bias -= self.cfg.moe_bias_gamma * torch.sign(self.load - self.load.mean())
+        self.bias -= self.cfg.moe_bias_gamma * torch.sign(self.load - self.load.mean())  # no load: no change
         self.load.zero_()
 
 

@@ -21,12 +21,15 @@ temperature = 0.8              # 0 = greedy
 top_k = 200                    # 0 = off
 top_p = 1.0                    # nucleus sampling; 1.0 = off
 seed = 1337
-device = "auto"
+device = "auto"               # 'auto' (cuda, else cpu), 'cpu', 'cuda', 'xla'
 dtype = "auto"
 config = configure(globals())
 
 if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "cpu"
+if device == "xla":  # TPU (or XLA's CPU device); each new cache length compiles a graph, so this is for checks
+    import torch_xla
+    device = str(torch_xla.device())
 if dtype == "auto":
     dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]

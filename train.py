@@ -5,6 +5,7 @@
     torchrun --standalone --nproc_per_node=8 train.py config/train_7b.py --batch_size=8
     python train.py config/train_7b.py --dry_run=True        # parameter count, FLOPs and KV cache, built on meta
 """
+import functools
 import json
 import math
 import os
@@ -103,6 +104,8 @@ def setup_distributed():
     global device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "xla":
+        return 0, 0, 1, setup_xla()
     if "RANK" not in os.environ:
         if not fsdp:
             return 0, 0, 1, device
@@ -114,6 +117,66 @@ def setup_distributed():
         torch.cuda.set_device(device)
     dist.init_process_group(backend=("nccl" if device.startswith("cuda") else "gloo") if backend == "auto" else backend)
     return rank, local_rank, world, device
+
+
+def setup_xla():
+    """torch_xla is imported on this path only. SPMD (fsdp=True) must be switched on before any XLA tensor exists."""
+    import torch_xla
+    import torch_xla.runtime as xr
+    if fsdp:
+        xr.use_spmd()
+    return str(torch_xla.device())
+
+
+def step_barrier():
+    """On XLA, cut the lazy graph here (one compiled program per step); elsewhere nothing."""
+    if device_type == "xla":
+        import torch_xla
+        torch_xla.sync()
+
+
+def xla_compilations():
+    import torch_xla.debug.metrics as met
+    data = met.metric_data("CompileTime")
+    return data[0] if data else 0
+
+
+def wrap_fsdpv2(model):
+    """XLA SPMD: a 1-D mesh over all devices; every block sharded with FSDPv2, batches split along the mesh."""
+    import numpy as np
+    import torch_xla.distributed.spmd as xs
+    import torch_xla.runtime as xr
+    from torch_xla.distributed.fsdp.wrap import transformer_auto_wrap_policy
+    from torch_xla.experimental.spmd_fully_sharded_data_parallel import SpmdFullyShardedDataParallel
+
+    from model import Block
+    mesh = xs.Mesh(np.arange(xr.global_runtime_device_count()), (xr.global_runtime_device_count(), 1), ("fsdp", "model"))
+    xs.set_global_mesh(mesh)
+
+    def shard_output(output, mesh):  # the model returns (logits, loss): shard the logits along the batch
+        xs.mark_sharding(output[0], mesh, ("fsdp", None, None))
+    policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={Block})
+    return SpmdFullyShardedDataParallel(model, mesh=mesh, auto_wrap_policy=policy, shard_output=shard_output)
+
+
+def get_batch(loader):
+    x, y = loader.next_batch(device)
+    if xla_fsdp:  # SPMD: one process feeds all devices; split the batch across them
+        import torch_xla.distributed.spmd as xs
+        for t in (x, y):
+            xs.mark_sharding(t, xs.get_global_mesh(), ("fsdp", None))
+    return x, y
+
+
+def to_cpu(obj):
+    """A state with every tensor on the CPU (XLA tensors must leave the device before torch.save)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 
 def model_config(vocab_size):
@@ -169,13 +232,14 @@ def estimate_loss():
     out = {}
     for split in ("train", "val"):
         loader = BatchLoader(data_dirs, split, batch_size, block_size, rank, world_size, seed + 7, mix_weights)
-        losses = torch.zeros(eval_iters)
-        for k in range(eval_iters):
-            x, y = loader.next_batch(device)
+        total = torch.zeros((), device=device)
+        for _ in range(eval_iters):
+            x, y = get_batch(loader)
             with autocast:
                 _, loss = model(x, y)
-            losses[k] = loss.item()
-        mean = losses.mean().to(device)
+            total += loss.float()  # summed on the device: one host sync per split
+            step_barrier()
+        mean = total / eval_iters
         if ddp:
             dist.all_reduce(mean, op=dist.ReduceOp.AVG)
         out[split] = mean.item()
@@ -262,7 +326,7 @@ def build_model(vocab_size, checkpoint=None):
         print(format_plan(plan, gpu))
         sys.exit("this run does not fit in GPU memory; change one of:\n  - " +
                  "\n  - ".join(advice(plan, gpu, fsdp, world_size, activation_checkpoint)))
-    if fsdp:
+    if fsdp2:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         policy = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32)
         for block in model.blocks:
@@ -274,14 +338,14 @@ def build_model(vocab_size, checkpoint=None):
             fully_shard(model.lm_head, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
     model.to_empty(device=device)
-    if model.config.tie_embeddings and not fsdp:
+    if model.config.tie_embeddings and not fsdp2:
         model.lm_head.weight = model.wte.weight  # materialising gave the two modules separate tensors
     torch.manual_seed(seed)  # the same initial weights on every rank
     model.init_weights()
     if checkpoint is not None:
         check_compatible(checkpoint, model)
         state = clean_state_dict(checkpoint["model"])
-        if fsdp:
+        if fsdp2:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
             set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
         else:
@@ -304,12 +368,13 @@ def check_compatible(checkpoint, model):
 # ------------------------------------------------------------------------------------------------------------ setup
 rank, local_rank, world_size, device = setup_distributed()
 ddp, master = world_size > 1, rank == 0
-device_type = "cuda" if device.startswith("cuda") else "cpu"
+device_type = "cuda" if device.startswith("cuda") else "xla" if device.startswith("xla") else "cpu"
+fsdp2, xla_fsdp = fsdp and device_type != "xla", fsdp and device_type == "xla"  # torch FSDP2, or XLA's FSDPv2
 if dtype == "auto":
-    dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-compile = device_type == "cuda" if compile is None else compile
+    dtype = "bfloat16" if device_type == "xla" or (device_type == "cuda" and torch.cuda.is_bf16_supported()) else "float32"
+compile = device_type == "cuda" if compile is None else compile and device_type != "xla"
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-autocast = nullcontext() if device_type == "cpu" or fsdp else torch.autocast(device_type, dtype=ptdtype)
+autocast = nullcontext() if device_type == "cpu" or fsdp2 else torch.autocast(device_type, dtype=ptdtype)
 torch.manual_seed(seed + rank)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
@@ -336,13 +401,13 @@ tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_
 
 resume_from = None
 if init_from == "resume":
-    resume_from = (step_dirs(out_dir) or [None])[-1] if fsdp else os.path.join(out_dir, "ckpt.pt")
+    resume_from = (step_dirs(out_dir) or [None])[-1] if fsdp2 else os.path.join(out_dir, "ckpt.pt")
     if resume_from is None:
         sys.exit(f"init_from='resume' but {out_dir} holds no complete sharded checkpoint (step_*/)")
 weights = None
 if init_from not in ("scratch", "resume"):  # weights only: a new phase with a fresh optimizer and data stream
     weights = load_checkpoint(init_from)
-elif resume_from and not fsdp:
+elif resume_from and not fsdp2:
     weights = load_checkpoint(resume_from)
 model = build_model(tokenizer.vocab_size, weights)
 if master:
@@ -350,11 +415,11 @@ if master:
           f"{tokens_per_iter:,} tokens/iter, device {device} {dtype}, world {world_size}"
           f"{', fsdp' if fsdp else ''}, activation_checkpoint={activation_checkpoint!r}")
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16" and not fsdp)
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16" and device_type == "cuda" and not fsdp2)
 iter_num, best_val_loss = 0, float("inf")
 if init_from == "resume":
-    state = load_sharded(resume_from, model, optimizer) if fsdp else weights
-    if not fsdp:
+    state = load_sharded(resume_from, model, optimizer) if fsdp2 else weights
+    if not fsdp2:
         optimizer.load_state_dict(state["optimizer"])
     train_loader.load_state_dict(state["loader"])
     iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
@@ -368,9 +433,16 @@ elif master and os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
 weights = state = None
 
 raw_model = model
-if compile and not fsdp:  # under FSDP each block was compiled before sharding
+if xla_fsdp:
+    model = wrap_fsdpv2(model)
+    if master:
+        import torch_xla
+        specs = [torch_xla._XLAC._get_xla_sharding_spec(p) for p in model.parameters()]
+        print(f"FSDPv2: {sum(1 for s in specs if 'devices=' in s)} of {len(specs)} parameter tensors sharded, "
+              f"e.g. {next((s for s in specs if 'devices=' in s), 'none')}")
+if compile and not fsdp2:  # under FSDP each block was compiled before sharding
     model = torch.compile(model)
-if ddp and not fsdp:
+if ddp and not fsdp2:
     # buffers stay per rank: MoE loads are summed explicitly after each step, and the biases stay equal by construction
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
 moe_layers = raw_model.moe_layers()
@@ -384,10 +456,10 @@ def save(val_loss):
             "best_val_loss": best_val_loss, "val_loss": val_loss, "loader": train_loader.state_dict(),
             "tokenizer": tokenizer.spec,
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}}
-    if fsdp:
+    if fsdp2:
         save_sharded(out_dir, iter_num, model, optimizer, meta, keep=keep_checkpoints)
     elif master:
-        save_checkpoint(dict(meta, model=raw_model.state_dict(), optimizer=optimizer.state_dict()),
+        save_checkpoint(to_cpu(dict(meta, model=raw_model.state_dict(), optimizer=optimizer.state_dict())),
                         os.path.join(out_dir, "ckpt.pt"))
 
 
@@ -417,11 +489,11 @@ while True:
         break
 
     for micro_step in range(gradient_accumulation_steps):
-        x, y = train_loader.next_batch(device)
+        x, y = get_batch(train_loader)
         sync = micro_step == gradient_accumulation_steps - 1
-        if fsdp:
+        if fsdp2:
             model.set_requires_gradient_sync(sync)  # reduce-scatter gradients only on the last micro-step
-        with (model.no_sync() if ddp and not fsdp and not sync else nullcontext()), autocast:
+        with (model.no_sync() if ddp and not fsdp2 and not sync else nullcontext()), autocast:
             _, loss = model(x, y)
             loss = loss / gradient_accumulation_steps
         scaler.scale(loss).backward()
@@ -436,10 +508,11 @@ while True:
         loads = torch.stack([m.load for m in moe_layers])
         if ddp:
             dist.all_reduce(loads)
-        imbalance = (loads.max(1).values / loads.mean(1).clamp(min=1)).mean().item()
+        imbalance = (loads.max(1).values / loads.mean(1).clamp(min=1)).mean()  # read at log intervals only
         for m, load in zip(moe_layers, loads):
             m.load.copy_(load)
             m.update_bias()
+    step_barrier()
     iter_num += 1
 
     if iter_num % log_interval == 0:
@@ -454,13 +527,16 @@ while True:
         dt = (time.time() - t_log) / log_interval
         t_log = time.time()
         mfu = f"{100 * flops_per_iter / dt / peak:.1f}%" if peak else "n/a"
+        imbalance = imbalance.item() if imbalance is not None else None
         moe = f", expert load max/mean {imbalance:.2f}" if imbalance is not None else ""
+        xla = f", {xla_compilations()} XLA compilations" if device_type == "xla" and iter_num <= 10 * log_interval else ""
         mixture = f", mixture {[round(f, 3) for f in train_loader.mixture()]}" if len(data_dirs) > 1 else ""
         print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-              f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu}{moe}{mixture}")
+              f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu}{moe}{mixture}{xla}")
         log_metrics({"iter": iter_num, "loss": loss_value, "lr": lr, "ms_per_iter": dt * 1000,
                      "tokens_per_s": tokens_per_iter / dt, "mfu": flops_per_iter / dt / peak if peak else None,
-                     "expert_imbalance": imbalance, "mixture": train_loader.mixture()})
+                     "expert_imbalance": imbalance, "mixture": train_loader.mixture(),
+                     "xla_compilations": xla_compilations() if device_type == "xla" else None})
 
 if master and losses:
     print(f"final val loss {losses['val']:.4f} at iter {iter_num} ({time.time() - t_start:.1f} s)")
