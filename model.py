@@ -466,7 +466,7 @@ class GPT(nn.Module):
             if cache is None or cache.pos >= block:
                 keep = block if cache is None else block * 3 // 4
                 cache = KVCache(self.config)
-                logits, _ = self(idx[:, -keep:], cache=cache)
+                logits, _ = self(idx[:, max(0, idx.size(1) - keep):], cache=cache)
             else:
                 logits, _ = self(idx[:, -1:], cache=cache)
             idx = torch.cat((idx, sample_next(logits, temperature, top_k, top_p, generator)), dim=1)

@@ -49,9 +49,9 @@ if not ids:
 x = torch.tensor(ids, dtype=torch.long, device=device)[None].repeat(num_samples, 1)
 
 cfg = model.config
-with torch.inference_mode(), autocast:
+with torch.no_grad(), autocast:  # (inference_mode tensors are refused by XLA)
     cache = KVCache(cfg)
-    model(x[:, -cfg.block_size:], cache=cache)  # one prefill to measure the cache this model keeps
+    model(x[:, max(0, x.size(1) - cfg.block_size):], cache=cache)  # one prefill to measure the cache it keeps
     t0 = time.time()
     y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p)
     dt = time.time() - t0
