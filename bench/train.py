@@ -1,0 +1,84 @@
+"""Training throughput on one GPU: tokens/s and MFU for a ~1B dense model and the 7B shape with fewer layers,
+bf16 against fp8, torch.compile on. MFU counts attention FLOPs over the keys each query really sees.
+
+    python bench/train.py                       # both models, bf16 and fp8
+    python bench/train.py --models 1b --steps 30 --no-fp8
+
+Prints a Markdown table (device, date, command). Needs CUDA; elsewhere it says so and exits.
+"""
+import argparse
+import datetime
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import GPT, GPTConfig  # noqa: E402
+
+MODELS = {
+    # ~1.2B dense: Llama-style widths, GQA-4
+    "1b": dict(n_layer=20, n_embd=2048, n_head=16, n_kv_head=4, mlp="swiglu", mlp_hidden=5632, block_size=2048,
+               batch=8),
+    # the 7B config's layer shape, 4 layers deep so it fits one GPU with its optimizer
+    "7b-4layers": dict(n_layer=4, n_embd=4096, n_head=32, n_kv_head=1, mlp="swiglu", mlp_hidden=14336,
+                       attn_pattern="LLLLLG", local_window=1024, kv_share=2, share_global_kv=True, block_size=4096,
+                       batch=4),
+}
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12}
+
+
+def bench(name, fp8, steps, warmup):
+    spec = dict(MODELS[name])
+    batch = spec.pop("batch")
+    cfg = GPTConfig(vocab_size=50304, attn_impl="triton", **spec)
+    raw = GPT(cfg).cuda()
+    if fp8:
+        raw.convert_fp8("tensorwise")
+    model = torch.compile(raw)
+    optimizer = torch.optim.AdamW(raw.parameters(), lr=1e-4, fused=True)
+    x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device="cuda")
+    for i in range(warmup + steps):
+        if i == warmup:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(x, x)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    tokens_per_s = batch * cfg.block_size / dt
+    peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name()), float("nan"))
+    result = dict(ms=dt * 1000, tokens_per_s=tokens_per_s, mfu=raw.flops_per_token(cfg.block_size) * tokens_per_s / peak,
+                  memory=torch.cuda.max_memory_allocated() / 2**30)
+    del model, raw, optimizer
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="1b,7b-4layers")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--no-fp8", action="store_true")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/train.py needs CUDA: no GPU here. The figures owed are listed in bench/RESULTS.md.")
+        return
+    print(f"# Training throughput, {torch.cuda.get_device_name()}, {datetime.date.today()}, torch {torch.__version__}")
+    print(f"\ncommand: `python {' '.join(sys.argv)}`\n")
+    print("| model | matmuls | ms/step | tokens/s | MFU | peak memory |\n|---|---|---|---|---|---|")
+    for name in args.models.split(","):
+        for fp8 in ([False] if args.no_fp8 else [False, True]):
+            r = bench(name, fp8, args.steps, args.warmup)
+            print(f"| {name} | {'fp8' if fp8 else 'bf16'} | {r['ms']:.1f} | {r['tokens_per_s']:,.0f} | "
+                  f"{100 * r['mfu']:.1f}% | {r['memory']:.1f} GiB |")
+
+
+if __name__ == "__main__":
+    main()

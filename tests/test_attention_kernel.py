@@ -1,0 +1,344 @@
+"""Triton flash attention (kernels/attention.py) against a float64 reference: forward and dq/dk/dv, causal and
+sliding-window masks, MQA/GQA, tails, KV-cache prefill, strided inputs, dtypes, the block-skipping bounds, errors.
+
+On CPU the kernels run in the Triton interpreter (tests/conftest.py) with 16 x 16 blocks, so the small shapes here
+still cover several blocks and ragged tails. Inputs are fresh each run: the seed is printed (pytest shows it for a
+failing test); replay with ATTN_TEST_SEED=<seed>.
+"""
+import math
+import os
+import random
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from kernels.attention import _key_ranges, _query_ranges, attention_reference, flash_attention
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+# Bounds on ||x - ref|| / ||ref|| and on max|x - ref| / max|ref|, ref in float64 from the same (rounded) inputs.
+# Worst seen in the interpreter over the cases below and many seeds: fp32 3.4e-7 / 4.5e-7, fp16 3.8e-4 / 5.9e-4,
+# bf16 3.0e-3 / 6.0e-3 (about what rounding P, dS and the results to bf16 costs). A mask one key off,
+# a wrong head mapping or a wrong scale costs 0.3 or more (test_check_catches_wrong_masks_and_head_mapping).
+REL_TOL = {f32: 5e-6, f16: 1e-3, bf16: 5e-3}
+MAX_TOL = {f32: 1e-5, f16: 2e-3, bf16: 1.5e-2}
+
+
+@pytest.fixture
+def seed():
+    s = int(os.environ.get("ATTN_TEST_SEED") or random.SystemRandom().randrange(2**31))
+    print(f"seed {s} (replay with ATTN_TEST_SEED={s})")
+    torch.manual_seed(s)
+    return s
+
+
+def rel_errors(x, ref, scale=None):
+    """||x - ref|| / ||scale|| and max|x - ref| / max|scale|, scale = ref unless given."""
+    x, ref = x.double(), ref.double()
+    scale = ref if scale is None else scale.double()
+    return ((x - ref).norm() / scale.norm()).item(), ((x - ref).abs().max() / scale.abs().max()).item()
+
+
+def assert_close(x, ref, name, dtype, scale=None):
+    assert x.shape == ref.shape, f"{name}: shape {tuple(x.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(x).all(), f"{name}: non-finite values"
+    assert (ref if scale is None else scale).norm() > 0, f"{name}: zero reference, the comparison would be vacuous"
+    rel, worst = rel_errors(x, ref, scale)
+    print(f"{name:4s} {str(dtype):15s} rel {rel:.2e}  max {worst:.2e}")
+    bounds = f"bounds {REL_TOL[dtype]:.0e} and {MAX_TOL[dtype]:.0e}"
+    assert rel < REL_TOL[dtype] and worst < MAX_TOL[dtype], f"{name}: rel error {rel:.2e}, max {worst:.2e}; {bounds}"
+
+
+def make(B, H, T, D, dtype, layout, device=DEVICE):
+    """A (B, H, T, D) leaf tensor: contiguous, a transposed (B, T, H, D) buffer as the model makes, or a view with
+    gaps in every dimension (head dim stride 2, a slice of a longer cache)."""
+    if layout == "contiguous":
+        x = torch.randn(B, H, T, D, device=device, dtype=dtype)
+    elif layout == "bthd":
+        x = torch.randn(B, T, H, D, device=device, dtype=dtype).transpose(1, 2)
+    elif layout == "strided":
+        x = torch.randn(B, H + 1, T + 5, 2 * D, device=device, dtype=dtype)[:, 1:, 3:T + 3, ::2]
+    else:
+        raise ValueError(layout)
+    assert x.shape == (B, H, T, D)
+    return x.requires_grad_()
+
+
+def check_against_reference(q, k, v, window):
+    """Output and dq, dk, dv (for a random upstream gradient) against attention_reference in float64."""
+    dtype = q.dtype
+    out = flash_attention(q, k, v, window)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = attention_reference(q64, k64, v64, window)
+    assert out.dtype == dtype
+    assert_close(out, ref, "out", dtype)
+    g = torch.randn_like(out)  # a random upstream gradient, in the input dtype
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), g)
+    rq, rk, rv = torch.autograd.grad(ref, (q64, k64, v64), g.double())
+    for name, x, r in (("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
+        assert x.dtype == dtype
+        # one visible key per query (window = 1, or T = 1) gives out = v, so dq = dk = 0 exactly: measure their
+        # noise on the scale of dv instead
+        one_key = window == 1 or k.size(2) == 1
+        assert_close(x, r, name, dtype, scale=rv if one_key and name != "dv" else None)
+
+
+CASES = [  # B, Hq, Hkv, Tq, Tk, D, window, dtype, layout
+    (1, 2, 2, 37, 37, 32, None, f32, "contiguous"),  # MHA, ragged tail
+    (2, 4, 1, 50, 50, 64, None, f32, "contiguous"),  # MQA, batch 2
+    (1, 4, 2, 64, 64, 32, 16, f32, "contiguous"),  # GQA, window a multiple of the block
+    (1, 4, 2, 50, 50, 32, 7, f32, "bthd"),  # window smaller than a block, transposed inputs
+    (1, 2, 1, 37, 37, 32, 37, f32, "contiguous"),  # window = T
+    (1, 2, 2, 37, 37, 32, 100, f32, "contiguous"),  # window > T
+    (1, 2, 2, 33, 33, 32, 1, f32, "contiguous"),  # window = 1: each query sees only itself
+    (1, 1, 1, 1, 1, 16, None, f32, "contiguous"),  # a single position, D = 16
+    (1, 4, 2, 20, 50, 32, None, f32, "contiguous"),  # prefill: Tq < Tk, diagonal aligned to the end
+    (1, 4, 2, 19, 45, 32, 10, f32, "strided"),  # prefill with a window, gaps in every stride
+    (1, 2, 1, 1, 45, 32, 16, f32, "contiguous"),  # one decode step
+    (1, 4, 2, 50, 50, 64, 20, bf16, "bthd"),
+    (2, 4, 4, 37, 37, 32, None, bf16, "contiguous"),
+    (1, 4, 2, 30, 47, 32, 12, bf16, "strided"),
+    (1, 4, 1, 64, 64, 64, 24, f16, "contiguous"),
+    (1, 2, 2, 40, 40, 64, None, f16, "bthd"),
+    (1, 4, 2, 24, 64, 64, None, f16, "strided"),  # fp16 prefill
+    (1, 2, 1, 40, 40, 128, 13, bf16, "bthd"),  # the model's head dim
+    (1, 4, 1, 100, 100, 32, 33, bf16, "contiguous"),  # 7 x 7 blocks, window across three of them
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,Tq,Tk,D,window,dtype,layout", CASES)
+def test_matches_reference(seed, B, Hq, Hkv, Tq, Tk, D, window, dtype, layout):
+    q = make(B, Hq, Tq, D, dtype, layout)
+    k, v = make(B, Hkv, Tk, D, dtype, layout), make(B, Hkv, Tk, D, dtype, layout)
+    check_against_reference(q, k, v, window)
+
+
+def test_window_covering_all_keys_is_causal(seed):
+    q, k, v = (torch.randn(1, 2, 37, 32, device=DEVICE) for _ in range(3))
+    causal = flash_attention(q, k, v)
+    assert torch.equal(flash_attention(q, k, v, window=37), causal)
+    assert torch.equal(flash_attention(q, k, v, window=1000), causal)
+    assert not torch.equal(flash_attention(q, k, v, window=36), causal)
+
+
+def test_output_is_laid_out_for_the_output_projection(seed):
+    q, k, v = (torch.randn(2, 4, 20, 32, device=DEVICE) for _ in range(3))
+    out = flash_attention(q, k, v)
+    assert out.shape == (2, 4, 20, 32) and out.transpose(1, 2).is_contiguous()  # so .reshape(B, T, C) is a view
+
+
+def test_expanded_upstream_gradient(seed):
+    """out.sum() hands backward a dO with all strides 0; the kernels read it through its strides."""
+    q, k, v = (make(1, 2, 40, 32, f32, "contiguous") for _ in range(3))
+    flash_attention(q, k, v, window=9).sum().backward()
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    attention_reference(q64, k64, v64, window=9).sum().backward()
+    for name, x, r in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
+        assert_close(x, r, name, f32)
+
+
+def test_only_the_needed_gradients(seed):
+    """With k, v frozen the dK/dV kernel is skipped; dQ must not depend on it."""
+    q = make(1, 4, 30, 32, f32, "contiguous")
+    k, v = (torch.randn(1, 2, 30, 32, device=DEVICE) for _ in range(2))
+    g = torch.randn(1, 4, 30, 32, device=DEVICE)
+    (dq,) = torch.autograd.grad(flash_attention(q, k, v, 11), (q,), g)
+    q64 = q.detach().double().requires_grad_()
+    (rq,) = torch.autograd.grad(attention_reference(q64, k.double(), v.double(), 11), (q64,), g.double())
+    assert_close(dq, rq, "dq", f32)
+
+
+def naive_attention(q, k, v, window):
+    """One query position at a time, straight from the definition: the reference's reference."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    out = torch.zeros_like(q)
+    for b in range(B):
+        for h in range(Hq):
+            kv = h // (Hq // Hkv)
+            for r in range(Tq):
+                i = r + Tk - Tq
+                first = 0 if window is None else max(0, i - window + 1)
+                keys = range(first, i + 1)
+                scores = torch.stack([q[b, h, r] @ k[b, kv, j] / math.sqrt(D) for j in keys])
+                weights = torch.exp(scores - scores.max())
+                weights = weights / weights.sum()
+                out[b, h, r] = sum(w * v[b, kv, j] for w, j in zip(weights, keys))
+    return out
+
+
+@pytest.mark.parametrize("Hq,Hkv,Tq,Tk,window", [(2, 2, 7, 7, None), (4, 2, 9, 9, 3), (3, 1, 4, 9, None),
+                                                   (4, 1, 5, 11, 4), (2, 1, 6, 6, 1), (2, 2, 1, 5, 2)])
+def test_reference_matches_naive_loop(seed, Hq, Hkv, Tq, Tk, window):
+    q = torch.randn(2, Hq, Tq, 8, dtype=torch.float64)
+    k, v = (torch.randn(2, Hkv, Tk, 8, dtype=torch.float64) for _ in range(2))
+    torch.testing.assert_close(attention_reference(q, k, v, window), naive_attention(q, k, v, window),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_check_catches_wrong_masks_and_head_mapping(seed):
+    """The tolerances are tight enough to catch a kernel that is one key off at a mask edge, aligns the diagonal to
+    the wrong end, maps query heads to the wrong K/V head, scales wrongly, or drops query heads from dK's sum."""
+    Hq, Hkv, Tq, Tk, W, dtype = 4, 2, 40, 48, 9, bf16
+    q = make(1, Hq, Tq, 32, dtype, "contiguous")
+    k, v = make(1, Hkv, Tk, 32, dtype, "contiguous"), make(1, Hkv, Tk, 32, dtype, "contiguous")
+    out = flash_attention(q, k, v, W)
+    q64, k64, v64 = (x.detach().double() for x in (q, k, v))
+    group = Hq // Hkv
+    wrong = {
+        "window one key wider": attention_reference(q64, k64, v64, W + 1),
+        "window one key narrower": attention_reference(q64, k64, v64, W - 1),
+        "no window": attention_reference(q64, k64, v64, None),
+        "diagonal aligned to the start": attention_reference(q64, k64[:, :, :Tq], v64[:, :, :Tq], W),
+        "query head h reads K/V head h % Hkv": attention_reference(q64, k64.repeat(1, group, 1, 1),
+                                                                   v64.repeat(1, group, 1, 1), W),
+        "scale 1/D instead of 1/sqrt(D)": attention_reference(q64 / math.sqrt(32), k64, v64, W),
+    }
+    right = attention_reference(q64, k64, v64, W)
+    assert_close(out, right, "out", dtype)
+    with pytest.raises(AssertionError):  # the kernel itself, asked for the wrong window
+        assert_close(flash_attention(q, k, v, W + 1), right, "out", dtype)
+    for bug, ref in wrong.items():
+        with pytest.raises(AssertionError):
+            assert_close(out, ref, "out", dtype)
+        print(f"caught: {bug} (rel error {rel_errors(out, ref)[0]:.1e})")
+
+    g = torch.randn_like(out)
+    (dk,) = torch.autograd.grad(out, (k,), g)
+    k64.requires_grad_()
+    ref = attention_reference(q64, k64, v64, W)
+    first_head_only = g.double().clone().view(1, Hkv, group, Tq, 32)
+    first_head_only[:, :, 1:] = 0  # dK from the first query head of each group alone
+    (rk_partial,) = torch.autograd.grad(ref, (k64,), first_head_only.view_as(g))
+    with pytest.raises(AssertionError):
+        assert_close(dk, rk_partial, "dk", dtype)
+
+
+@triton.jit
+def _probe_ranges(Out, Tq, Tk, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEYS: tl.constexpr):
+    pid = tl.program_id(0)
+    if KEYS:  # key-block stages of query block pid (forward, dQ)
+        lo, a, b, hi = _key_ranges(pid * BLOCK_M, Tq, Tk - Tq, window, BLOCK_M, BLOCK_N)
+    else:  # query-block stages of key block pid (dK/dV)
+        lo, a, b, hi = _query_ranges(pid * BLOCK_N, Tq, Tk, Tk - Tq, window, BLOCK_M, BLOCK_N)
+    tl.store(Out + pid * 4 + 0, lo)
+    tl.store(Out + pid * 4 + 1, a)
+    tl.store(Out + pid * 4 + 2, b)
+    tl.store(Out + pid * 4 + 3, hi)
+
+
+def _check_stages(visible, lo, a, b, hi, step, size, block, padded_ok):
+    """visible: (positions of this block, all positions of the other axis). Stages [lo, a) [a, b) [b, hi) stepping
+    by `step` along an axis of `size` positions must cover every visible pair, load no block without a visible pair
+    at either end, need no mask in [a, b), and mask at most two block-widths' worth of blocks."""
+    loaded = list(range(lo, hi, step))
+    cols = visible.any(0).nonzero().flatten().tolist()
+    if not cols:
+        assert not loaded, "a block no position sees is loaded"
+        return
+    assert lo <= a <= b <= hi, (lo, a, b, hi)
+    assert (a - lo) % step == 0 or a == hi, "stage 2 starts off the block grid"
+    assert (b - a) % step == 0 or b == hi, "stage 3 starts off the block grid"
+    assert loaded[0] <= cols[0] < loaded[0] + step, "the first loaded block holds no visible pair"
+    assert hi == cols[-1] + 1, "the loop bound is not the last visible position"
+    for start in range(a, b, step):
+        # dK/dV may run an unmasked block into padding rows (they load q = dO = 0, lse = inf); forward/dQ may not
+        assert padded_ok or start + step <= size, f"unmasked block {start} holds padded keys"
+        assert visible[:, start:start + step].all(), f"unmasked block {start} needs a mask"
+    n_masked = len(range(lo, a, step)) + len(range(b, hi, step))
+    assert n_masked <= 2 * (triton.cdiv(block - 1, step) + 1), f"{n_masked} masked blocks"
+
+
+@pytest.mark.parametrize("BLOCK_M,BLOCK_N", [(16, 16), (32, 16), (16, 32), (64, 16)])
+def test_block_ranges_skip_exactly_the_invisible_blocks(BLOCK_M, BLOCK_N):
+    """The loop bounds of all three kernels, exhaustively on small sizes, for block shapes beyond the interpreter's."""
+    for Tq, Tk in [(1, 1), (37, 37), (64, 64), (100, 100), (20, 90), (1, 70), (67, 130)]:
+        for window in sorted({1, 5, 16, 17, 40, 64, 95, Tk}):
+            i = torch.arange(Tk - Tq, Tk)[:, None]
+            j = torch.arange(Tk)[None, :]
+            visible = (j <= i) & (j > i - window)  # (Tq, Tk)
+            for keys, n_blocks in ((True, triton.cdiv(Tq, BLOCK_M)), (False, triton.cdiv(Tk, BLOCK_N))):
+                out = torch.empty(n_blocks, 4, dtype=torch.int32, device=DEVICE)
+                _probe_ranges[(n_blocks,)](out, Tq, Tk, window, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, KEYS=keys)
+                for blk, (lo, a, b, hi) in enumerate(out.tolist()):
+                    if keys:
+                        rows = visible[blk * BLOCK_M:(blk + 1) * BLOCK_M]
+                        _check_stages(rows, lo, a, b, hi, BLOCK_N, Tk, BLOCK_M, padded_ok=False)
+                    else:
+                        cols = visible[:, blk * BLOCK_N:(blk + 1) * BLOCK_N].T
+                        _check_stages(cols, lo, a, b, hi, BLOCK_M, Tq, BLOCK_N, padded_ok=True)
+
+
+def _t(*shape, dtype=f32, device=DEVICE):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("args,match", [
+    ((_t(1, 2, 8, 48), _t(1, 2, 8, 48), _t(1, 2, 8, 48)), "head dim 48 not supported"),
+    ((_t(1, 2, 8, 256), _t(1, 2, 8, 256), _t(1, 2, 8, 256)), "head dim 256 not supported"),
+    ((_t(1, 3, 8, 32), _t(1, 2, 8, 32), _t(1, 2, 8, 32)), "not a multiple of the 2 K/V heads"),
+    ((_t(1, 2, 8, 32), _t(1, 2, 8, 32, dtype=bf16), _t(1, 2, 8, 32, dtype=bf16)), "different dtypes"),
+    ((_t(1, 2, 8, 32), _t(1, 2, 8, 32, device="meta"), _t(1, 2, 8, 32, device="meta")), "different devices"),
+    ((_t(2, 8, 32), _t(1, 2, 8, 32), _t(1, 2, 8, 32)), "q must be 4-D"),
+    ((_t(1, 2, 8, 32), _t(2, 8, 32), _t(2, 8, 32)), "k must be 4-D"),
+    ((_t(2, 2, 8, 32), _t(1, 2, 8, 32), _t(1, 2, 8, 32)), "batch size 2 but k/v have 1"),
+    ((_t(1, 2, 9, 32), _t(1, 2, 8, 32), _t(1, 2, 8, 32)), "q has 9 positions but k/v only 8"),
+    ((_t(1, 2, 8, 32), _t(1, 2, 8, 32), _t(1, 2, 7, 32)), "k and v must have the same shape"),
+    ((_t(1, 2, 8, 32), _t(1, 2, 8, 64), _t(1, 2, 8, 64)), "head dim 32 but k/v have 64"),
+    ((_t(1, 2, 8, 32, dtype=torch.float64),) * 3, "float64 not supported"),
+])
+def test_errors(args, match):
+    with pytest.raises(ValueError, match=match):
+        flash_attention(*args)
+
+
+@pytest.mark.parametrize("window", [0, -3, 2.5])
+def test_bad_window(window):
+    q = _t(1, 2, 8, 32)
+    with pytest.raises(ValueError, match="window must be None or an int >= 1"):
+        flash_attention(q, q, q, window)
+    with pytest.raises(ValueError, match="window must be None or an int >= 1"):
+        attention_reference(q, q, q, window)
+
+
+# ---- real sizes, on a GPU only --------------------------------------------------------------------------------------
+
+def chunked_reference(q, k, v, window, chunk=1024):
+    """fp32 attention_reference over query chunks, each against only the keys it can see, to fit T = 16k."""
+    T, out = q.size(2), []
+    for s in range(0, T, chunk):
+        e = min(s + chunk, T)
+        lo = 0 if window is None else max(0, s - window + 1)
+        out.append(attention_reference(q[:, :, s:e].float(), k[:, :, lo:e].float(), v[:, :, lo:e].float(), window))
+    return torch.cat(out, dim=2)
+
+
+@pytest.mark.skipif(not CUDA, reason="real sizes need CUDA")
+@pytest.mark.parametrize("B,Hq,Hkv,T,D,window", [(2, 16, 8, 2048, 128, None), (1, 16, 1, 4096, 128, 1024),
+                                                 (1, 16, 8, 16384, 128, None), (1, 16, 2, 16384, 128, 1024),
+                                                 (4, 32, 8, 4096, 64, None), (1, 16, 16, 3001, 128, 777)])
+def test_forward_real_sizes_cuda(seed, B, Hq, Hkv, T, D, window):
+    q, k, v = (make(B, H, T, D, bf16, "bthd") for H in (Hq, Hkv, Hkv))
+    with torch.no_grad():
+        assert_close(flash_attention(q, k, v, window), chunked_reference(q, k, v, window), "out", bf16)
+
+
+@pytest.mark.skipif(not CUDA, reason="real sizes need CUDA")
+@pytest.mark.parametrize("B,Hq,Hkv,T,D,window,dtype", [(1, 16, 8, 2048, 128, None, bf16),
+                                                       (1, 16, 2, 4096, 128, 512, bf16),
+                                                       (2, 8, 1, 1999, 64, None, f16),
+                                                       (1, 4, 2, 1024, 128, 300, f32)])
+def test_gradients_real_sizes_cuda(seed, B, Hq, Hkv, T, D, window, dtype):
+    q, k, v = (make(B, H, T, D, dtype, "bthd") for H in (Hq, Hkv, Hkv))
+    out = flash_attention(q, k, v, window)
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    ref = attention_reference(q32, k32, v32, window)
+    assert_close(out, ref, "out", dtype)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    refs = torch.autograd.grad(ref, (q32, k32, v32), g.float())
+    for name, x, r in zip(("dq", "dk", "dv"), grads, refs):
+        assert_close(x, r, name, dtype)
