@@ -277,7 +277,7 @@ def test_kv_cache_bytes_for_the_7b_shape():
 
 def test_triton_attention_trains_and_generates_like_sdpa():
     """The hybrid / shared-KV / GQA model through the Triton kernel (interpreter on CPU) against PyTorch SDPA."""
-    cfg = tiny(n_layer=3, n_kv_head=2, attn_pattern="LLG", local_window=5, kv_share=2, block_size=24)
+    cfg = tiny(n_layer=3, n_head=2, n_kv_head=1, attn_pattern="LLG", local_window=5, kv_share=2, block_size=24)
     ref = GPT(cfg)
     tri = GPT(GPTConfig(**{**cfg.__dict__, "attn_impl": "triton"}))
     tri.load_state_dict(ref.state_dict())
