@@ -381,10 +381,13 @@ torch.backends.cudnn.allow_tf32 = True
 
 if dry_run:
     meta_model = build_meta_model(dataset_vocab_size())
-    print_dry_run(meta_model, meta_model.config)
-    print(f"memory per GPU, world size {world_size}, batch_size {batch_size}, fsdp={fsdp}, "
-          f"activation_checkpoint={activation_checkpoint!r}:")
-    print(format_plan(memory_plan_for(meta_model), gpu_memory_gb()))
+    if master:
+        print_dry_run(meta_model, meta_model.config)
+        print(f"memory per GPU, world size {world_size}, batch_size {batch_size}, fsdp={fsdp}, "
+              f"activation_checkpoint={activation_checkpoint!r}:")
+        print(format_plan(memory_plan_for(meta_model), gpu_memory_gb()))
+    if ddp:
+        dist.destroy_process_group()
     sys.exit(0)
 
 if master:
