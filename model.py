@@ -7,6 +7,7 @@ layer of a group (the producer) projects K and V, the others (consumers) own no 
 producer's. With `share_global_kv` every global layer uses the first global layer's K/V (Character.AI's design).
 The KV cache stores one K/V per group: local groups in a ring of `local_window` slots, global groups in full.
 """
+import functools
 import math
 from dataclasses import dataclass
 
@@ -266,8 +267,9 @@ class MoE(nn.Module):
                 and self.fp8_linear is None)
 
     def expert(self, e, x):
-        linear = self.fp8_linear or F.linear
-        return linear(self.activation(linear(x, self.w_up[e].to(x.dtype))), self.w_down[e].to(x.dtype))
+        if self.fp8_linear is not None:  # fp8 quantizes the fp32 master weights itself
+            return self.fp8_linear(self.activation(self.fp8_linear(x, self.w_up[e])), self.w_down[e])
+        return F.linear(self.activation(F.linear(x, self.w_up[e].to(x.dtype))), self.w_down[e].to(x.dtype))
 
     def activation(self, h):
         if self.cfg.mlp == "swiglu":
@@ -451,6 +453,19 @@ class GPT(nn.Module):
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+
+    def convert_fp8(self, recipe="tensorwise"):
+        """Run the attention projections, MLPs and experts in fp8 (kernels/fp8.py). The embedding, lm_head, router
+        and norms stay in higher precision, as in DeepSeek-V3. Returns the layers left alone for their dims."""
+        from kernels.fp8 import convert_to_fp8, fp8_linear, fp8_supported
+        skipped = convert_to_fp8(self.blocks, recipe, filter_fn=lambda layer, name: not name.endswith("router"))
+        for i, block in enumerate(self.blocks):
+            if isinstance(block.mlp, MoE):
+                if fp8_supported(self.config.n_embd, self.config.expert_hidden):
+                    block.mlp.fp8_linear = functools.partial(fp8_linear, recipe=recipe)
+                else:
+                    skipped.append(f"blocks.{i}.mlp.experts")
+        return skipped
 
     def moe_layers(self):
         return [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]

@@ -89,6 +89,8 @@ compile = None                 # None = on for CUDA, off elsewhere
 seed = 1337
 peak_flops = 0.0               # for MFU; 0 = look the device up
 backend = "auto"               # distributed backend: 'auto' (nccl on CUDA, gloo on CPU)
+fp8 = False                    # attention projections, MLPs and experts in fp8 (kernels/fp8.py)
+fp8_recipe = "tensorwise"      # 'tensorwise', 'rowwise' or 'blockwise' (DeepSeek-V3: 1x128 / 128x128 scales)
 # scale-out
 fsdp = False                   # FSDP2: shard params, grads and optimizer state (checkpoints become step_N/ folders)
 activation_checkpoint = "none" # 'none', 'full' (every block) or 'selective' (every ac_every-th block)
@@ -301,6 +303,12 @@ def build_meta_model(vocab_size):
     """The model on the meta device (shapes only, no memory), with fp8 and checkpointing applied."""
     with torch.device("meta"):
         model = GPT(model_config(vocab_size))
+    if fp8:
+        if device_type == "xla":
+            sys.exit("fp8 is not supported on XLA (its kernels are Triton): set fp8=False")
+        skipped = model.convert_fp8(fp8_recipe)
+        if skipped and master:
+            print(f"fp8: kept in higher precision for their dims (not multiples of 16): {', '.join(skipped)}")
     for i, block in enumerate(model.blocks):
         block.checkpoint = activation_checkpoint == "full" or (activation_checkpoint == "selective" and i % ac_every == 0)
     return model
