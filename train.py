@@ -31,8 +31,8 @@ from tokenizer import Tokenizer
 # ----------------------------------------------------------------------------------------------------------- config
 # I/O
 out_dir = "out"
-eval_interval = 150
-eval_iters = 16
+eval_interval = 125
+eval_iters = 12
 log_interval = 25
 eval_only = False
 always_save_checkpoint = True
@@ -73,7 +73,7 @@ attn_impl = "auto"             # 'auto' (triton on CUDA, sdpa elsewhere), 'trito
 # optimizer and schedule
 learning_rate = 4e-3
 min_lr = 4e-4
-max_iters = 600
+max_iters = 500
 lr_schedule = "cosine"         # 'cosine' or 'wsd' (warmup-stable-decay)
 warmup_iters = 50
 lr_decay_iters = 0             # 0 = max_iters
