@@ -61,7 +61,7 @@ class GPTConfig:
         if self.n_expert:
             check(1 <= self.n_expert_active <= self.n_expert,
                   f"n_expert_active {self.n_expert_active} must be between 1 and n_expert {self.n_expert}")
-            check(0 <= self.n_dense_layers <= self.n_layer, f"n_dense_layers must be in [0, n_layer]")
+            check(0 <= self.n_dense_layers <= self.n_layer, "n_dense_layers must be in [0, n_layer]")
 
     @property
     def head_dim(self):

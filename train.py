@@ -9,14 +9,12 @@ import functools
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP

@@ -82,7 +82,6 @@ def main():
         print(f"| `tokenize_documents` (EOT + `encode_ordinary` per document) | {workers} | {dt:.2f} | {mb / dt:.2f} | "
               f"{len(tokens) / dt:,.0f} |")
 
-    window = args.block_size + 1
     # what one GPU eats: tokens/s = peak FLOP/s x MFU / training FLOPs per token (the 7B config's dry run prints
     # 43.3 GFLOP/token at 4096 context); 50% MFU is generous, so this overstates the demand
     need_tokens = args.peak_flops * args.mfu / args.flops_per_token
