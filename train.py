@@ -414,10 +414,13 @@ if init_from == "resume":
     if resume_from is None:
         sys.exit(f"init_from='resume' but {out_dir} holds no complete sharded checkpoint (step_*/)")
 weights = None
-if init_from not in ("scratch", "resume"):  # weights only: a new phase with a fresh optimizer and data stream
-    weights = load_checkpoint(init_from)
-elif resume_from and not fsdp2:
-    weights = load_checkpoint(resume_from)
+try:
+    if init_from not in ("scratch", "resume"):  # weights only: a new phase with a fresh optimizer and data stream
+        weights = load_checkpoint(init_from)
+    elif resume_from and not fsdp2:
+        weights = load_checkpoint(resume_from)
+except (OSError, RuntimeError, ValueError) as e:  # the message says which file and what to do
+    sys.exit(str(e))
 model = build_model(tokenizer.vocab_size, weights)
 if master:
     print(f"{model.num_params():,} parameters ({model.num_params(active=True):,} active), "
