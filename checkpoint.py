@@ -68,7 +68,7 @@ def step_dirs(out_dir):
     """Complete sharded checkpoints, oldest first: out_dir/step_NNNNNN (a .tmp folder is an unfinished write)."""
     if not os.path.isdir(out_dir):
         return []
-    names = sorted(n for n in os.listdir(out_dir) if n.startswith("step_") and n[5:].isdigit())
+    names = sorted((n for n in os.listdir(out_dir) if n.startswith("step_") and n[5:].isdigit()), key=lambda n: int(n[5:]))
     return [os.path.join(out_dir, n) for n in names if os.path.exists(os.path.join(out_dir, n, "meta.pt"))]
 
 

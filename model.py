@@ -226,7 +226,7 @@ class MoE(nn.Module):
         chosen = torch.topk(scores + self.bias, self.cfg.n_expert_active, dim=-1).indices
         gates = scores.gather(1, chosen)
         gates = gates / gates.sum(-1, keepdim=True)
-        if self.training:
+        if self.training:  # (a checkpointing recompute counts again: all loads double, sign updates are unchanged)
             self.load += F.one_hot(chosen, self.cfg.n_expert).sum((0, 1)).to(self.load.dtype)  # static shape
             self.aux_loss = self.balance_loss(scores.view(B, T, -1), chosen.view(B, T, -1))
         if x.device.type == "xla":  # XLA needs static shapes: every expert on every token, unchosen gates zero
@@ -404,6 +404,8 @@ class GPT(nn.Module):
         if start + T > self.config.block_size and cache is None:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
         cos, sin = rope_tables(start, T, self.config.head_dim, self.config.rope_theta, idx.device)
+        for moe in self.moe_layers():  # a backward recompute (activation checkpointing) may have left one behind
+            moe.aux_loss = None
         x, shared_kv = self.wte(idx), {}  # K/V of each sharing group, from its producer layer
         for block in self.blocks:
             group = block.attn.group
@@ -418,7 +420,7 @@ class GPT(nn.Module):
         logits = self.lm_head(x).float()
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         for moe in self.moe_layers():  # the balance losses of this forward (None in eval or with alpha = 0)
-            if moe.aux_loss is not None:
+            if self.training and moe.aux_loss is not None:
                 loss = loss + moe.aux_loss
             moe.aux_loss = None
         return logits, loss

@@ -203,12 +203,12 @@ def dataset_dirs():
 
 def get_lr(it):
     decay_iters = lr_decay_iters or max_iters
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
     if it >= decay_iters:
         return min_lr
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
     if lr_schedule == "wsd":
-        decay_start = int(decay_iters * (1 - wsd_decay_frac))
+        decay_start = max(warmup_iters, int(decay_iters * (1 - wsd_decay_frac)))
         if it < decay_start:
             return learning_rate
         return min_lr + (learning_rate - min_lr) * (1 - (it - decay_start) / (decay_iters - decay_start))
@@ -376,6 +376,8 @@ rank, local_rank, world_size, device = setup_distributed()
 ddp, master = world_size > 1, rank == 0
 device_type = "cuda" if device.startswith("cuda") else "xla" if device.startswith("xla") else "cpu"
 fsdp2, xla_fsdp = fsdp and device_type != "xla", fsdp and device_type == "xla"  # torch FSDP2, or XLA's FSDPv2
+if fsdp2 and dtype == "float16":
+    sys.exit("fsdp=True with dtype='float16' would train without loss scaling: use bfloat16 (or float32)")
 if dtype == "auto":
     dtype = "bfloat16" if device_type == "xla" or (device_type == "cuda" and torch.cuda.is_bf16_supported()) else "float32"
 compile = device_type == "cuda" if compile is None else compile and device_type != "xla"

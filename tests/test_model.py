@@ -290,3 +290,13 @@ def test_triton_attention_trains_and_generates_like_sdpa():
         assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
     prompt = idx[:, :8]  # longer than the window: the decode steps read the ring buffer
     assert torch.equal(ref.eval().generate(prompt, 10, temperature=0), tri.eval().generate(prompt, 10, temperature=0))
+
+
+def test_checkpointed_moe_leaves_no_aux_loss_for_eval():
+    model = GPT(tiny(n_layer=2, n_expert=4, n_dense_layers=0, moe_aux_alpha=0.5))
+    for block in model.blocks:
+        block.checkpoint = True
+    idx = torch.randint(0, 37, (2, 12))
+    before = model.eval()(idx, idx)[1].item()
+    model.train()(idx, idx)[1].backward()  # the backward recompute runs MoE.forward again in training mode
+    assert model.eval()(idx, idx)[1].item() == pytest.approx(before, abs=1e-6)
