@@ -52,9 +52,9 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
 
 def load_model(out_dir, device="cpu"):
     """(model in eval mode on `device`, its Tokenizer, the raw checkpoint dict) from out_dir/ckpt.pt."""
-    path = os.path.join(out_dir, "ckpt.pt")
-    if not os.path.exists(path) and step_dirs(out_dir):  # an FSDP run: read its newest sharded checkpoint
-        path = step_dirs(out_dir)[-1]
+    path, sharded = os.path.join(out_dir, "ckpt.pt"), step_dirs(out_dir)
+    if not os.path.exists(path) and sharded:  # an FSDP run: read its newest sharded checkpoint
+        path = sharded[-1]
         ckpt = consolidate(path)
     else:
         ckpt = load_checkpoint(path)

@@ -350,9 +350,6 @@ class KVCache:
         n = min(self.pos + 1, size)  # ring order does not matter: softmax is permutation-invariant over keys
         return self.k[group][:, :, :n], self.v[group][:, :, :n], True
 
-    def nbytes(self):
-        return sum(t.numel() * t.element_size() for t in list(self.k.values()) + list(self.v.values()))
-
     @staticmethod
     def bytes_at(cfg, context, dtype_bytes=2):
         """Cache bytes for one sequence at `context` tokens."""

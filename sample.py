@@ -50,16 +50,13 @@ x = torch.tensor(ids, dtype=torch.long, device=device)[None].repeat(num_samples,
 
 cfg = model.config
 with torch.no_grad(), autocast:  # (inference_mode tensors are refused by XLA)
-    cache = KVCache(cfg)
-    model(x[:, max(0, x.size(1) - cfg.block_size):], cache=cache)  # one prefill to measure the cache it keeps
     t0 = time.time()
     y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p)
     dt = time.time() - t0
 for row in y.tolist():
     print(tokenizer.decode(row))
     print("---------------")
-width = torch.finfo(ptdtype).bits // 8
-full = KVCache.bytes_at(cfg, cfg.block_size, width)
+full = KVCache.bytes_at(cfg, cfg.block_size, torch.finfo(ptdtype).bits // 8)  # what a cache allocates per sequence
 print(f"{num_samples * max_new_tokens / dt:,.1f} tokens/s; KV cache {full / cfg.block_size:,.0f} bytes/token "
-      f"(per sequence, averaged over a full {cfg.block_size}-token context), {cache.nbytes() / 2**20:.2f} MiB "
+      f"(per sequence, averaged over a full {cfg.block_size}-token context), {full * num_samples / 2**20:.2f} MiB "
       f"allocated for {num_samples} sequences")

@@ -227,11 +227,11 @@ def device_peak_flops():
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss over eval_iters fixed batches of each split (fresh loaders: the same batches every eval)."""
+    """Mean loss over eval_iters fixed batches of each split (loaders rewound: the same batches every eval)."""
     model.eval()
     out = {}
-    for split in ("train", "val"):
-        loader = BatchLoader(data_dirs, split, batch_size, block_size, rank, world_size, seed + 7, mix_weights)
+    for split, (loader, start) in eval_loaders.items():
+        loader.load_state_dict(start)
         total = torch.zeros((), device=device)
         for _ in range(eval_iters):
             x, y = get_batch(loader)
@@ -403,8 +403,11 @@ if master:
 data_dirs, mix_weights = dataset_dirs()
 try:
     train_loader = BatchLoader(data_dirs, "train", batch_size, block_size, rank, world_size, seed, mix_weights)
+    eval_loaders = {split: BatchLoader(data_dirs, split, batch_size, block_size, rank, world_size, seed + 7,
+                                       mix_weights) for split in ("train", "val")}
 except (OSError, ValueError) as e:  # missing or corrupt shards: the message names the file and the fix
     sys.exit(str(e))
+eval_loaders = {split: (loader, loader.state_dict()) for split, loader in eval_loaders.items()}  # + where to rewind
 tokenizer = Tokenizer.for_dataset(data_dirs[0])
 if total_batch_size:  # the accumulation that comes closest to the requested tokens per step
     gradient_accumulation_steps = max(1, round(total_batch_size / (batch_size * block_size * world_size)))

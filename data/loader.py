@@ -29,9 +29,10 @@ class WindowStream:
         if self._layout_epoch != self.epoch:
             rng = np.random.default_rng((self.seed, self.epoch))
             offset = int(rng.integers(0, self.window))
-            self.offsets = [offset if len(s) - offset >= self.window else 0 for s in self.shards]
-            counts = [(len(s) - o) // self.window for s, o in zip(self.shards, self.offsets)]
+            self.offsets = np.array([offset if len(s) - offset >= self.window else 0 for s in self.shards])
+            counts = np.array([(len(s) - o) // self.window for s, o in zip(self.shards, self.offsets)])
             self.cumulative = np.cumsum(counts)
+            self.first = self.cumulative - counts  # global index of each shard's first window
             self.order = rng.permutation(int(self.cumulative[-1]))
             self._layout_epoch = self.epoch
         return self.order
@@ -43,8 +44,7 @@ class WindowStream:
             order = self._layout()
             batch = order[self.pos:self.pos + n - len(picked)]
             shard = np.searchsorted(self.cumulative, batch, side="right")
-            first = np.concatenate(([0], self.cumulative[:-1]))[shard]
-            starts = np.array(self.offsets)[shard] + (batch - first) * self.window
+            starts = self.offsets[shard] + (batch - self.first[shard]) * self.window
             picked.extend(zip(shard.tolist(), starts.tolist()))
             self.pos += len(batch)
             if self.pos == len(order):
