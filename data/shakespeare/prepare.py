@@ -3,7 +3,6 @@
     python data/shakespeare/prepare.py                 # downloads input.txt when it is missing
     python data/shakespeare/prepare.py --input FILE    # or uses a local copy
 """
-import argparse
 import os
 import sys
 
@@ -12,16 +11,12 @@ sys.path.insert(0, os.path.join(HERE, "..", ".."))
 import numpy as np  # noqa: E402
 import tiktoken  # noqa: E402
 
-from data.shakespeare_char.prepare import get_text  # noqa: E402
+from data.shakespeare_char.prepare import get_text, parse_args  # noqa: E402
 from data.shards import write_shard  # noqa: E402
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", help="local input.txt instead of downloading")
-    parser.add_argument("--out_dir", default=HERE)
-    args = parser.parse_args(argv)
-    os.makedirs(args.out_dir, exist_ok=True)
+    args = parse_args(argv, __doc__, HERE)
     text = get_text(args.input, args.out_dir)
     split = int(0.9 * len(text))
     enc = tiktoken.get_encoding("gpt2")

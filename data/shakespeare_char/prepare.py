@@ -31,12 +31,18 @@ def get_text(input_path, out_dir):
         return f.read()
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv, doc, default_out_dir):
+    """--input and --out_dir, the arguments of both tiny-Shakespeare prepare scripts; creates out_dir."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", help="local input.txt instead of downloading")
-    parser.add_argument("--out_dir", default=HERE)
+    parser.add_argument("--out_dir", default=default_out_dir)
     args = parser.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv, __doc__, HERE)
     text = get_text(args.input, args.out_dir)
     chars = sorted(set(text))
     stoi = {ch: i for i, ch in enumerate(chars)}
