@@ -12,7 +12,7 @@ import torch
 
 from checkpoint import save_checkpoint, step_dirs
 from model import GPT, GPTConfig
-from tests.conftest import ROOT, SHARED
+from tests.conftest import ROOT
 
 MODEL = dict(n_layer=4, n_embd=32, n_head=4, n_kv_head=1, attn_pattern="LG", local_window=8, kv_share=2,
              share_global_kv=True, block_size=32, mlp="relu2")
@@ -23,18 +23,13 @@ ARGS = [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in MODEL
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A prepared dataset and a shared initial checkpoint, so every run starts from identical weights."""
-    root = tmp_path_factory.mktemp("dist")
-    data = root / "data" / "shakespeare_char"
-    os.makedirs(data)
-    subprocess.run([sys.executable, os.path.join(ROOT, "data/shakespeare_char/prepare.py"), "--out_dir", str(data),
-                    "--input", os.path.join(SHARED, "data/tinyshakespeare/input.txt")], check=True)
+def setup(data_root, tmp_path_factory):
+    """The prepared dataset and a shared initial checkpoint, so every run starts from identical weights."""
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=65, **MODEL)
-    init = str(root / "init.pt")
+    init = str(tmp_path_factory.mktemp("dist") / "init.pt")
     save_checkpoint({"model": GPT(cfg).state_dict(), "model_args": asdict(cfg)}, init)
-    return str(root / "data"), init
+    return data_root, init
 
 
 def launch(nproc, *args, check=True):

@@ -2,26 +2,20 @@
 rounding as the GPU kernels) ends within 2% of the same run in fp32."""
 import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from data.loader import BatchLoader
 from model import GPT, GPTConfig
-from tests.conftest import ROOT, SHARED
 
 STEPS = 200
 SEED = random.SystemRandom().randrange(2**31)
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fp8") / "shakespeare_char"
-    subprocess.run([sys.executable, os.path.join(ROOT, "data/shakespeare_char/prepare.py"), "--out_dir", str(out),
-                    "--input", os.path.join(SHARED, "data/tinyshakespeare/input.txt")], check=True)
-    return str(out)
+def data_dir(data_root):
+    return os.path.join(data_root, "shakespeare_char")
 
 
 def train(data_dir, recipe, seed):

@@ -1,7 +1,6 @@
 """train.py and sample.py end to end, in subprocesses: exact resume, the quick run's CLI, failure messages."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -9,21 +8,10 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint, save_checkpoint
-from tests.conftest import ROOT, SHARED
+from tests.conftest import ROOT
 
 TINY = ["--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=4", "--eval_iters=2",
         "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=16", "--compile=False", "--device=cpu"]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    for name in ("shakespeare_char",):
-        os.makedirs(root / name)
-        shutil.copy(os.path.join(ROOT, "data", name, "prepare.py"), root / name / "prepare.py")
-        subprocess.run([sys.executable, os.path.join(ROOT, "data", name, "prepare.py"), "--out_dir", str(root / name),
-                        "--input", os.path.join(SHARED, "data", "tinyshakespeare", "input.txt")], check=True)
-    return str(root)
 
 
 def run(script, *args, check=True):

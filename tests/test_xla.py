@@ -9,20 +9,11 @@ import sys
 import pytest
 
 pytest.importorskip("torch_xla")
-from tests.conftest import ROOT, SHARED  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
 
 TINY = ["--n_layer=2", "--n_embd=32", "--n_head=2", "--n_kv_head=1", "--block_size=32", "--batch_size=8",
         "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--attn_pattern=LG",
         "--local_window=8", "--kv_share=2"]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("xla")
-    out = root / "shakespeare_char"
-    subprocess.run([sys.executable, os.path.join(ROOT, "data/shakespeare_char/prepare.py"), "--out_dir", str(out),
-                    "--input", os.path.join(SHARED, "data/tinyshakespeare/input.txt")], check=True)
-    return str(root)
 
 
 def run(script, *args, env=None, check=True):
