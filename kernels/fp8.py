@@ -97,7 +97,7 @@ def _amax_kernel(x_ptr, amax_ptr, R, C, stride_r, stride_c, BR: tl.constexpr, BC
     tl.atomic_max(amax_ptr, tl.max(tl.abs(x.to(tl.float32))))  # one atomic per 16K elements; values >= 0
 
 
-@triton.autotune(configs=[triton.Config({}, num_warps=w) for w in ((4,) if INTERPRET else (4, 8, 16))],
+@triton.autotune(configs=[triton.Config({}, num_warps=w) for w in ((4,) if INTERPRET else (8, 16))],
                  key=["R", "C", "SCALING", "WRITE_T"])
 @triton.jit
 def _quant_tiles_kernel(x_ptr, amax_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, C, stride_r, stride_c,

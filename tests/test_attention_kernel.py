@@ -151,6 +151,38 @@ def test_only_the_needed_gradients(seed):
     assert_close(dq, rq, "dq", f32)
 
 
+def test_custom_ops_fake_versions_match():
+    """torch.compile traces the kernels through their fake versions: shapes, strides, dtypes must equal the real."""
+    q = make(1, 4, 21, 32, f32, "bthd")
+    k, v = (make(1, 2, 21, 32, f32, "strided") for _ in range(2))
+    torch.library.opcheck(torch.ops.nanogpt_attention.forward, (q, k, v, 5), test_utils="test_faketensor")
+    o, lse = torch.ops.nanogpt_attention.forward(q, k, v, 5)
+    for need_dq, need_dkdv in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(torch.ops.nanogpt_attention.backward, (q, k, v, o, lse, torch.randn_like(o), 5,
+                                                                     need_dq, need_dkdv), test_utils="test_faketensor")
+
+
+def test_torch_compile_matches_eager(seed):
+    """fullgraph=True: no graph break around the kernels; forward and gradients equal eager's."""
+    q = make(1, 4, 24, 32, f32, "bthd")
+    k, v = (make(1, 2, 24, 32, f32, "contiguous") for _ in range(2))
+    g = torch.randn(1, 4, 24, 32, device=DEVICE)
+
+    def step(fn):
+        q.grad = k.grad = v.grad = None
+        out = fn(q, k, v)
+        out.backward(g)
+        return [out.detach(), q.grad, k.grad, v.grad]
+
+    def attend(q, k, v):
+        return flash_attention(q * 0.5, k, v, window=7).relu()
+
+    eager = step(attend)
+    compiled = step(torch.compile(attend, fullgraph=True))
+    for name, c, e in zip(("out", "dq", "dk", "dv"), compiled, eager):
+        torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
 def naive_attention(q, k, v, window):
     """One query position at a time, straight from the definition: the reference's reference."""
     B, Hq, Tq, D = q.shape
