@@ -395,6 +395,7 @@ if dry_run:
               f"activation_checkpoint={activation_checkpoint!r}:")
         print(format_plan(memory_plan_for(meta_model), gpu_memory_gb()))
     if ddp:
+        dist.barrier()  # as at the end of training: no rank leaves while rank 0 is still busy
         dist.destroy_process_group()
     sys.exit(0)
 
@@ -558,4 +559,5 @@ while True:
 if master and losses:
     print(f"final val loss {losses['val']:.4f} at iter {iter_num} ({time.time() - t_start:.1f} s)")
 if ddp:
+    dist.barrier()  # rank 0 may still be plotting or saving: leaving earlier can abort the other ranks' exit
     dist.destroy_process_group()
