@@ -538,10 +538,10 @@ while True:
         if ddp:  # the mean over ranks: the loss of the whole global micro-batch
             dist.all_reduce(loss_value, op=dist.ReduceOp.AVG)
         loss_value = loss_value.item()  # the only host sync in the step, at log intervals
-    if iter_num % log_interval == 0 and master:
-        if not math.isfinite(loss_value):
+        if not math.isfinite(loss_value):  # the same on every rank (all-reduced), so every rank stops here
             sys.exit(f"loss is not finite ({loss_value}) at iter {iter_num}: stopping, the last good checkpoint is kept; "
                      "try a lower learning_rate or grad_clip")
+    if iter_num % log_interval == 0 and master:
         dt = (time.time() - t_log) / log_interval
         t_log = time.time()
         mfu = f"{100 * flops_per_iter / dt / peak:.1f}%" if peak else "n/a"
