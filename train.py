@@ -119,6 +119,15 @@ def setup_distributed():
     return rank, local_rank, world, device
 
 
+def finish(message=None):
+    """Exit on every rank together (message: error text, None: success). Ranks first wait for rank 0, which may
+    still be plotting or saving: one that tears down the process group early can abort the others at exit."""
+    if dist.is_initialized():
+        dist.barrier(device_ids=[local_rank] if device_type == "cuda" else None)
+        dist.destroy_process_group()
+    sys.exit(message)
+
+
 def setup_xla():
     """torch_xla is imported on this path only. SPMD (fsdp=True) must be switched on before any XLA tensor exists."""
     import torch_xla
@@ -394,10 +403,7 @@ if dry_run:
         print(f"memory per GPU, world size {world_size}, batch_size {batch_size}, fsdp={fsdp}, "
               f"activation_checkpoint={activation_checkpoint!r}:")
         print(format_plan(memory_plan_for(meta_model), gpu_memory_gb()))
-    if ddp:
-        dist.barrier()  # as at the end of training: no rank leaves while rank 0 is still busy
-        dist.destroy_process_group()
-    sys.exit(0)
+    finish()
 
 if master:
     os.makedirs(out_dir, exist_ok=True)
@@ -497,7 +503,7 @@ while True:
                          "time": time.time() - t_start})
             plot_metrics(os.path.join(out_dir, "loss.png"), os.path.join(out_dir, "metrics.jsonl"))
         if not math.isfinite(losses["val"]):  # the same on every rank: losses are all-reduced
-            sys.exit("val loss is not finite: stopping without overwriting the last checkpoint")
+            finish("val loss is not finite: stopping without overwriting the last checkpoint")
         if iter_num > 0 and (losses["val"] < best_val_loss or always_save_checkpoint):
             best_val_loss = min(best_val_loss, losses["val"])
             save(losses["val"])
@@ -539,8 +545,8 @@ while True:
             dist.all_reduce(loss_value, op=dist.ReduceOp.AVG)
         loss_value = loss_value.item()  # the only host sync in the step, at log intervals
         if not math.isfinite(loss_value):  # the same on every rank (all-reduced), so every rank stops here
-            sys.exit(f"loss is not finite ({loss_value}) at iter {iter_num}: stopping, the last good checkpoint is kept; "
-                     "try a lower learning_rate or grad_clip")
+            finish(f"loss is not finite ({loss_value}) at iter {iter_num}: stopping, the last good checkpoint is kept; "
+                   "try a lower learning_rate or grad_clip")
     if iter_num % log_interval == 0 and master:
         dt = (time.time() - t_log) / log_interval
         t_log = time.time()
@@ -558,6 +564,4 @@ while True:
 
 if master and losses:
     print(f"final val loss {losses['val']:.4f} at iter {iter_num} ({time.time() - t_start:.1f} s)")
-if ddp:
-    dist.barrier()  # rank 0 may still be plotting or saving: leaving earlier can abort the other ranks' exit
-    dist.destroy_process_group()
+finish()

@@ -63,9 +63,10 @@ def _autotune(shapes):
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim). `python -m kernels.check_compile` compiles each of
 # them for sm_90a as the model calls them and prints shared memory (an H100 block may use 227 KB), registers and
 # spills. At D = 128 registers are the limit (dK/dV holds two fp32 BLOCK_N x D accumulators): each list keeps at
-# least one config that does not spill next to faster-looking ones that spill a few bytes, and the autotuner
-# measures. Configs that spill heavily at D = 128 are tried at D <= 64 only. fp32 inputs double every tile: some
-# configs then exceed shared memory and the autotuner drops them (OutOfResources); fp32 is a correctness path.
+# least one config that does not spill next to larger tiles that spill up to 136 B per thread (bench/RESULTS.md),
+# and the autotuner measures which is faster. Configs that spill more (250-520 B) at D = 128 are tried at D <= 64
+# only. fp32 inputs double every tile: some configs then exceed shared memory and the autotuner drops them
+# (OutOfResources), and the rest spill; fp32 is a correctness path, not a fast one.
 _FWD_SHAPES = [(128, 64, 8, 2, 128), (128, 64, 8, 3, 128), (128, 32, 8, 4, 128), (64, 64, 4, 3, 128),
                (64, 128, 8, 3, 128), (128, 64, 4, 3, 64)]
 _DQ_SHAPES = [(128, 64, 8, 3, 128), (128, 32, 8, 4, 128), (64, 64, 8, 3, 128), (64, 128, 8, 2, 128),

@@ -97,6 +97,7 @@ def _amax_kernel(x_ptr, amax_ptr, R, C, stride_r, stride_c, BR: tl.constexpr, BC
     tl.atomic_max(amax_ptr, tl.max(tl.abs(x.to(tl.float32))))  # one atomic per 16K elements; values >= 0
 
 
+# 8 or 16 warps: with 4, the 128 x 128 tile plus its transpose spill 144-368 B per thread (python -m kernels.check_compile)
 @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in ((4,) if INTERPRET else (8, 16))],
                  key=["R", "C", "SCALING", "WRITE_T"])
 @triton.jit

@@ -153,13 +153,14 @@ def test_only_the_needed_gradients(seed):
 
 def test_custom_ops_fake_versions_match():
     """torch.compile traces the kernels through their fake versions: shapes, strides, dtypes must equal the real."""
-    q = make(1, 4, 21, 32, f32, "bthd")
-    k, v = (make(1, 2, 21, 32, f32, "strided") for _ in range(2))
-    torch.library.opcheck(torch.ops.nanogpt_attention.forward, (q, k, v, 5), test_utils="test_faketensor")
+    q = make(1, 4, 21, 32, f32, "bthd").detach()  # the ops have no autograd formula: _FlashAttention is theirs
+    k, v = (make(1, 2, 21, 32, f32, "strided").detach() for _ in range(2))
+    checks = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.nanogpt_attention.forward, (q, k, v, 5), test_utils=checks)
     o, lse = torch.ops.nanogpt_attention.forward(q, k, v, 5)
     for need_dq, need_dkdv in ((True, True), (True, False), (False, True)):
         torch.library.opcheck(torch.ops.nanogpt_attention.backward, (q, k, v, o, lse, torch.randn_like(o), 5,
-                                                                     need_dq, need_dkdv), test_utils="test_faketensor")
+                                                                     need_dq, need_dkdv), test_utils=checks)
 
 
 def test_torch_compile_matches_eager(seed):
@@ -181,6 +182,19 @@ def test_torch_compile_matches_eager(seed):
     compiled = step(torch.compile(attend, fullgraph=True))
     for name, c, e in zip(("out", "dq", "dk", "dv"), compiled, eager):
         torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_torch_compile_dynamic_shapes(seed):
+    """dynamic=True (as eval_mmlu's compile): lengths and the window (= Tk when None) become symbolic ints."""
+    compiled = torch.compile(lambda q, k, v: flash_attention(q, k, v), dynamic=True, fullgraph=True)
+    for T in (17, 29):
+        q, k, v = (make(1, 2, T, 16, f32, "contiguous") for _ in range(3))
+        g = torch.randn(1, 2, T, 16, device=DEVICE)
+        out = compiled(q, k, v)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+        ref = flash_attention(q, k, v)
+        for name, c, e in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *torch.autograd.grad(ref, (q, k, v), g))):
+            torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-6, msg=lambda m: f"T={T} {name}: {m}")
 
 
 def naive_attention(q, k, v, window):
