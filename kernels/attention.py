@@ -131,14 +131,21 @@ def _visible(pos_q, pos_k, window):
 
 
 @triton.jit
+def _load_kv(K, V, stride_kt, stride_kd, stride_vt, stride_vd, offs_n, offs_d, Tk):
+    """The (BLOCK_N, D) tiles of K and V at key rows offs_n; rows past Tk read as 0 (the forward and dQ loops)."""
+    in_bounds = offs_n[:, None] < Tk
+    k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=in_bounds, other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=in_bounds, other=0.0)
+    return k, v
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, pos_q, start, end, Tk, window,
                qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in tl.range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        in_bounds = offs_n[:, None] < Tk
-        k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=in_bounds, other=0.0)
-        v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=in_bounds, other=0.0)
+        k, v = _load_kv(K, V, stride_kt, stride_kd, stride_vt, stride_vd, offs_n, offs_d, Tk)
         s = _dot(q, tl.trans(k), None) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
         if MASKED:  # also removes padded keys: for real rows j >= Tk > i
             s = tl.where(_visible(pos_q, offs_n, window), s, float("-inf"))
@@ -287,9 +294,7 @@ def _dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_kd, stride_vt, stri
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in tl.range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        in_bounds = offs_n[:, None] < Tk
-        k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=in_bounds, other=0.0)
-        v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=in_bounds, other=0.0)
+        k, v = _load_kv(K, V, stride_kt, stride_kd, stride_vt, stride_vd, offs_n, offs_d, Tk)
         p = tl.math.exp2(_dot(q, tl.trans(k), None) * qk_scale - lse[:, None])
         if MASKED:
             p = tl.where(_visible(pos_q, offs_n, window), p, 0.0)
