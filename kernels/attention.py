@@ -385,11 +385,16 @@ def _tune_args(Tq, Tk, window):
     return triton.next_power_of_2(Tq), triton.next_power_of_2(min(window, Tk))
 
 
+def _forward_outputs(q):
+    """Empty O and LSE for q (B, Hq, Tq, D): also the forward op's fake version, so the layouts cannot drift apart."""
+    B, Hq, Tq, D = q.shape
+    # O is laid out (B, Tq, Hq, D) in memory: the caller's y.transpose(1, 2).reshape(B, Tq, Hq * D) is then a view.
+    return q.new_empty(B, Tq, Hq, D).transpose(1, 2), q.new_empty(B, Hq, Tq, dtype=torch.float32)
+
+
 def _forward(q, k, v, window):
     (B, Hq, Tq, D), Hkv, Tk = q.shape, k.shape[1], k.shape[2]
-    # O is laid out (B, Tq, Hq, D) in memory: the caller's y.transpose(1, 2).reshape(B, Tq, Hq * D) is then a view.
-    o = torch.empty(B, Tq, Hq, D, device=q.device, dtype=q.dtype).transpose(1, 2)
-    lse = torch.empty(B, Hq, Tq, device=q.device, dtype=torch.float32)
+    o, lse = _forward_outputs(q)
     grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
     _fwd_kernel[grid](q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
                       Hq, Tq, Tk, Hq // Hkv, window, D ** -0.5 * _LOG2E, *_tune_args(Tq, Tk, window), HEAD_DIM=D)
@@ -427,8 +432,7 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) 
 
 @_forward_op.register_fake
 def _(q, k, v, window):
-    B, Hq, Tq, D = q.shape
-    return q.new_empty(B, Tq, Hq, D).transpose(1, 2), q.new_empty(B, Hq, Tq, dtype=torch.float32)
+    return _forward_outputs(q)
 
 
 @torch.library.custom_op("nanogpt_attention::backward", mutates_args=())
