@@ -125,14 +125,24 @@ def apply_rope(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 
 
+# The visibility rule, written once: query i sees key j iff i - window < j <= i (window None: every j <= i). The
+# model's masks, the kernel's reference, the benchmarks and the FLOP count use these two; the Triton kernel keeps
+# its in-kernel form (kernels/attention.py).
+
 def attention_mask(t_q, t_k, window, device):
-    """Boolean (t_q, t_k) mask: causal with the diagonal aligned to the end, and keys within `window` if given."""
+    """Boolean (t_q, t_k) mask of the rule, queries at the last t_q of t_k positions (a prefill against a cache)."""
     i = torch.arange(t_k - t_q, t_k, device=device)[:, None]
     j = torch.arange(t_k, device=device)[None, :]
     mask = j <= i
     if window is not None:
         mask &= j > i - window
     return mask
+
+
+def visible_pairs(seq_len, window):
+    """(query, key) pairs the rule allows among seq_len positions: the sum over i of min(i + 1, window)."""
+    w = seq_len if window is None else min(window, seq_len)
+    return w * (w + 1) // 2 + (seq_len - w) * w
 
 
 def attend(q, k, v, window, impl, dropout=0.0):
@@ -441,8 +451,7 @@ class GPT(nn.Module):
         cfg = self.config
         attn = 0
         for kind, _, _ in layer_plan(cfg):
-            w = min(cfg.local_window if kind == "L" else seq_len, seq_len)
-            visible = (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len  # mean keys a query sees: sum of min(i+1, w)
+            visible = visible_pairs(seq_len, cfg.local_window if kind == "L" else None) / seq_len  # keys per query
             attn += 12 * cfg.n_head * cfg.head_dim * visible
         return 6 * self.num_params(active=True) + attn
 

@@ -1,5 +1,7 @@
-"""Shared test setup: run Triton kernels in the interpreter when there is no GPU, and make the repo importable."""
+"""Shared test setup: Triton kernels run in the interpreter when there is no GPU; the repo is importable; one
+subprocess runner, one set of tiny-model arguments, one replayable seed, and the prepared tiny-Shakespeare data."""
 import os
+import random
 import subprocess
 import sys
 
@@ -15,6 +17,35 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 TIKTOKEN_CACHE = os.path.join(SHARED, "tiktoken_cache")
 if os.path.isdir(TIKTOKEN_CACHE):
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)  # GPT-2 BPE offline (subprocesses inherit it)
+
+# A model small enough that train.py runs a step in milliseconds on the CPU.
+TINY = ["--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=4", "--eval_iters=2",
+        "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=16", "--compile=False", "--device=cpu"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes on a cold cache (deselect locally with -m 'not slow')")
+
+
+def run_script(script, *args, env=None, check=True, timeout=600):
+    """Run a repo script (or `-m module` when script starts with '-m ') in a subprocess from the repo root."""
+    cmd = [sys.executable, *script.split()] if script.startswith("-m ") else [sys.executable, os.path.join(ROOT, script)]
+    result = subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                            env=dict(os.environ, **(env or {})))
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(map(str, args))} failed (exit {result.returncode}):\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture
+def seed():
+    """A fresh seed per test, printed (pytest shows it for a failing test); replay with TEST_SEED=<seed>."""
+    s = int(os.environ.get("TEST_SEED") or random.SystemRandom().randrange(2**31))
+    print(f"seed {s} (replay with TEST_SEED={s})")
+    torch.manual_seed(s)
+    random.seed(s)
+    return s
 
 
 @pytest.fixture(scope="session")
