@@ -1,11 +1,27 @@
 """Checkpoints: written to a temp file and renamed (a crash never leaves a half-written file as the latest), and
 loaded with errors that say what went wrong. `load_model` is what sample.py and eval_mmlu.py use."""
 import os
+from dataclasses import asdict
 
 import torch
 
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
+
+# model_args keys that older checkpoints saved but that are not part of the architecture (the attention kernel is
+# chosen by the process that runs the model): ignored when reading
+NOT_ARCHITECTURE = ("attn_impl",)
+
+
+def to_cpu(obj):
+    """A state with every tensor on the CPU (XLA tensors must leave the device before torch.save)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 
 def save_checkpoint(state, path):
@@ -37,10 +53,25 @@ def clean_state_dict(state):
     return {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in state.items()}
 
 
-def model_from_checkpoint(ckpt, path="checkpoint"):
+def architecture(ckpt):
+    """The GPTConfig fields a checkpoint saved, without the runtime settings older versions kept there."""
+    return {k: v for k, v in ckpt["model_args"].items() if k not in NOT_ARCHITECTURE}
+
+
+def check_compatible(ckpt, cfg):
+    """A ValueError unless a checkpoint's weights fit the model of `cfg`: context and dropout may change."""
+    theirs = architecture(ckpt)
+    differ = {k: (theirs.get(k), v) for k, v in asdict(cfg).items()
+              if k not in ("block_size", "dropout") and theirs.get(k) != v}
+    if differ:
+        raise ValueError(f"the checkpoint's model differs from this config (checkpoint, config): {differ}; "
+                         "set the same values (or start from scratch)")
+
+
+def model_from_checkpoint(ckpt, path="checkpoint", attn_impl="sdpa"):
     """Build the GPT a checkpoint describes and load its weights, with a clear error for a mismatched model."""
     try:
-        model = GPT(GPTConfig(**ckpt["model_args"]))
+        model = GPT(GPTConfig(**architecture(ckpt)), attn_impl=attn_impl)
     except TypeError as e:
         raise ValueError(f"{path}: its model_args do not fit this model.py ({e}); it comes from another model version") from e
     result = model.load_state_dict(clean_state_dict(ckpt["model"]), strict=False)
@@ -50,15 +81,16 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
     return model
 
 
-def load_model(out_dir, device="cpu"):
-    """(model in eval mode on `device`, its Tokenizer, the raw checkpoint dict) from out_dir/ckpt.pt."""
+def load_model(out_dir, device="cpu", attn_impl="sdpa"):
+    """(model in eval mode on `device` with the given attention kernel, its Tokenizer, the raw checkpoint dict) from
+    out_dir/ckpt.pt, or from the newest sharded step_N/ folder of an FSDP run."""
     path, sharded = os.path.join(out_dir, "ckpt.pt"), step_dirs(out_dir)
     if not os.path.exists(path) and sharded:  # an FSDP run: read its newest sharded checkpoint
         path = sharded[-1]
         ckpt = consolidate(path)
     else:
         ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt, path).to(device).eval()
+    model = model_from_checkpoint(ckpt, path, attn_impl).to(device).eval()
     return model, Tokenizer(ckpt.get("tokenizer", {"kind": "gpt2"})), ckpt
 
 

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from checkpoint import load_model
 from configurator import configure
 from data.download import download_file
+from runtime import autocast_for, device_type, resolve_attn_impl, resolve_device, resolve_dtype
 
 out_dir = "out"
 ntrain = 5                     # shots
@@ -39,6 +40,7 @@ limit = 0                      # questions per subject; 0 = all
 batch_size = 16
 device = "auto"                # 'auto': cuda if available, else cpu
 dtype = "auto"                 # 'auto': bfloat16 on cuda, else float32
+attn_impl = "auto"             # 'auto' (triton on CUDA, sdpa elsewhere), 'triton' or 'sdpa'
 compile = False
 
 LETTERS = ("A", "B", "C", "D")
@@ -275,13 +277,6 @@ def print_report(r):
 # ------------------------------------------------------------------------------------------------------------ main
 
 
-def autocast_for(device_name, dtype_name):
-    """The autocast context for a dtype: bf16/fp16 autocast on CUDA, plain float32 otherwise."""
-    if not device_name.startswith("cuda") or dtype_name == "float32":
-        return nullcontext()
-    return torch.autocast("cuda", dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name])
-
-
 def select_data():
     """(folder holding dev/, folder of the split, subjects to evaluate) from the config globals."""
     if split not in ("test", "val"):
@@ -303,11 +298,11 @@ def select_data():
 
 def main():
     t0 = time.time()
-    dev = device if device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    ctx = autocast_for(dev, dtype if dtype != "auto" else "bfloat16" if dev.startswith("cuda") else "float32")
+    dev = resolve_device(device)
+    ctx = autocast_for(device_type(dev), resolve_dtype(dtype, device_type(dev))[1])
     root, split_dir, names = select_data()
     try:
-        model, tok, ckpt = load_model(out_dir, dev)
+        model, tok, ckpt = load_model(out_dir, dev, resolve_attn_impl(attn_impl, device_type(dev)))
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise SystemExit(str(e))
     block_size = model.config.block_size

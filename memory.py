@@ -3,14 +3,17 @@ that cannot fit is stopped before it allocates anything.
 
 What is counted, per GPU:
 - params, grads: fp32 masters and fp32 gradients (sharded by world size under FSDP, whole under DDP);
-- optimizer: AdamW's two fp32 moments (sharded under FSDP);
+- optimizer: the chosen optimizer's state, as optim.state_bytes reports it (sharded under FSDP);
 - gathered: FSDP's unsharded bf16 copies of the block being computed and the one being prefetched;
 - activations: the tensors autograd keeps per token per layer (listed in `saved_per_token`), times batch·block_size;
   with checkpointing only each checkpointed block's input is kept, plus one block's activations while it is recomputed;
 - logits: fp32 logits and their log-softmax for the loss (batch·block_size·vocab·8 bytes);
 - overhead: CUDA context, workspaces and allocator slack (a flat 2 GiB).
 """
-from model import MoE
+import math
+from dataclasses import asdict
+
+from model import GPTConfig, KVCache, MoE
 
 GIB = 2**30
 
@@ -30,10 +33,12 @@ def saved_per_token(cfg, block):
 
 
 def memory_plan(model, batch_size, block_size, world_size, fsdp, activation_checkpoint="none", ac_every=1,
-                act_bytes=2):
-    """Bytes per GPU by category (a dict), for the given model (on any device, meta included)."""
+                act_bytes=2, optimizer_bytes=None):
+    """Bytes per GPU by category (a dict), for the given model (on any device, meta included). optimizer_bytes:
+    the optimizer's state for the whole model (default AdamW's two fp32 moments)."""
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
+    optimizer_bytes = 8 * n_params if optimizer_bytes is None else optimizer_bytes
     shard = world_size if fsdp else 1
     tokens = batch_size * block_size
     per_block = [saved_per_token(cfg, b) * tokens * act_bytes for b in model.blocks]
@@ -50,7 +55,7 @@ def memory_plan(model, batch_size, block_size, world_size, fsdp, activation_chec
     return {
         "params (fp32)": 4 * n_params / shard,
         "grads (fp32)": 4 * n_params / shard,
-        "optimizer (AdamW, fp32)": 8 * n_params / shard,
+        "optimizer state (fp32)": optimizer_bytes / shard,
         "gathered bf16 units (FSDP)": 2 * 2 * unit if fsdp else 0,
         "activations": activations,
         "logits + log-softmax (fp32)": tokens * cfg.vocab_size * 8,
@@ -75,7 +80,7 @@ def fits(plan, gpu_mem_gb):
 def advice(plan, gpu_mem_gb, fsdp, world_size, activation_checkpoint):
     """What to change when the plan does not fit."""
     tips = []
-    states = plan["params (fp32)"] + plan["grads (fp32)"] + plan["optimizer (AdamW, fp32)"]
+    states = plan["params (fp32)"] + plan["grads (fp32)"] + plan["optimizer state (fp32)"]
     if states > 0.6 * gpu_mem_gb * GIB:
         per_gpu = states * (world_size if fsdp else 1)
         needed = int(per_gpu // (0.6 * gpu_mem_gb * GIB)) + 1
@@ -84,3 +89,20 @@ def advice(plan, gpu_mem_gb, fsdp, world_size, activation_checkpoint):
         tips.append("activation_checkpoint='full' (keeps one tensor per block, recomputes the rest)")
     tips.append("a smaller batch_size (gradient accumulation keeps the global batch when total_batch_size is set)")
     return tips
+
+
+def print_model_report(model, seq_len, kv_context):
+    """The dry run's report: parameters, FLOPs per token, and the KV cache next to equal-width GQA-8 and MHA."""
+    cfg = model.config
+    total, active = model.num_params(), model.num_params(active=True)
+    embedding = model.wte.weight.numel()
+    print(f"parameters: {total + embedding:,} total ({total:,} without the input embedding), {active:,} active")
+    print(f"training FLOPs per token at {seq_len} context: {model.flops_per_token(seq_len) / 1e9:.2f} GFLOP")
+    baseline = dict(asdict(cfg), attn_pattern="G", kv_share=1, share_global_kv=False)
+    gqa8 = KVCache.bytes_at(GPTConfig(**dict(baseline, n_kv_head=math.gcd(8, cfg.n_head))), kv_context)
+    mha = KVCache.bytes_at(GPTConfig(**dict(baseline, n_kv_head=cfg.n_head)), kv_context)
+    ours = KVCache.bytes_at(cfg, kv_context)
+    print(f"KV cache at {kv_context:,} tokens of context (bf16, one sequence):")
+    for name, b in (("this model", ours), ("GQA-8", gqa8), ("MHA", mha)):
+        print(f"  {name:10s} {b / kv_context:>10,.0f} bytes/token {b / 2**20:>10,.1f} MiB")
+    print(f"  this model needs {gqa8 / ours:.1f}x less than GQA-8 and {mha / ours:.1f}x less than MHA")

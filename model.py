@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -42,7 +43,6 @@ class GPTConfig:
     n_dense_layers: int = 1       # the first layers keep a dense MLP
     moe_bias_gamma: float = 1e-3  # aux-loss-free balancing: bias step per optimizer step
     moe_aux_alpha: float = 1e-4   # sequence-wise balance loss weight (0 disables)
-    attn_impl: str = "sdpa"       # 'sdpa' (PyTorch) or 'triton' (kernels/attention.py)
 
     def __post_init__(self):
         def check(ok, message):
@@ -57,7 +57,6 @@ class GPTConfig:
         check(self.kv_share >= 1, f"kv_share must be >= 1, got {self.kv_share}")
         check(self.local_window >= 1, f"local_window must be >= 1, got {self.local_window}")
         check(self.mlp in ("swiglu", "relu2"), f"mlp must be 'swiglu' or 'relu2', got {self.mlp!r}")
-        check(self.attn_impl in ("sdpa", "triton"), f"attn_impl must be 'sdpa' or 'triton', got {self.attn_impl!r}")
         if self.n_expert:
             check(1 <= self.n_expert_active <= self.n_expert,
                   f"n_expert_active {self.n_expert_active} must be between 1 and n_expert {self.n_expert}")
@@ -80,23 +79,23 @@ class GPTConfig:
 
 
 def layer_plan(cfg):
-    """For each layer: (kind 'L'/'G', kv group id, whether it produces the group's K/V)."""
+    """For each layer: (kind 'L'/'G', its KV-sharing group id, whether it produces the group's K/V)."""
     kinds = [cfg.attn_pattern[i % len(cfg.attn_pattern)] for i in range(cfg.n_layer)]
-    plan, groups, run_start = [], 0, 0
-    global_group = None
+    plan, n_kv_groups, run_start = [], 0, 0
+    global_kv_group = None
     for i, kind in enumerate(kinds):
         if i > 0 and kinds[i - 1] != kind:
             run_start = i
-        if kind == "G" and cfg.share_global_kv and global_group is not None:
-            plan.append((kind, global_group, False))
+        if kind == "G" and cfg.share_global_kv and global_kv_group is not None:
+            plan.append((kind, global_kv_group, False))
             continue
         if (i - run_start) % cfg.kv_share == 0:  # a new group starts every kv_share layers of a run
-            plan.append((kind, groups, True))
-            groups += 1
+            plan.append((kind, n_kv_groups, True))
+            n_kv_groups += 1
         else:
             plan.append((kind, plan[-1][1], False))
-        if kind == "G" and global_group is None:
-            global_group = plan[-1][1]
+        if kind == "G" and global_kv_group is None:
+            global_kv_group = plan[-1][1]
     return plan
 
 
@@ -163,9 +162,10 @@ def attend(q, k, v, window, impl, dropout=0.0):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg, kind, group, produces_kv):
+    def __init__(self, cfg, kind, kv_group, produces_kv, attn_impl="sdpa"):
         super().__init__()
-        self.cfg, self.group, self.produces_kv = cfg, group, produces_kv
+        self.cfg, self.kv_group, self.produces_kv = cfg, kv_group, produces_kv
+        self.attn_impl = attn_impl  # the kernel: a choice of the process running the model, not of its config
         self.window = cfg.local_window if kind == "L" else None
         d, hd = cfg.n_embd, cfg.head_dim
         self.q_proj = nn.Linear(d, cfg.n_head * hd, bias=False)
@@ -186,12 +186,12 @@ class Attention(nn.Module):
             k = apply_rope(self.k_norm(self.k_proj(x).view(B, T, -1, hd).transpose(1, 2)), cos, sin)
             v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
             if cache is not None:
-                k, v, decoding = cache.update(self.group, k, v)
+                k, v, decoding = cache.update(self.kv_group, k, v)
                 window = None if decoding else window  # a decode step's ring holds exactly its window
             kv = (k, v, window)
         k, v, window = kv
         dropout = self.cfg.dropout if self.training else 0.0
-        y = attend(q, k, v, window, self.cfg.attn_impl, dropout)
+        y = attend(q, k, v, window, self.attn_impl, dropout)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), kv
 
 
@@ -225,27 +225,30 @@ class MoE(nn.Module):
         nn.init.normal_(self.w_down, std=0.02)
         self.shared = MLP(cfg, cfg.n_shared_expert * h) if cfg.n_shared_expert else None
         self.register_buffer("bias", torch.zeros(E))        # selection-only bias, updated by update_bias()
-        self.register_buffer("load", torch.zeros(E), persistent=False)  # tokens routed per expert since the last update
-        self.aux_loss = None
+        # tokens routed per expert since the last bias update: a running count, so gradient accumulation and
+        # checkpoint recomputes need no plumbing (a recompute counts twice; the sign update does not change)
+        self.register_buffer("load", torch.zeros(E), persistent=False)
         self.fp8_linear = None                              # set by model.convert_fp8(): runs experts in fp8
 
     def forward(self, x):
+        """(output, balance loss: a scalar tensor while training with moe_aux_alpha > 0, else None)."""
         B, T, d = x.shape
         tokens = x.reshape(-1, d)
         scores = torch.sigmoid(self.router(tokens).to(torch.promote_types(x.dtype, torch.float32)))  # (N, E)
         chosen = torch.topk(scores + self.bias, self.cfg.n_expert_active, dim=-1).indices
         gates = scores.gather(1, chosen)
         gates = gates / gates.sum(-1, keepdim=True)
-        if self.training:  # (a checkpointing recompute counts again: all loads double, sign updates are unchanged)
+        aux_loss = None
+        if self.training:
             self.load += F.one_hot(chosen, self.cfg.n_expert).sum((0, 1)).to(self.load.dtype)  # static shape
-            self.aux_loss = self.balance_loss(scores.view(B, T, -1), chosen.view(B, T, -1))
+            aux_loss = self.balance_loss(scores.view(B, T, -1), chosen.view(B, T, -1))
         if x.device.type == "xla":  # XLA needs static shapes: every expert on every token, unchosen gates zero
             out = self.run_experts_dense(tokens, chosen, gates.to(x.dtype))
         else:
             out = self.run_experts(tokens, chosen, gates.to(x.dtype))
         if self.shared is not None:
             out = out + self.shared(tokens)
-        return out.view(B, T, d)
+        return out.view(B, T, d), aux_loss
 
     def run_experts(self, tokens, chosen, gates):
         """Sort (token, expert) pairs by expert; run each expert on its contiguous slice; scatter-add back."""
@@ -298,24 +301,25 @@ class MoE(nn.Module):
         return self.cfg.moe_aux_alpha * (f * p).sum(-1).mean()
 
     @torch.no_grad()
-    def update_bias(self):
-        """bias_i -= gamma * sign(load_i - mean load); call after each optimizer step (load all-reduced under DDP)."""
-        self.bias -= self.cfg.moe_bias_gamma * torch.sign(self.load - self.load.mean())  # no load: no change
+    def update_bias(self, load):
+        """bias_i -= gamma * sign(load_i - mean load) for the step's load (summed over ranks); restarts the count."""
+        self.bias -= self.cfg.moe_bias_gamma * torch.sign(load - load.mean())  # no load: no change
         self.load.zero_()
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, layer, kind, group, produces_kv):
+    def __init__(self, cfg, layer, kind, kv_group, produces_kv, attn_impl="sdpa"):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.n_embd)
-        self.attn = Attention(cfg, kind, group, produces_kv)
+        self.attn = Attention(cfg, kind, kv_group, produces_kv, attn_impl)
         self.mlp_norm = RMSNorm(cfg.n_embd)
         self.mlp = MoE(cfg) if cfg.n_expert and layer >= cfg.n_dense_layers else MLP(cfg, cfg.hidden)
         self.dropout = nn.Dropout(cfg.dropout)
         self.checkpoint = False  # activation checkpointing: keep only the input, recompute the rest in backward
 
     def forward(self, x, cos, sin, kv=None, cache=None):
-        """Returns (x, kv). K/V travel as arguments and results, not in a shared dict: FSDP copies containers."""
+        """Returns (x, kv, MoE balance loss or None). K/V travel as arguments and results, not in a shared dict:
+        FSDP copies containers."""
         if self.checkpoint and self.training and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, kv, cache, use_reentrant=False)
         return self._forward(x, cos, sin, kv, cache)
@@ -323,7 +327,9 @@ class Block(nn.Module):
     def _forward(self, x, cos, sin, kv, cache):
         h, kv = self.attn(self.attn_norm(x), cos, sin, kv, cache)
         x = x + self.dropout(h)
-        return x + self.dropout(self.mlp(self.mlp_norm(x))), kv
+        h = self.mlp(self.mlp_norm(x))
+        h, aux_loss = h if isinstance(self.mlp, MoE) else (h, None)
+        return x + self.dropout(h), kv, aux_loss
 
 
 # ------------------------------------------------------------------------------------------------------- KV cache
@@ -334,31 +340,31 @@ class KVCache:
 
     def __init__(self, cfg):
         self.pos, self.block_size, self.k, self.v = 0, cfg.block_size, {}, {}
-        self.slots = {group: min(cfg.local_window, cfg.block_size) if kind == "L" else cfg.block_size
-                      for kind, group, produces in layer_plan(cfg) if produces}
+        self.slots = {kv_group: min(cfg.local_window, cfg.block_size) if kind == "L" else cfg.block_size
+                      for kind, kv_group, produces in layer_plan(cfg) if produces}
 
-    def update(self, group, k, v):
+    def update(self, kv_group, k, v):
         """Store new K/V; return (keys, values, decoding) to attend over."""
-        size, T = self.slots[group], k.size(2)
+        size, T = self.slots[kv_group], k.size(2)
         if self.pos == 0:  # prefill: attend over the prompt itself, keep its last `size` positions
             if T > self.block_size:
                 raise ValueError(f"prompt of {T} tokens exceeds block_size {self.block_size}")
-            self.k[group] = k.new_zeros(k.shape[:2] + (size, k.size(3)))
-            self.v[group] = torch.zeros_like(self.k[group])
+            self.k[kv_group] = k.new_zeros(k.shape[:2] + (size, k.size(3)))
+            self.v[kv_group] = torch.zeros_like(self.k[kv_group])
             keep = min(T, size)
             slots = torch.arange(T - keep, T, device=k.device) % size
-            self.k[group][:, :, slots] = k[:, :, -keep:]
-            self.v[group][:, :, slots] = v[:, :, -keep:]
+            self.k[kv_group][:, :, slots] = k[:, :, -keep:]
+            self.v[kv_group][:, :, slots] = v[:, :, -keep:]
             return k, v, False
         if T != 1:
             raise ValueError("after the prefill the cache takes one token per step")
         if self.pos >= self.block_size:
             raise ValueError(f"cache is full ({self.block_size} positions): start a new one from a cropped context")
         slot = self.pos % size
-        self.k[group][:, :, slot] = k[:, :, 0]
-        self.v[group][:, :, slot] = v[:, :, 0]
+        self.k[kv_group][:, :, slot] = k[:, :, 0]
+        self.v[kv_group][:, :, slot] = v[:, :, 0]
         n = min(self.pos + 1, size)  # ring order does not matter: softmax is permutation-invariant over keys
-        return self.k[group][:, :, :n], self.v[group][:, :, :n], True
+        return self.k[kv_group][:, :, :n], self.v[kv_group][:, :, :n], True
 
     @staticmethod
     def bytes_at(cfg, context, dtype_bytes=2):
@@ -374,11 +380,14 @@ class KVCache:
 # ----------------------------------------------------------------------------------------------------------- model
 
 class GPT(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, attn_impl="sdpa"):
+        """attn_impl: 'sdpa' (PyTorch) or 'triton' (kernels/attention.py); a runtime choice, not saved with cfg."""
         super().__init__()
+        if attn_impl not in ("sdpa", "triton"):
+            raise ValueError(f"attn_impl must be 'sdpa' or 'triton', got {attn_impl!r}")
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg, i, *spec) for i, spec in enumerate(layer_plan(cfg)))
+        self.blocks = nn.ModuleList(Block(cfg, i, *spec, attn_impl) for i, spec in enumerate(layer_plan(cfg)))
         self.norm = RMSNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -411,12 +420,12 @@ class GPT(nn.Module):
         if start + T > self.config.block_size and cache is None:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
         cos, sin = rope_tables(start, T, self.config.head_dim, self.config.rope_theta, idx.device)
-        for moe in self.moe_layers():  # a backward recompute (activation checkpointing) may have left one behind
-            moe.aux_loss = None
-        x, shared_kv = self.wte(idx), {}  # K/V of each sharing group, from its producer layer
+        x, shared_kv, aux_losses = self.wte(idx), {}, []  # K/V of each sharing group, from its producer layer
         for block in self.blocks:
-            group = block.attn.group
-            x, shared_kv[group] = block(x, cos, sin, shared_kv.get(group), cache)
+            kv_group = block.attn.kv_group
+            x, shared_kv[kv_group], aux_loss = block(x, cos, sin, shared_kv.get(kv_group), cache)
+            if aux_loss is not None:
+                aux_losses.append(aux_loss)
         x = self.norm(x)
         if cache is not None:
             cache.pos += T
@@ -426,13 +435,11 @@ class GPT(nn.Module):
             return self.lm_head(x[rows, last]).float(), None
         logits = self.lm_head(x).float()
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        for moe in self.moe_layers():  # the balance losses of this forward (None in eval or with alpha = 0)
-            if self.training and moe.aux_loss is not None:
-                loss = loss + moe.aux_loss
-            moe.aux_loss = None
+        for aux_loss in aux_losses:  # MoE balance losses (training with moe_aux_alpha > 0 only)
+            loss = loss + aux_loss
         return logits, loss
 
-    # --------------------------------------------------------------------------------------- counting and optimizer
+    # ------------------------------------------------------------------------------------------------- counting
 
     def num_params(self, active=False):
         """Parameters excluding the input embedding (a lookup, not a matmul); active: only top-k of the routed experts."""
@@ -455,13 +462,6 @@ class GPT(nn.Module):
             attn += 12 * cfg.n_head * cfg.head_dim * visible
         return 6 * self.num_params(active=True) + attn
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW; weight decay on matrices only (not norms, not biases); fused on CUDA."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
-
     def convert_fp8(self, recipe="tensorwise"):
         """Run the attention projections, MLPs and experts in fp8 (kernels/fp8.py). The embedding, lm_head, router
         and norms stay in higher precision, as in DeepSeek-V3. Returns the layers left alone for their dims."""
@@ -477,6 +477,21 @@ class GPT(nn.Module):
 
     def moe_layers(self):
         return [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
+
+    @torch.no_grad()
+    def update_expert_biases(self):
+        """Aux-loss-free balancing, once after each optimizer step: the tokens each expert received since the last
+        call (summed over ranks) move its selection bias. Returns the mean over MoE layers of max/mean expert load
+        (a tensor, read at log intervals only), or None for a dense model."""
+        moe_layers = self.moe_layers()
+        if not moe_layers:
+            return None
+        loads = torch.stack([m.load for m in moe_layers])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(loads)
+        for m, load in zip(moe_layers, loads):
+            m.update_bias(load)
+        return (loads.max(1).values / loads.mean(1).clamp(min=1)).mean()
 
     # ------------------------------------------------------------------------------------------------- generation
 

@@ -5,13 +5,13 @@
     python sample.py --start=FILE:prompt.txt --temperature=0.8 --top_p=0.95
 """
 import time
-from contextlib import nullcontext
 
 import torch
 
 from checkpoint import load_model
 from configurator import configure
 from model import KVCache
+from runtime import autocast_for, device_type, resolve_attn_impl, resolve_device, resolve_dtype
 
 out_dir = "out"
 start = "\n"                   # prompt text, or FILE:path to read it from a file
@@ -21,23 +21,18 @@ temperature = 0.8              # 0 = greedy
 top_k = 200                    # 0 = off
 top_p = 1.0                    # nucleus sampling; 1.0 = off
 seed = 1337
-device = "auto"               # 'auto' (cuda, else cpu), 'cpu', 'cuda', 'xla'
-dtype = "auto"
+device = "auto"                # 'auto' (cuda, else cpu), 'cpu', 'cuda', 'xla' (each new cache length compiles a graph)
+dtype = "auto"                 # 'auto' (bfloat16 on CUDA and XLA, else float32), 'float32', 'bfloat16', 'float16'
+attn_impl = "auto"             # 'auto' (triton on CUDA, sdpa elsewhere), 'triton' or 'sdpa'
 config = configure(globals())
 
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-if device == "xla":  # TPU (or XLA's CPU device); each new cache length compiles a graph, so this is for checks
-    import torch_xla
-    device = str(torch_xla.device())
-if dtype == "auto":
-    dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-autocast = nullcontext() if not device.startswith("cuda") else torch.autocast("cuda", dtype=ptdtype)
+device = resolve_device(device)
+dtype, ptdtype = resolve_dtype(dtype, device_type(device))
+autocast = autocast_for(device_type(device), ptdtype)
 torch.manual_seed(seed)
 
 try:
-    model, tokenizer, ckpt = load_model(out_dir, device)
+    model, tokenizer, ckpt = load_model(out_dir, device, resolve_attn_impl(attn_impl, device_type(device)))
 except (FileNotFoundError, ValueError, RuntimeError) as e:
     raise SystemExit(str(e))
 if start.startswith("FILE:"):

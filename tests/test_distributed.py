@@ -3,8 +3,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from dataclasses import asdict
 
 import pytest
@@ -12,14 +10,13 @@ import torch
 
 from checkpoint import save_checkpoint, step_dirs
 from model import GPT, GPTConfig
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TINY, run_script
 
 MODEL = dict(n_layer=4, n_embd=32, n_head=4, n_kv_head=1, attn_pattern="LG", local_window=8, kv_share=2,
              share_global_kv=True, block_size=32, mlp="relu2")
 SOCKET_TROUBLE = r"Address already in use|Connection (refused|reset)|EADDRINUSE|RendezvousConnectionError"
-ARGS = [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in MODEL.items()] + [
-    "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=12", "--compile=False",
-    "--device=cpu", "--dtype=float32", "--eval_interval=6"]
+ARGS = [*TINY, *(f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in MODEL.items()),
+        "--lr_decay_iters=12", "--dtype=float32", "--eval_interval=6"]  # later values override TINY's
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +30,16 @@ def setup(data_root, tmp_path_factory):
 
 
 def launch(nproc, *args, check=True):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           os.path.join(ROOT, "train.py")] if nproc else [sys.executable, os.path.join(ROOT, "train.py")]
+    """train.py under torchrun with nproc processes (0: plain python)."""
+    script = f"-m torch.distributed.run --standalone --nproc_per_node={nproc} train.py" if nproc else "train.py"
     for attempt in range(2):
-        result = subprocess.run(cmd + list(args), cwd=ROOT, capture_output=True, text=True, timeout=600,
-                                env=dict(os.environ, OMP_NUM_THREADS="1"))
+        result = run_script(script, *args, env=dict(OMP_NUM_THREADS="1"), check=False)
         # a local port lost to another process is the machine's fault, not the code's: try once more
         if result.returncode == 0 or not re.search(SOCKET_TROUBLE, result.stderr):
             break
     if check and result.returncode != 0:
         rank_errors = "\n".join(line for line in result.stderr.splitlines() if line.startswith("[rank"))
-        raise AssertionError(f"{' '.join(cmd + list(args))} failed:\n{result.stdout[-2000:]}\n{rank_errors[-4000:]}"
+        raise AssertionError(f"{script} {' '.join(args)} failed:\n{result.stdout[-2000:]}\n{rank_errors[-4000:]}"
                              f"\n{result.stderr[-1500:]}")
     return result
 
@@ -89,10 +85,7 @@ def test_sharded_checkpoint_resume_on_2_and_1_processes(setup, tmp_path):
     for i in range(7, 13):
         assert abs(c[i] - a[i]) < 1e-5 * a[i]
     # sample.py reads the sharded checkpoint directly
-    sample = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"--out_dir={split}",
-                             "--max_new_tokens=20", "--num_samples=1", "--device=cpu"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert sample.returncode == 0, sample.stderr
+    run_script("sample.py", f"--out_dir={split}", "--max_new_tokens=20", "--num_samples=1", "--device=cpu")
 
 
 def analytic_7b_params(V=50257, d=4096, L=32, H=32, hd=128, hidden=14336, pattern="LLLLLG", kv_share=2):

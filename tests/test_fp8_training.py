@@ -8,6 +8,7 @@ import torch
 
 from data.loader import BatchLoader
 from model import GPT, GPTConfig
+from optim import build_optimizer
 
 STEPS = 200
 SEED = random.SystemRandom().randrange(2**31)
@@ -25,7 +26,7 @@ def train(data_dir, recipe, seed):
                           n_expert=4, n_expert_active=2, moe_hidden=64))
     if recipe:
         assert model.convert_fp8(recipe) == []
-    optimizer = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), "cpu")
+    optimizer = build_optimizer("adamw", model, 3e-3, 0.1, (0.9, 0.95), {}, "cpu")
     loader = BatchLoader([data_dir], "train", 16, 64, seed=seed)
     for _ in range(STEPS):
         x, y = loader.next_batch()
@@ -33,8 +34,7 @@ def train(data_dir, recipe, seed):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        for moe in model.moe_layers():
-            moe.update_bias()
+        model.update_expert_biases()
     model.eval()
     val = BatchLoader([data_dir], "val", 32, 64, seed=0)
     with torch.no_grad():

@@ -1,25 +1,12 @@
 """train.py and sample.py end to end, in subprocesses: exact resume, the quick run's CLI, failure messages."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from checkpoint import load_checkpoint, save_checkpoint
-from tests.conftest import ROOT
-
-TINY = ["--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=4", "--eval_iters=2",
-        "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=16", "--compile=False", "--device=cpu"]
-
-
-def run(script, *args, check=True):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True,
-                            text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{script} failed:\n{result.stdout}\n{result.stderr}")
-    return result
+from tests.conftest import TINY, run_script
 
 
 def train_losses(out_dir):
@@ -32,9 +19,9 @@ def train_losses(out_dir):
 def test_resume_reproduces_uninterrupted_losses(tmp_path, data_root, extra):
     common = TINY + extra + [f"--data_root={data_root}", "--eval_interval=8"]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    run("train.py", *common, "--max_iters=16", f"--out_dir={straight}")
-    run("train.py", *common, "--max_iters=8", f"--out_dir={split}")
-    run("train.py", *common, "--max_iters=16", f"--out_dir={split}", "--init_from=resume")
+    run_script("train.py", *common, "--max_iters=16", f"--out_dir={straight}")
+    run_script("train.py", *common, "--max_iters=8", f"--out_dir={split}")
+    run_script("train.py", *common, "--max_iters=16", f"--out_dir={split}", "--init_from=resume")
     a, b = train_losses(straight), train_losses(split)
     assert sorted(a) == sorted(b) == list(range(1, 17))
     assert a == b  # bit-identical losses after the resume at iter 8
@@ -42,7 +29,7 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, data_root, extra):
 
 def test_quick_run_trains_and_samples(tmp_path, data_root):
     out = str(tmp_path / "out")
-    result = run("train.py", *TINY, f"--data_root={data_root}", "--max_iters=30", "--eval_interval=15",
+    result = run_script("train.py", *TINY, f"--data_root={data_root}", "--max_iters=30", "--eval_interval=15",
                  "--log_interval=10", f"--out_dir={out}")
     lines = result.stdout.strip().splitlines()
     assert lines[-1].startswith("final val loss")
@@ -50,29 +37,29 @@ def test_quick_run_trains_and_samples(tmp_path, data_root):
     assert {"ckpt.pt", "metrics.jsonl", "loss.png"} <= set(os.listdir(out))
     first = next(json.loads(x) for x in open(os.path.join(out, "metrics.jsonl")) if "val_loss" in x)
     assert first["val_loss"] > float(lines[-1].split()[3])  # val loss fell from its value at iter 0
-    sample = run("sample.py", f"--out_dir={out}", "--start=ROMEO:", "--num_samples=2", "--max_new_tokens=40",
+    sample = run_script("sample.py", f"--out_dir={out}", "--start=ROMEO:", "--num_samples=2", "--max_new_tokens=40",
                  "--device=cpu")
     assert sample.stdout.count("ROMEO:") == 2 and "bytes/token" in sample.stdout
 
 
 def test_sample_without_checkpoint_says_how_to_make_one(tmp_path):
-    result = run("sample.py", f"--out_dir={tmp_path}", check=False)
+    result = run_script("sample.py", f"--out_dir={tmp_path}", check=False)
     assert result.returncode != 0 and "python train.py" in result.stderr
 
 
 def test_unknown_key_and_missing_dataset_fail_clearly(tmp_path):
-    result = run("train.py", "--learning_rat=1", check=False)
+    result = run_script("train.py", "--learning_rat=1", check=False)
     assert result.returncode == 2 and "did you mean learning_rate" in result.stderr
-    result = run("train.py", *TINY, f"--data_root={tmp_path}", "--dataset=nothing", f"--out_dir={tmp_path}", check=False)
+    result = run_script("train.py", *TINY, f"--data_root={tmp_path}", "--dataset=nothing", f"--out_dir={tmp_path}", check=False)
     assert result.returncode != 0 and "python data/nothing/prepare.py" in result.stderr
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, data_root):
     out = str(tmp_path / "out")
     common = TINY + [f"--data_root={data_root}", f"--out_dir={out}", "--eval_interval=4"]
-    run("train.py", *common, "--max_iters=4")
+    run_script("train.py", *common, "--max_iters=4")
     before = load_checkpoint(os.path.join(out, "ckpt.pt"))["model"]
-    result = run("train.py", *common, "--max_iters=12", "--init_from=resume", "--learning_rate=1e30",
+    result = run_script("train.py", *common, "--max_iters=12", "--init_from=resume", "--learning_rate=1e30",
                  "--grad_clip=0.0", "--warmup_iters=0", check=False)
     assert result.returncode != 0 and "not finite" in result.stderr
     after = load_checkpoint(os.path.join(out, "ckpt.pt"))
