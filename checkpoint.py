@@ -1,6 +1,11 @@
-"""Checkpoints: written to a temp file and renamed (a crash never leaves a half-written file as the latest), and
-loaded with errors that say what went wrong. `load_model` is what sample.py and eval_mmlu.py use."""
+"""Checkpoints: written to a temp file and renamed (a crash never leaves a half-written file as the latest), read
+without running code (torch.load with weights_only=True: tensors and plain containers only), and loaded with
+errors that say what went wrong. `load_model` is what sample.py and eval_mmlu.py use."""
+import errno
 import os
+import pickle
+import re
+import shutil
 from dataclasses import asdict
 
 import torch
@@ -24,24 +29,49 @@ def to_cpu(obj):
     return obj
 
 
+class CheckpointWriteError(OSError):
+    pass
+
+
 def save_checkpoint(state, path):
+    """torch.save to path.tmp<PID>, then rename over path. On failure the temp file goes and the previous
+    checkpoint stays; a full disk is named as such (torch reports it as 'unexpected pos ...')."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never a mix
+    except (OSError, RuntimeError) as e:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free  # the temp file still holds its space
+        full = getattr(e, "errno", None) == errno.ENOSPC or free < 2**20
+        reason = f"no space left on the disk ({free / 2**20:.1f} MiB free)" if full else str(e)
+        kept = "the previous checkpoint is kept" if os.path.exists(path) else "no checkpoint was written"
+        raise CheckpointWriteError(f"could not write {path}: {reason}; {kept}") from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def read_state(path, map_location="cpu"):
+    """torch.load of a file this repo wrote: tensors and plain containers only, so a crafted file cannot run code."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"unsupported GLOBAL (\S+)", str(e))
+        what = f"it names {found.group(1)}" if found else "it holds more than tensors and plain data"
+        raise RuntimeError(f"{path} is not a readable checkpoint of this repo ({what}); nothing in it was run") from e
+    except Exception as e:
+        raise RuntimeError(f"{path} is not a readable checkpoint of this repo ({str(e).splitlines()[0]}); "
+                           "nothing in it was run") from e
 
 
 def load_checkpoint(path, map_location="cpu"):
     if not os.path.exists(path):
         out_dir = os.path.dirname(path) or "."
         raise FileNotFoundError(f"no checkpoint at {path}: train one first, e.g. `python train.py --out_dir={out_dir}`")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:
-        raise RuntimeError(f"{path} is not a readable checkpoint ({e}); was it written by this repo's train.py?") from e
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder: give the ckpt.pt inside it (or a sharded run's out_dir to "
+                                "sample.py / eval scripts)")
+    ckpt = read_state(path, map_location)
     missing = {"model", "model_args"} - set(ckpt) if isinstance(ckpt, dict) else {"model", "model_args"}
     if missing:
         raise ValueError(f"{path} lacks {sorted(missing)}: not a checkpoint of this repo's train.py")
@@ -96,6 +126,37 @@ def load_model(out_dir, device="cpu", attn_impl="sdpa"):
 
 # ------------------------------------------------- sharded checkpoints (FSDP): torch.distributed.checkpoint folders
 
+def has_checkpoint(out_dir):
+    return os.path.exists(os.path.join(out_dir, "ckpt.pt")) or bool(step_dirs(out_dir))
+
+
+def remove_stale_writes(out_dir):
+    """Delete what killed writers left in out_dir: ckpt.pt.tmp<PID> files whose process is gone, and unfinished
+    sharded step_N.tmp folders (run before this run writes anything). Returns the removed names."""
+    removed = []
+    for name in sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []:
+        path = os.path.join(out_dir, name)
+        temp_file = re.fullmatch(r".+\.tmp(\d+)", name)
+        if temp_file and os.path.isfile(path) and not process_alive(int(temp_file.group(1))):
+            os.remove(path)
+        elif re.fullmatch(r"step_\d+\.tmp", name) and os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
 def step_dirs(out_dir):
     """Complete sharded checkpoints, oldest first: out_dir/step_NNNNNN (a .tmp folder is an unfinished write)."""
     if not os.path.isdir(out_dir):
@@ -136,7 +197,7 @@ def load_sharded(path, model, optimizer):
     state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    return torch.load(os.path.join(path, "meta.pt"), weights_only=False)
+    return read_state(os.path.join(path, "meta.pt"))
 
 
 def consolidate(path):
@@ -147,8 +208,8 @@ def consolidate(path):
 
     with tempfile.TemporaryDirectory() as tmp:
         dcp_to_torch_save(path, os.path.join(tmp, "full.pt"))
-        full = torch.load(os.path.join(tmp, "full.pt"), weights_only=False)
-    meta = torch.load(os.path.join(path, "meta.pt"), weights_only=False)
+        full = read_state(os.path.join(tmp, "full.pt"))
+    meta = read_state(os.path.join(path, "meta.pt"))
     return dict(meta, model=full["model"])
 
 

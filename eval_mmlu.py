@@ -19,29 +19,31 @@ import shutil
 import tarfile
 import time
 from contextlib import nullcontext
+from typing import Literal
 
 import requests
 import torch
 from tqdm import tqdm
 
 from checkpoint import load_model
-from configurator import configure
-from data.download import download_file
-from runtime import autocast_for, device_type, resolve_attn_impl, resolve_device, resolve_dtype
+from configurator import at_least, configure
+from data.download import DownloadError, download_file
+from runtime import (ATTN_IMPLS, DTYPE_SETTINGS, autocast_for, device_type, resolve_attn_impl, resolve_device,
+                     resolve_dtype)
 
-out_dir = "out"
-ntrain = 5                     # shots
-split = "test"                 # 'test' or 'val'
+out_dir = "out"                # the checkpoint to evaluate (ckpt.pt, or a sharded run's newest step_N/)
+ntrain = 5                     # shots (the subject's first ntrain dev questions)
+split: Literal["test", "val"] = "test"
 subjects = ""                  # comma list; '' = every subject the split holds (57 in the release)
 data_dir = ""                  # folder with dev/ and test/ (or data/dev, ...); '' = download data_url into cache_dir
 cache_dir = os.path.join(os.path.expanduser("~"), ".cache", "nanogpt-kernels", "mmlu")
 data_url = "https://people.eecs.berkeley.edu/~hendrycks/data.tar"
 limit = 0                      # questions per subject; 0 = all
-batch_size = 16
-device = "auto"                # 'auto': cuda if available, else cpu
-dtype = "auto"                 # 'auto': bfloat16 on cuda, else float32
-attn_impl = "auto"             # 'auto' (triton on CUDA, sdpa elsewhere), 'triton' or 'sdpa'
-compile = False
+batch_size = 16                # prompts per forward pass (right-padded, sorted by length)
+device = "auto"                # 'auto' (cuda when there is a GPU, else cpu), 'cpu', 'cuda', 'cuda:N', 'xla'
+dtype: Literal[DTYPE_SETTINGS] = "auto"  # 'auto': bfloat16 on CUDA, else float32
+attn_impl: Literal[ATTN_IMPLS] = "auto"  # 'auto' (triton on CUDA, sdpa elsewhere)
+compile = False                # torch.compile the model (dynamic shapes)
 
 LETTERS = ("A", "B", "C", "D")
 # The release's categories.py maps subjects to subcategories and those to four groups; this is the composition.
@@ -279,10 +281,11 @@ def print_report(r):
 
 def select_data():
     """(folder holding dev/, folder of the split, subjects to evaluate) from the config globals."""
-    if split not in ("test", "val"):
-        raise SystemExit(f"split must be 'test' or 'val', got {split!r}")
     try:
         root = data_root(data_dir) if data_dir else fetch_release(data_url, cache_dir)
+    except DownloadError as e:
+        raise SystemExit(f"MMLU data: {e}; or point --data_dir at a folder holding the release's dev/ and test/ "
+                         "CSV folders")
     except (OSError, RuntimeError, ValueError, requests.RequestException) as e:
         raise SystemExit(f"MMLU data: {e}")
     split_dir = os.path.join(root, split)
@@ -298,8 +301,11 @@ def select_data():
 
 def main():
     t0 = time.time()
-    dev = resolve_device(device)
-    ctx = autocast_for(device_type(dev), resolve_dtype(dtype, device_type(dev))[1])
+    try:
+        dev = resolve_device(device)
+        ctx = autocast_for(device_type(dev), resolve_dtype(dtype, device_type(dev))[1])
+    except ValueError as e:
+        raise SystemExit(f"config error: {e}")
     root, split_dir, names = select_data()
     try:
         model, tok, ckpt = load_model(out_dir, dev, resolve_attn_impl(attn_impl, device_type(dev)))
@@ -314,10 +320,13 @@ def main():
     if tok.spec["kind"] == "char":
         notes.append("char-level vocabulary: characters outside it are dropped from the prompts")
     items = []  # (subject, prompt ids, shots used, truncated, gold letter index) per question
-    for s in names:
-        shots = read_rows(os.path.join(root, "dev", f"{s}_dev.csv"))[:ntrain]
-        for row in read_rows(os.path.join(split_dir, f"{s}_{split}.csv"))[:limit or None]:
-            items.append((s, *build_prompt(encode, s, shots, row, block_size), LETTERS.index(row[5])))
+    try:
+        for s in names:
+            shots = read_rows(os.path.join(root, "dev", f"{s}_dev.csv"))[:ntrain]
+            for row in read_rows(os.path.join(split_dir, f"{s}_{split}.csv"))[:limit or None]:
+                items.append((s, *build_prompt(encode, s, shots, row, block_size), LETTERS.index(row[5])))
+    except (OSError, ValueError) as e:  # a malformed or missing CSV: the message names the file and line
+        raise SystemExit(str(e))
     subject_of, prompts, shots_used, truncated, gold = zip(*items)
     t1 = time.time()
     logits = letter_logits(model, prompts, letter_ids, batch_size, dev, ctx)
@@ -336,5 +345,7 @@ def main():
 
 
 if __name__ == "__main__":
-    configure(globals())
+    config = configure(globals())
+    at_least(config, 0, "ntrain", "limit")
+    at_least(config, 1, "batch_size")
     main()

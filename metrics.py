@@ -2,13 +2,26 @@
 from it. Train rows have "loss" and "lr", eval rows "train_loss" and "val_loss"; both have "iter"."""
 import json
 import os
+import sys
 
 FILE, PLOT = "metrics.jsonl", "loss.png"
 
 
 def append(out_dir, row):
-    with open(os.path.join(out_dir, FILE), "a") as f:
-        f.write(json.dumps(row) + "\n")
+    """Add a row. A log that cannot be written (a full disk) is said once per call, and training goes on."""
+    try:
+        with open(os.path.join(out_dir, FILE), "a") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:
+        print(f"warning: could not append to {os.path.join(out_dir, FILE)} ({e.strerror})", file=sys.stderr)
+
+
+def write(out_dir, rows):
+    """Replace the file with these rows (temp file + rename)."""
+    path = os.path.join(out_dir, FILE)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(path + ".tmp", path)
 
 
 def read(out_dir):
@@ -19,9 +32,20 @@ def read(out_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def keep_until(out_dir, iter_num):
+    """Before a resumed run appends: drop the rows the interrupted run wrote after its checkpoint at iter_num (its
+    train rows past iter_num, its evals from iter_num on, which the resumed run repeats), so every curve keeps
+    strictly increasing iterations."""
+    rows = read(out_dir)
+    kept = [r for r in rows if r["iter"] < iter_num or (r["iter"] == iter_num and "val_loss" not in r)]
+    if len(kept) != len(rows):
+        write(out_dir, kept)
+
+
 def plot(out_dir):
-    """loss.png: train loss per log interval and the eval losses above, the learning rate below (written to a
-    temp file and renamed, so a viewer never reads half a PNG)."""
+    """loss.png: train loss per log interval and the eval losses above, the learning rate from iteration 0 below.
+    The loss axis starts above the first evaluation's (untrained) loss, so the part of the curve that matters fills
+    it. Written to a temp file and renamed, so a viewer never reads half a PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -32,14 +56,28 @@ def plot(out_dir):
     ax.plot([r["iter"] for r in train_rows], [r["loss"] for r in train_rows], alpha=0.5, label="train (batch)")
     ax.plot([r["iter"] for r in eval_rows], [r["train_loss"] for r in eval_rows], "o-", label="train (eval)")
     ax.plot([r["iter"] for r in eval_rows], [r["val_loss"] for r in eval_rows], "o-", label="val")
+    trained = [r["loss"] for r in train_rows[len(train_rows) // 10 + 1:]] + [
+        r[k] for r in eval_rows[1:] for k in ("train_loss", "val_loss")]
+    finite = [v for v in trained if v == v and abs(v) != float("inf")]
+    if finite:
+        low, high = min(finite), max(finite)
+        ax.set_ylim(low - 0.05 * (high - low + 1e-3), high + 0.25 * (high - low + 1e-3))
+    ax.set_title(out_dir, fontsize=9)
     ax.set_ylabel("loss")
     ax.legend()
     ax.grid(alpha=0.3)
-    ax_lr.plot([r["iter"] for r in train_rows], [r["lr"] for r in train_rows])
+    lr_rows = sorted((r for r in rows if r.get("lr") is not None), key=lambda r: r["iter"])
+    ax_lr.plot([r["iter"] for r in lr_rows], [r["lr"] for r in lr_rows])
     ax_lr.set_xlabel("iteration")
     ax_lr.set_ylabel("lr")
     fig.tight_layout()
     path = os.path.join(out_dir, PLOT)
-    fig.savefig(path + ".tmp.png")
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    try:
+        fig.savefig(path + ".tmp.png")
+        os.replace(path + ".tmp.png", path)
+    except OSError as e:  # a plot is not worth stopping a run for
+        print(f"warning: could not write {path} ({e.strerror})", file=sys.stderr)
+        if os.path.exists(path + ".tmp.png"):
+            os.remove(path + ".tmp.png")
+    finally:
+        plt.close(fig)

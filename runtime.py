@@ -6,6 +6,7 @@ from contextlib import nullcontext
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_SETTINGS = ("auto", *DTYPES)
 ATTN_IMPLS = ("auto", "triton", "sdpa")
 # Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets; MFU divides by these.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12,

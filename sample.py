@@ -5,29 +5,37 @@
     python sample.py --start=FILE:prompt.txt --temperature=0.8 --top_p=0.95
 """
 import time
+from typing import Literal
 
 import torch
 
 from checkpoint import load_model
-from configurator import configure
+from configurator import at_least, configure, require
 from model import KVCache
-from runtime import autocast_for, device_type, resolve_attn_impl, resolve_device, resolve_dtype
+from runtime import (ATTN_IMPLS, DTYPE_SETTINGS, autocast_for, device_type, resolve_attn_impl, resolve_device,
+                     resolve_dtype)
 
-out_dir = "out"
+out_dir = "out"                # the checkpoint to sample (ckpt.pt, or a sharded run's newest step_N/)
 start = "\n"                   # prompt text, or FILE:path to read it from a file
-num_samples = 3
-max_new_tokens = 500
+num_samples = 3                # sequences, sampled as one batch
+max_new_tokens = 500           # tokens generated per sequence
 temperature = 0.8              # 0 = greedy
 top_k = 200                    # 0 = off
 top_p = 1.0                    # nucleus sampling; 1.0 = off
 seed = 1337
 device = "auto"                # 'auto' (cuda, else cpu), 'cpu', 'cuda', 'xla' (each new cache length compiles a graph)
-dtype = "auto"                 # 'auto' (bfloat16 on CUDA and XLA, else float32), 'float32', 'bfloat16', 'float16'
-attn_impl = "auto"             # 'auto' (triton on CUDA, sdpa elsewhere), 'triton' or 'sdpa'
+dtype: Literal[DTYPE_SETTINGS] = "auto"  # 'auto': bfloat16 on CUDA and XLA, else float32
+attn_impl: Literal[ATTN_IMPLS] = "auto"  # 'auto' (triton on CUDA, sdpa elsewhere)
 config = configure(globals())
+at_least(config, 1, "num_samples", "max_new_tokens")
+at_least(config, 0, "temperature", "top_k")
+require(0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}")
 
-device = resolve_device(device)
-dtype, ptdtype = resolve_dtype(dtype, device_type(device))
+try:
+    device = resolve_device(device)
+    dtype, ptdtype = resolve_dtype(dtype, device_type(device))
+except ValueError as e:
+    require(False, str(e))
 autocast = autocast_for(device_type(device), ptdtype)
 torch.manual_seed(seed)
 
@@ -36,9 +44,15 @@ try:
 except (FileNotFoundError, ValueError, RuntimeError) as e:
     raise SystemExit(str(e))
 if start.startswith("FILE:"):
-    with open(start[5:], encoding="utf-8") as f:
-        start = f.read()
-ids = tokenizer.encode(start)
+    try:
+        with open(start[5:], encoding="utf-8") as f:
+            start = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"--start=FILE:{start[5:]}: cannot read the prompt file ({e.strerror or e})")
+try:
+    ids = tokenizer.encode(start)
+except ValueError as e:  # a character-level model meets a character it never saw
+    raise SystemExit(f"--start: {e}")
 if not ids:
     raise SystemExit("the prompt encodes to no tokens: give --start some text")
 x = torch.tensor(ids, dtype=torch.long, device=device)[None].repeat(num_samples, 1)

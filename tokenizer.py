@@ -1,7 +1,15 @@
-"""The tokenizers a checkpoint can name: GPT-2 BPE (tiktoken) or a character vocabulary from a prepare script's meta.pkl.
-A checkpoint stores the tokenizer's `spec`, so sampling and evaluation never need the dataset folder."""
+"""The tokenizers a checkpoint or a dataset can name: GPT-2 BPE (tiktoken) or a character vocabulary.
+
+A tokenizer is described by its `spec`, a small dict: {"kind": "gpt2"} or {"kind": "char", "chars": "..."}. A
+prepare script records the spec of the tokenizer that wrote a dataset's shards in the dataset folder
+(tokenizer.json), and every checkpoint stores the spec it was trained with, so sampling and evaluation never need
+the dataset folder and a run never trains on ids of a tokenizer it does not know.
+"""
+import json
 import os
 import pickle
+
+SPEC_FILE = "tokenizer.json"
 
 
 class Tokenizer:
@@ -19,13 +27,10 @@ class Tokenizer:
 
     @classmethod
     def for_dataset(cls, data_dir):
-        """The tokenizer of a prepared dataset: meta.pkl's characters if present, else GPT-2."""
-        meta_path = os.path.join(data_dir, "meta.pkl")
-        if os.path.exists(meta_path):
-            with open(meta_path, "rb") as f:
-                meta = pickle.load(f)
-            return cls({"kind": "char", "chars": "".join(meta["itos"][i] for i in range(meta["vocab_size"]))})
-        return cls({"kind": "gpt2"})
+        return cls(dataset_spec(data_dir))
+
+    def describe(self):
+        return "GPT-2 BPE" if self.spec["kind"] == "gpt2" else f"character-level ({self.vocab_size} characters)"
 
     def encode(self, text):
         if self.spec["kind"] == "gpt2":
@@ -39,3 +44,40 @@ class Tokenizer:
         if self.spec["kind"] == "gpt2":
             return self.enc.decode(list(ids))
         return "".join(self.spec["chars"][i] for i in ids)
+
+
+def save_dataset_spec(data_dir, spec):
+    """Record which tokenizer wrote data_dir's shards (temp file + rename)."""
+    path = os.path.join(data_dir, SPEC_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(spec, f)
+    os.replace(path + ".tmp", path)
+
+
+class _PlainDataOnly(pickle.Unpickler):
+    """An unpickler that builds dicts, lists, strings and numbers only: a meta.pkl that names any class or function
+    (the way a pickle runs code) is refused."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: meta.pkl may only hold plain data")
+
+
+def dataset_spec(data_dir):
+    """The spec recorded in data_dir (tokenizer.json, or an older nanoGPT-style meta.pkl read as plain data only);
+    a ValueError when the folder does not say which tokenizer wrote it."""
+    path = os.path.join(data_dir, SPEC_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    legacy = os.path.join(data_dir, "meta.pkl")
+    if os.path.exists(legacy):
+        try:
+            with open(legacy, "rb") as f:
+                meta = _PlainDataOnly(f).load()
+            return {"kind": "char", "chars": "".join(meta["itos"][i] for i in range(meta["vocab_size"]))}
+        except (pickle.UnpicklingError, KeyError, TypeError, EOFError) as e:
+            raise ValueError(f"{legacy} is not a character vocabulary this repo can read ({e}); "
+                             f"rerun the dataset's prepare.py") from e
+    name = os.path.basename(os.path.normpath(data_dir))
+    raise ValueError(f"{data_dir} does not say which tokenizer wrote its shards (no {SPEC_FILE}): rerun "
+                     f"`python data/{name}/prepare.py`, or write {{\"kind\": \"gpt2\"}} to {path} if they are GPT-2 BPE")

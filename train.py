@@ -10,103 +10,125 @@ optimizer and schedule in optim.py, checkpoints in checkpoint.py, the metrics lo
 """
 import math
 import os
+import re
 import subprocess
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import fields
+from typing import Literal
 
 import torch
 
 import metrics
-from checkpoint import (check_compatible, clean_state_dict, load_checkpoint, load_sharded, save_checkpoint,
-                        save_sharded, step_dirs, to_cpu)
-from configurator import configure
+from checkpoint import (check_compatible, clean_state_dict, has_checkpoint, load_checkpoint, load_sharded,
+                        remove_stale_writes, save_checkpoint, save_sharded, step_dirs, to_cpu)
+from configurator import at_least, configure, require
 from data.loader import BatchLoader
 from memory import advice, fits, format_plan, memory_plan, print_model_report
 from model import GPT, GPTConfig
-from optim import build_optimizer, load_optimizer_state, scheduled_lr, set_lr, state_bytes
+from optim import OPTIMIZERS, SCHEDULES, build_optimizer, load_optimizer_state, scheduled_lr, set_lr, state_bytes
 from parallel import (cut_xla_graph, describe_xla_sharding, finish, gradient_sync, init_distributed, mean_over_ranks,
                       barrier, shard_batch, shard_fsdp2, wrap_for_training, xla_compilations)
-from runtime import autocast_for, device_type as device_type_of, peak_flops as device_peak_flops
-from runtime import resolve_attn_impl, resolve_dtype
+from runtime import ATTN_IMPLS, DTYPE_SETTINGS, autocast_for, device_type as device_type_of
+from runtime import peak_flops as device_peak_flops, resolve_attn_impl, resolve_dtype
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------------------- config
 # I/O
-out_dir = "out"
-eval_interval = 125
-eval_iters = 12
-log_interval = 25
-eval_only = False
-always_save_checkpoint = True
-init_from = "scratch"          # 'scratch', 'resume' (out_dir/ckpt.pt), or a path to a ckpt.pt (weights only)
-dry_run = False                # print parameters, FLOPs and KV cache for this config, then exit
+out_dir = "out"                # ckpt.pt (or step_N/ under FSDP), metrics.jsonl and loss.png go here
+eval_interval = 125            # evaluate (and checkpoint) every this many iterations
+eval_iters = 12                # batches per split in each evaluation
+log_interval = 25              # a log line (loss, lr, tokens/s, MFU) every this many iterations
+eval_only = False              # evaluate once and stop
+always_save_checkpoint = True  # save at every evaluation, not only when val loss improves
+init_from = "scratch"          # 'scratch', 'resume' (continue out_dir's run), or a ckpt.pt path (weights: a new phase)
+overwrite = False              # let a scratch run replace the checkpoint already in out_dir
+dry_run = False                # print parameters, FLOPs, KV cache and the memory plan for this config, then exit
 kv_context = 8192              # context length of the dry run's KV-cache report
 # data
-data_root = "data"
-dataset = "shakespeare_char"
+data_root = "data"             # folder holding the dataset folders
+dataset = "shakespeare_char"   # a folder in data_root with train_*.bin / val_*.bin shards and tokenizer.json
 datasets = {}                  # {name: weight} mixes several prepared datasets; overrides `dataset` when set
 batch_size = 32                # micro-batch per device
-block_size = 128
-gradient_accumulation_steps = 1
+block_size = 128               # context length
+gradient_accumulation_steps = 1  # micro-batches per optimizer step
 total_batch_size = 0           # about this many tokens per optimizer step: > 0 derives gradient_accumulation_steps
 # model (see GPTConfig in model.py)
 n_layer = 4
 n_embd = 128
 n_head = 4
-n_kv_head = 0
-mlp = "relu2"
-mlp_hidden = 0
-qk_norm = True
-tie_embeddings = False
-dropout = 0.0
-rope_theta = 10000.0
-attn_pattern = "G"
-local_window = 1024
-kv_share = 1
-share_global_kv = False
-n_expert = 0
-n_expert_active = 2
-n_shared_expert = 1
-moe_hidden = 0
-n_dense_layers = 1
-moe_bias_gamma = 1e-3
-moe_aux_alpha = 1e-4
-attn_impl = "auto"             # 'auto' (triton on CUDA, sdpa elsewhere), 'triton' or 'sdpa'
+n_kv_head = 0                  # K/V heads: 1 = MQA, 0 = n_head (MHA), in between = GQA
+mlp = "relu2"                  # 'swiglu' or 'relu2'
+mlp_hidden = 0                 # 0 = 8/3 n_embd (swiglu) or 4 n_embd (relu2), rounded up to a multiple of 64
+qk_norm = True                 # RMSNorm on queries and keys
+tie_embeddings = False         # the head shares the embedding's weights
+dropout = 0.0                  # in [0, 1)
+rope_theta = 10000.0           # RoPE base
+attn_pattern = "G"             # tiled over the layers: L = sliding window, G = global, e.g. 'LLLLLG'
+local_window = 1024            # a local layer's query at i sees keys in (i - local_window, i]
+kv_share = 1                   # adjacent same-kind layers sharing one K/V (2 = CLA2)
+share_global_kv = False        # every global layer uses the first global layer's K/V
+n_expert = 0                   # routed experts; 0 = dense MLPs
+n_expert_active = 2            # experts per token (top-k)
+n_shared_expert = 1            # always-on experts
+moe_hidden = 0                 # expert width; 0 = mlp width / n_expert_active
+n_dense_layers = 1             # the first layers keep a dense MLP
+moe_bias_gamma = 1e-3          # aux-loss-free balancing: bias step per optimizer step
+moe_aux_alpha = 1e-4           # sequence-wise balance loss weight (0 disables)
+attn_impl: Literal[ATTN_IMPLS] = "auto"  # 'auto' (triton on CUDA, sdpa elsewhere): this process's kernel, not saved
 # optimizer and schedule (optim.py)
-optimizer = "adamw"            # 'adamw' (optim.py)
-learning_rate = 4e-3
-min_lr = 4e-4
-max_iters = 500
-lr_schedule = "cosine"         # 'cosine' or 'wsd' (warmup-stable-decay)
-warmup_iters = 50
-lr_decay_iters = 0             # 0 = max_iters
+optimizer: Literal[OPTIMIZERS] = "adamw"
+learning_rate = 4e-3           # peak lr (each parameter group runs at its lr_scales multiple of it)
+min_lr = 4e-4                  # the schedule ends here
+max_iters = 500                # optimizer steps
+lr_schedule: Literal[SCHEDULES] = "cosine"  # 'cosine' or 'wsd' (warmup-stable-decay)
+warmup_iters = 50              # linear warmup steps
+lr_decay_iters = 0             # the schedule reaches min_lr here; 0 = max_iters
 wsd_decay_frac = 0.2           # wsd: the final fraction of iterations that decays to min_lr
-weight_decay = 0.1
+weight_decay = 0.1             # on matrices, embedding and head (not on norms and other vectors)
 beta1 = 0.9
 beta2 = 0.95
-grad_clip = 1.0
+grad_clip = 1.0                # max gradient norm; 0 = off
 lr_scales = {}                 # lr multipliers per parameter group, e.g. {'embedding': 5.0}; groups in optim.py
 # system
-device = "auto"                # 'auto', 'cpu', 'cuda', 'cuda:1', ...
-dtype = "auto"                 # 'auto' (bfloat16 on CUDA, float32 elsewhere), 'float32', 'bfloat16', 'float16'
-compile = None                 # None = on for CUDA, off elsewhere
+device = "auto"                # 'auto', 'cpu', 'cuda', 'cuda:N' or 'xla'
+dtype: Literal[DTYPE_SETTINGS] = "auto"  # 'auto' (bfloat16 on CUDA and XLA, float32 elsewhere)
+compile: bool | None = None    # torch.compile; None = on for CUDA, off elsewhere
 seed = 1337
 peak_flops = 0.0               # for MFU; 0 = look the device up
-backend = "auto"               # distributed backend: 'auto' (nccl on CUDA, gloo on CPU)
+backend: Literal["auto", "nccl", "gloo"] = "auto"  # distributed backend: 'auto' (nccl on CUDA, gloo on CPU)
 fp8 = False                    # attention projections, MLPs and experts in fp8 (kernels/fp8.py)
-fp8_recipe = "tensorwise"      # 'tensorwise', 'rowwise' or 'blockwise' (DeepSeek-V3: 1x128 / 128x128 scales)
+fp8_recipe: Literal["tensorwise", "rowwise", "blockwise"] = "tensorwise"  # blockwise: DeepSeek-V3's 1x128 / 128x128
 # scale-out
 fsdp = False                   # FSDP2: shard params, grads and optimizer state (checkpoints become step_N/ folders)
-activation_checkpoint = "none" # 'none', 'full' (every block) or 'selective' (every ac_every-th block)
-ac_every = 2
+activation_checkpoint: Literal["none", "full", "selective"] = "none"  # selective: every ac_every-th block
+ac_every = 2                   # activation_checkpoint='selective': checkpoint every this many blocks
 keep_checkpoints = 2           # sharded checkpoints kept in out_dir
 gpu_mem_gb = 0.0               # memory plan: GPU memory to plan for; 0 = the detected GPU
 config = configure(globals())
+at_least(config, 1, "batch_size", "block_size", "eval_interval", "log_interval", "eval_iters",
+         "gradient_accumulation_steps", "n_layer", "n_embd", "n_head", "ac_every", "keep_checkpoints")
+at_least(config, 0, "max_iters", "warmup_iters", "lr_decay_iters", "total_batch_size", "grad_clip", "weight_decay")
+require(0 <= dropout < 1, f"dropout must be in [0, 1), got {dropout}")
+require(0 <= wsd_decay_frac <= 1, f"wsd_decay_frac must be in [0, 1], got {wsd_decay_frac}")
+require(learning_rate > 0 and 0 <= min_lr <= learning_rate, "need 0 < learning_rate and 0 <= min_lr <= learning_rate")
+require(init_from in ("scratch", "resume") or os.path.isfile(init_from),
+        f"init_from must be 'scratch', 'resume' or the path of a ckpt.pt; {init_from!r} is none of them")
+require(not os.path.exists(out_dir) or os.path.isdir(out_dir), f"out_dir {out_dir!r} is a file: name a folder")
+for name in datasets or [dataset]:  # a name, not a path: nothing outside data_root is read or run
+    require(re.fullmatch(r"[\w.-]+", name) and name.strip(".") != "", f"dataset names are folder names in data_root "
+            f"(letters, digits, '_', '-', '.'), got {name!r}")
+try:  # the architecture's own checks, before anything runs (the vocabulary comes with the data)
+    GPTConfig(**{f.name: config[f.name] for f in fields(GPTConfig) if f.name in config})
+except ValueError as e:
+    require(False, str(e))
 
 # ------------------------------------------------------------------------------------------------------------ setup
-rank, local_rank, world_size, device, mode = init_distributed(device, backend, fsdp)  # mode: see parallel.py
+try:
+    rank, local_rank, world_size, device, mode = init_distributed(device, backend, fsdp)  # mode: see parallel.py
+except ValueError as e:  # a device that is not there or not a device
+    require(False, str(e))
 master = rank == 0
 device_type = device_type_of(device)
 if mode == "fsdp" and dtype == "float16":
@@ -145,14 +167,16 @@ def plan_memory(model):
     return plan, gpu
 
 
-def dataset_vocab_size():
-    """Vocabulary of the configured dataset without reading its shards: meta.pkl's characters, else GPT-2's."""
-    folder = os.path.join(data_root, next(iter(datasets)) if datasets else dataset)
-    return Tokenizer.for_dataset(folder).vocab_size if os.path.exists(os.path.join(folder, "meta.pkl")) else 50257
+def dry_run_vocab_size():
+    """The configured dataset's vocabulary when it is prepared, else GPT-2's (a plan needs no data)."""
+    try:
+        return Tokenizer.for_dataset(os.path.join(data_root, next(iter(datasets or {dataset: 1})))).vocab_size
+    except (OSError, ValueError):
+        return Tokenizer({"kind": "gpt2"}).vocab_size
 
 
 if dry_run:
-    meta_model = build_meta_model(dataset_vocab_size())
+    meta_model = build_meta_model(dry_run_vocab_size())
     if master:
         print_model_report(meta_model, block_size, kv_context)
         print(f"memory per GPU, world size {world_size}, batch_size {batch_size}, fsdp={fsdp}, "
@@ -163,31 +187,51 @@ if dry_run:
 # ------------------------------------------------------------------------------------------------------------- data
 
 
+AUTO_PREPARED = ("shakespeare_char", "shakespeare")  # small enough to prepare unasked; others print their command
+
+
 def dataset_dirs():
-    """(folders, weights) of the configured dataset or mixture; prepares the shakespeare sets when missing."""
+    """(folders, weights) of the configured dataset or mixture; prepares the tiny-Shakespeare sets when missing."""
     mix = datasets or {dataset: 1.0}
     dirs = [os.path.join(data_root, name) for name in mix]
     for name, d in zip(mix, dirs):
-        script = os.path.join(data_root, name, "prepare.py")
         missing = not any(f.startswith("train_") for f in os.listdir(d)) if os.path.isdir(d) else True
-        if missing and master and os.path.exists(script):
+        if missing and master and name in AUTO_PREPARED:
+            script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", name, "prepare.py")
             print(f"no shards in {d}: running {script}")
-            subprocess.run([sys.executable, script], check=True)
+            if subprocess.run([sys.executable, script, "--out_dir", d]).returncode != 0:
+                finish(f"could not prepare {name} (the reason is above)")
     barrier()
     return dirs, list(mix.values())
 
 
+def dataset_tokenizer(dirs):
+    """The tokenizer every dataset of the run was written with; a mixture of two tokenizers is refused."""
+    tokenizers = [Tokenizer.for_dataset(d) for d in dirs]
+    for d, tok in zip(dirs[1:], tokenizers[1:]):
+        if tok.spec != tokenizers[0].spec:
+            raise ValueError(f"{dirs[0]} was written with the {tokenizers[0].describe()} tokenizer but {d} with "
+                             f"{tok.describe()}: a mixture needs datasets of one tokenizer")
+    return tokenizers[0]
+
+
+if init_from != "resume" and has_checkpoint(out_dir) and not overwrite:
+    finish(f"{out_dir} already holds a trained checkpoint: continue it with --init_from=resume, train into another "
+           "--out_dir, or pass --overwrite=True to replace it")
 if master:
     os.makedirs(out_dir, exist_ok=True)
+    stale = remove_stale_writes(out_dir)
+    if stale:
+        print(f"removed unfinished checkpoint writes of killed runs in {out_dir}: {', '.join(stale)}")
 data_dirs, mix_weights = dataset_dirs()
 try:
     train_loader = BatchLoader(data_dirs, "train", batch_size, block_size, rank, world_size, seed, mix_weights)
     eval_loaders = {split: BatchLoader(data_dirs, split, batch_size, block_size, rank, world_size, seed + 7,
                                        mix_weights) for split in ("train", "val")}
-except (OSError, ValueError) as e:  # missing or corrupt shards: the message names the file and the fix
+    tokenizer = dataset_tokenizer(data_dirs)
+except (OSError, ValueError) as e:  # missing or corrupt shards, no tokenizer record: the message says what to do
     finish(str(e))
 eval_starts = {split: loader.state_dict() for split, loader in eval_loaders.items()}  # rewound to at every eval
-tokenizer = Tokenizer.for_dataset(data_dirs[0])
 if total_batch_size:  # the accumulation that comes closest to the requested tokens per step
     gradient_accumulation_steps = max(1, round(total_batch_size / (batch_size * block_size * world_size)))
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
@@ -238,6 +282,9 @@ try:
         checkpoint = load_checkpoint(init_from)
     elif resume_from and mode != "fsdp":
         checkpoint = load_checkpoint(resume_from)
+    if checkpoint is not None and checkpoint.get("tokenizer", tokenizer.spec) != tokenizer.spec:
+        raise ValueError(f"the checkpoint was trained with the {Tokenizer(checkpoint['tokenizer']).describe()} "
+                         f"tokenizer but the data is {tokenizer.describe()}: use data of the checkpoint's tokenizer")
     model = build_model(tokenizer.vocab_size, checkpoint)
 except (OSError, RuntimeError, ValueError) as e:  # the message says which file and what to do
     finish(str(e))
@@ -252,6 +299,11 @@ scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16" and device
 iter_num, best_val_loss = 0, float("inf")
 if init_from == "resume":
     state = load_sharded(resume_from, model, opt) if mode == "fsdp" else checkpoint
+    needed = {"loader", "iter_num", "best_val_loss", "rng"} | ({"optimizer"} if mode != "fsdp" else set())
+    missing = sorted(needed - set(state))
+    if missing:
+        finish(f"{resume_from} holds no training state to resume ({', '.join(missing)} missing): start a new phase "
+               f"from its weights with --init_from={resume_from} (and another out_dir)")
     try:
         if mode != "fsdp":
             load_optimizer_state(opt, state["optimizer"])
@@ -264,6 +316,7 @@ if init_from == "resume":
         torch.cuda.set_rng_state(state["rng"]["cuda"].cpu())
     if master:
         print(f"resumed from {resume_from} at iter {iter_num}")
+        metrics.keep_until(out_dir, iter_num)  # drop what the interrupted run logged after its checkpoint
 elif master and os.path.exists(os.path.join(out_dir, metrics.FILE)):
     os.remove(os.path.join(out_dir, metrics.FILE))  # a fresh run starts a fresh log
 checkpoint = state = None
@@ -304,8 +357,11 @@ def save(val_loss):
     if mode == "fsdp":
         save_sharded(out_dir, iter_num, model, opt, meta, keep=keep_checkpoints)
     elif master:
-        save_checkpoint(to_cpu(dict(meta, model=raw_model.state_dict(), optimizer=opt.state_dict())),
-                        os.path.join(out_dir, "ckpt.pt"))
+        try:
+            save_checkpoint(to_cpu(dict(meta, model=raw_model.state_dict(), optimizer=opt.state_dict())),
+                            os.path.join(out_dir, "ckpt.pt"))
+        except OSError as e:  # a full disk, say: the message says so and that the previous checkpoint is kept
+            sys.exit(str(e))  # (under torchrun the launcher then stops the other ranks)
 
 
 # ------------------------------------------------------------------------------------------------------------- loop
@@ -321,10 +377,11 @@ while True:
         if master:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             metrics.append(out_dir, {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                                     "time": time.time() - t_start})
+                                     "lr": lr, "time": time.time() - t_start})
             metrics.plot(out_dir)
         if not math.isfinite(losses["val"]):  # the same on every rank: losses are all-reduced
-            finish("val loss is not finite: stopping without overwriting the last checkpoint")
+            kept = "the last good checkpoint is kept" if has_checkpoint(out_dir) else "no checkpoint was written yet"
+            finish(f"val loss is not finite at iter {iter_num}: stopping, {kept}")
         if iter_num > 0 and (losses["val"] < best_val_loss or always_save_checkpoint):
             best_val_loss = min(best_val_loss, losses["val"])
             save(losses["val"])
@@ -353,7 +410,8 @@ while True:
         # the mean over ranks is the loss of the whole global micro-batch; .item() is the step's only host sync
         loss_value = mean_over_ranks(loss.detach() * gradient_accumulation_steps).item()
         if not math.isfinite(loss_value):  # the same on every rank (all-reduced), so every rank stops here
-            finish(f"loss is not finite ({loss_value}) at iter {iter_num}: stopping, the last good checkpoint is kept; "
+            kept = "the last good checkpoint is kept" if has_checkpoint(out_dir) else "no checkpoint was written yet"
+            finish(f"loss is not finite ({loss_value}) at iter {iter_num}: stopping, {kept}; "
                    "try a lower learning_rate or grad_clip")
     if iter_num % log_interval == 0 and master:
         dt = (time.time() - t_log) / log_interval

@@ -72,7 +72,7 @@ def main():
     print(f"# Data pipeline benchmark\n\n{datetime.datetime.now():%Y-%m-%d %H:%M}, {os.cpu_count()} CPUs "
           f"(load average {os.getloadavg()[0]:.1f}), {platform.processor() or platform.machine()}, "
           f"Python {platform.python_version()}, numpy {np.__version__}, tiktoken {tiktoken.__version__}\n")
-    print(f"## Tokenization, GPT-2 BPE\n\n{mb:.1f} MB in {len(docs):,} documents from {source}\n")
+    print(f"## Tokenization, GPT-2 BPE\n\n{mb:.1f} MB in {len(docs):,} documents from {os.path.relpath(source, ROOT)}\n")
     print("| method | processes | s | MB/s | tokens/s |\n|---|---|---|---|---|")
     count, dt = timed(lambda: encode_each(docs))
     print(f"| `enc.encode_ordinary` per document | 1 | {dt:.2f} | {mb / dt:.2f} | {count / dt:,.0f} |")

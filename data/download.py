@@ -5,6 +5,8 @@ interrupted or corrupt transfer is never left looking like a finished file. A re
 HTTP Range request; a `dest` that already passes the checks is not fetched again.
 """
 import os
+import re
+import sys
 import time
 
 import requests
@@ -22,7 +24,25 @@ class IncompleteDownload(DownloadError):
     pass
 
 
+class Unreachable(DownloadError):
+    """The server could not be reached at all (no network, unknown host, refused): retrying will not help."""
+
+
 RETRYABLE = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, IncompleteDownload)
+
+
+def connection_problem(e):
+    """A short reason for a failed connection, instead of urllib3's paragraph."""
+    text = str(e)
+    host = re.search(r"host='([^']+)'", text)
+    where = f" {host.group(1)}" if host else ""
+    if "resolve" in text or "Name or service not known" in text:
+        return f"cannot resolve host{where} (offline?)"
+    if "refused" in text:
+        return f"connection refused by{where or ' the server'}"
+    if "ProxyError" in text or "proxy" in text.lower():
+        return "cannot reach the proxy (offline?)"
+    return type(e).__name__
 
 
 def download_file(url, dest, expected_size=None, validate=None, chunk_size=1 << 20, desc=None):
@@ -45,6 +65,10 @@ def download_file(url, dest, expected_size=None, validate=None, chunk_size=1 << 
         try:
             fetch(url, part, chunk_size, desc or os.path.basename(dest))
             break
+        except Unreachable as e:
+            resume = f"; rerun to resume {part}" if os.path.exists(part) else ""
+            raise DownloadError(f"could not download {url}: {e}. Without a network, put the file at {dest} by hand"
+                                f"{resume}") from e
         except RETRYABLE as e:
             if attempt + 1 == RETRIES:
                 raise DownloadError(f"{url}: gave up after {RETRIES} attempts ({e}); rerun to resume {part}") from e
@@ -71,7 +95,11 @@ def check(path, expected_size, validate):
 def fetch(url, part, chunk_size, desc):
     """Append the rest of url to part (starting it afresh if the server ignores Range); raise if it ends short."""
     have = os.path.getsize(part) if os.path.exists(part) else 0
-    with requests.get(url, headers={"Range": f"bytes={have}-"} if have else None, stream=True, timeout=60) as r:
+    try:
+        response = requests.get(url, headers={"Range": f"bytes={have}-"} if have else None, stream=True, timeout=60)
+    except requests.ConnectionError as e:  # no response at all; a connection lost mid-transfer is retried
+        raise Unreachable(connection_problem(e)) from e
+    with response as r:
         if r.status_code == 416:  # nothing past `have`: the part is either complete or longer than the file
             total = r.headers.get("Content-Range", "").rpartition("/")[2]
             if total.isdigit() and int(total) == have:
@@ -89,3 +117,11 @@ def fetch(url, part, chunk_size, desc):
     size = os.path.getsize(part)
     if total is not None and size != total:  # urllib3 2 raises on a short body itself; older versions do not
         raise IncompleteDownload(f"stopped at {size:,} of {total:,} bytes")
+
+
+def run_main(main):
+    """Run a prepare script's main(); a failed download ends with its message in one line, not a traceback."""
+    try:
+        main()
+    except DownloadError as e:
+        sys.exit(f"error: {e}")

@@ -30,8 +30,9 @@ def pytest_configure(config):
 def run_script(script, *args, env=None, check=True, timeout=600):
     """Run a repo script (or `-m module` when script starts with '-m ') in a subprocess from the repo root."""
     cmd = [sys.executable, *script.split()] if script.startswith("-m ") else [sys.executable, os.path.join(ROOT, script)]
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}  # None unsets a variable
     result = subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                            env=dict(os.environ, **(env or {})))
+                            env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} failed (exit {result.returncode}):\n"
                              f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")

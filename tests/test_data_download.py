@@ -1,6 +1,7 @@
 """Downloads against a real local HTTP server (Range requests, cut-off responses, corrupt files) and the
 FineWeb / TinyStories prepare scripts: resume, validation, idempotent reruns, offline --input, parallel tokenizing."""
 import functools
+import json
 import os
 import random
 import subprocess
@@ -124,6 +125,11 @@ def read_docs(out, split):
     return [enc.decode(tokens[a + 1:b].tolist()) for a, b in zip(starts, [*starts[1:], len(tokens)])]
 
 
+def files(out):
+    """{name: bytes} of a prepared folder's data files (not its tokenizer.json)."""
+    return {p.name: p.read_bytes() for p in out.iterdir() if p.name != "tokenizer.json"}
+
+
 # ------------------------------------------------------------------------------------------------------ downloads
 
 
@@ -132,7 +138,8 @@ def test_fineweb_download_then_rerun_makes_no_requests(server, tmp_path, rng):
     out = tmp_path / "out"
     paths = fineweb.main(fineweb_args(server, out))
     assert [os.path.basename(p) for p in paths] == ["val_000000.bin", "train_000000.bin", "train_000001.bin"]
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == want  # byte for byte, and no .part left behind
+    assert files(out) == want  # byte for byte, and no .part left behind
+    assert json.loads((out / "tokenizer.json").read_text()) == {"kind": "gpt2"}  # the dataset says how it was written
     assert [r for _, r in server.log] == [None] * 3
     server.log.clear()
     fineweb.main(fineweb_args(server, out))
@@ -187,7 +194,7 @@ def test_bad_files_in_out_dir_are_fetched_again(server, tmp_path, rng):
     (out / "train_000000.bin").write_bytes(want["train_000000.bin"] + b"\0\0")  # header fine, size wrong
     (out / "train_000001.bin").write_bytes(want["train_000001.bin"])  # complete: must not be fetched
     fineweb.main(fineweb_args(server, out))
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == want
+    assert files(out) == want
     assert sorted(name for name, _ in server.log) == ["fineweb_train_000001.bin", "fineweb_val_000000.bin"]
 
 
@@ -199,7 +206,7 @@ def test_corrupt_remote_shard_is_a_clear_error_and_leaves_no_file(server, tmp_pa
     with pytest.raises(DownloadError, match="fineweb_train_000002.bin: the downloaded file is bad.*bad magic 12345"):
         fineweb.main(fineweb_args(server, out))
     good = ["val_000000.bin", "train_000000.bin"]
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == {name: want[name] for name in good}
+    assert files(out) == {name: want[name] for name in good}
 
 
 def test_fineweb_input_dir(tmp_path, rng):
@@ -207,7 +214,7 @@ def test_fineweb_input_dir(tmp_path, rng):
     local.mkdir()
     want = make_fineweb(local, rng)
     fineweb.main(["--input", str(local), "--out_dir", str(out), "--num_chunks", "2"])
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == want
+    assert files(out) == want
     (local / "fineweb_train_000003.bin").write_bytes(want["train_000000.bin"][:-2])  # truncated
     with pytest.raises(ShardError, match="truncated"):
         fineweb.main(["--input", str(local), "--out_dir", str(out), "--num_chunks", "3"])
@@ -265,7 +272,7 @@ def test_scripts_run_from_the_command_line(server, tmp_path, rng):
     cmd = [sys.executable, "data/fineweb10B/prepare.py", *fineweb_args(server, out, 1)]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == want
+    assert files(out) == want
 
     train, val = make_stories(rng, 100), make_stories(rng, 10)
     write_stories(tmp_path / "train.txt", train)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint, save_checkpoint
-from tests.conftest import TINY, run_script
+from tests.conftest import SHARED, TINY, run_script
 
 
 def train_losses(out_dir):
@@ -88,3 +88,26 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
         path = str(tmp_path / "x.pt")
         torch.save({"weights": 1}, path)
         load_checkpoint(path)
+
+
+def test_checkpoint_trained_with_triton_samples_and_evaluates_on_cpu(tmp_path, data_root):
+    """The attention kernel is the running process's choice: a model trained through the Triton kernel (the
+    interpreter here) samples and evaluates on a CPU without it, also from a checkpoint of the older format that
+    saved attn_impl in model_args."""
+    out = str(tmp_path / "out")
+    run_script("train.py", *TINY, "--attn_impl=triton", f"--data_root={data_root}", "--max_iters=4",
+               "--eval_interval=4", f"--out_dir={out}", env={"TRITON_INTERPRET": "1"})
+    ckpt_path = os.path.join(out, "ckpt.pt")
+    assert "attn_impl" not in load_checkpoint(ckpt_path)["model_args"]
+    no_interpreter = {"TRITON_INTERPRET": None}
+    for legacy in (False, True):
+        if legacy:  # older checkpoints kept the kernel in model_args
+            ckpt = load_checkpoint(ckpt_path)
+            ckpt["model_args"]["attn_impl"] = "triton"
+            save_checkpoint(ckpt, ckpt_path)
+        sample = run_script("sample.py", f"--out_dir={out}", "--start=ROMEO:", "--num_samples=1",
+                            "--max_new_tokens=8", env=no_interpreter)
+        assert "ROMEO:" in sample.stdout
+        mmlu = run_script("eval_mmlu.py", f"--out_dir={out}", f"--data_dir={SHARED}/data/mmlu", "--split=val",
+                          "--subjects=marketing", "--limit=4", env=no_interpreter)
+        assert "accuracy" in mmlu.stdout

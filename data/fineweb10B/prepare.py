@@ -18,8 +18,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
 import numpy as np  # noqa: E402
 
-from data.download import download_file  # noqa: E402
+from data.download import download_file, run_main  # noqa: E402
 from data.shards import HEADER_BYTES, ShardError, read_header  # noqa: E402
+from tokenizer import save_dataset_spec  # noqa: E402
 
 BASE_URL = "https://huggingface.co/datasets/kjj0/fineweb10B-gpt2/resolve/main"
 
@@ -75,10 +76,11 @@ def main(argv=None):
             download_file(f"{args.base_url.rstrip('/')}/{remote}", dest, validate=check_shard,
                           desc=f"{local} ({i}/{len(files)})")
         paths.append(dest)
+    save_dataset_spec(args.out_dir, {"kind": "gpt2"})
     tokens = sum(read_header(p)[1] for p in paths[1:])
     print(f"{args.out_dir}: val + {len(paths) - 1} train shards, {tokens:,} train tokens")
     return paths
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,11 +1,10 @@
-"""Tiny Shakespeare, character level: train/val shards (90/10 split) plus meta.pkl (vocab_size, stoi, itos).
+"""Tiny Shakespeare, character level: train/val shards (90/10 split) plus tokenizer.json (the characters).
 
     python data/shakespeare_char/prepare.py                 # downloads input.txt when it is missing
     python data/shakespeare_char/prepare.py --input FILE    # or uses a local copy
 """
 import argparse
 import os
-import pickle
 import shutil
 import sys
 
@@ -13,10 +12,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
 import numpy as np  # noqa: E402
 
+from data.download import SHAKESPEARE_URL, download_file, run_main  # noqa: E402
 from data.shards import write_shard  # noqa: E402
+from tokenizer import save_dataset_spec  # noqa: E402
 
 
-def get_text(input_path, out_dir):
+def get_text(input_path, out_dir, url=SHAKESPEARE_URL):
     """The text: copied from --input, else downloaded once into out_dir/input.txt."""
     target = os.path.join(out_dir, "input.txt")
     if input_path:
@@ -25,8 +26,7 @@ def get_text(input_path, out_dir):
         if os.path.abspath(input_path) != os.path.abspath(target):
             shutil.copyfile(input_path, target)
     elif not os.path.exists(target):
-        from data.download import SHAKESPEARE_URL, download_file
-        download_file(SHAKESPEARE_URL, target, desc="tinyshakespeare")
+        download_file(url, target, desc="tinyshakespeare")
     with open(target, encoding="utf-8") as f:
         return f.read()
 
@@ -36,6 +36,7 @@ def parse_args(argv, doc, default_out_dir):
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", help="local input.txt instead of downloading")
     parser.add_argument("--out_dir", default=default_out_dir)
+    parser.add_argument("--url", default=SHAKESPEARE_URL, help="where to download input.txt from")
     args = parser.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     return args
@@ -43,17 +44,16 @@ def parse_args(argv, doc, default_out_dir):
 
 def main(argv=None):
     args = parse_args(argv, __doc__, HERE)
-    text = get_text(args.input, args.out_dir)
+    text = get_text(args.input, args.out_dir, args.url)
     chars = sorted(set(text))
     stoi = {ch: i for i, ch in enumerate(chars)}
     ids = np.array([stoi[ch] for ch in text], dtype=np.uint16)
     split = int(0.9 * len(ids))
     write_shard(os.path.join(args.out_dir, "train_000000.bin"), ids[:split], len(chars))
     write_shard(os.path.join(args.out_dir, "val_000000.bin"), ids[split:], len(chars))
-    with open(os.path.join(args.out_dir, "meta.pkl"), "wb") as f:
-        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}, f)
+    save_dataset_spec(args.out_dir, {"kind": "char", "chars": "".join(chars)})
     print(f"{len(text):,} characters, vocab {len(chars)}: {split:,} train / {len(ids) - split:,} val tokens in {args.out_dir}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -20,8 +20,9 @@ import numpy as np  # noqa: E402
 import tiktoken  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from data.download import download_file  # noqa: E402
+from data.download import download_file, run_main  # noqa: E402
 from data.shards import ShardWriter  # noqa: E402
+from tokenizer import save_dataset_spec  # noqa: E402
 
 BASE_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main"
 FILES = {"train": "TinyStoriesV2-GPT4-train.txt", "val": "TinyStoriesV2-GPT4-valid.txt"}
@@ -119,9 +120,11 @@ def main(argv=None):
     if missing:
         parser.error(f"--input: no such file {', '.join(missing)}")
     os.makedirs(args.out_dir, exist_ok=True)
-    return {split: write_split(stories, args.out_dir, split, args.shard_size, args.workers)
-            for split, stories in story_splits(args)}
+    paths = {split: write_split(stories, args.out_dir, split, args.shard_size, args.workers)
+             for split, stories in story_splits(args)}
+    save_dataset_spec(args.out_dir, {"kind": "gpt2"})
+    return paths
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
