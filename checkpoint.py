@@ -90,7 +90,7 @@ def architecture(ckpt):
 
 def check_compatible(ckpt, cfg):
     """A ValueError unless a checkpoint's weights fit the model of `cfg`: context and dropout may change."""
-    theirs = architecture(ckpt)
+    theirs = asdict(GPTConfig(**architecture(ckpt)))  # defaults filled in as they were when it was written
     differ = {k: (theirs.get(k), v) for k, v in asdict(cfg).items()
               if k not in ("block_size", "dropout") and theirs.get(k) != v}
     if differ:

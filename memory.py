@@ -7,22 +7,23 @@ What is counted, per GPU:
 - gathered: FSDP's unsharded bf16 copies of the block being computed and the one being prefetched;
 - activations: the tensors autograd keeps per token per layer (listed in `saved_per_token`), times batch·block_size;
   with checkpointing only each checkpointed block's input is kept, plus one block's activations while it is recomputed;
-- logits: fp32 logits and their log-softmax for the loss (batch·block_size·vocab·8 bytes);
+- loss: the loss never holds all logits (model.ChunkedCrossEntropy): one chunk's fp32 logits and gradient plus
+  their compute-dtype copy, the head's fp32 weight gradient, and the hidden states' gradient it keeps;
 - overhead: CUDA context, workspaces and allocator slack (a flat 2 GiB).
 """
 import math
 from dataclasses import asdict
 
-from model import GPTConfig, KVCache, MoE
+from model import LOSS_CHUNK_ELEMENTS, GPTConfig, KVCache, MoE
 
 GIB = 2**30
 
 
 def saved_per_token(cfg, block):
     """Elements autograd saves per token in one block (flash attention: no T×T scores)."""
-    d, kv = cfg.n_embd, 2 * cfg.n_kv_head * cfg.head_dim
+    d, q, kv = cfg.n_embd, cfg.n_head * cfg.head_dim, 2 * cfg.n_kv_head * cfg.head_dim
     produces = hasattr(block.attn, "k_proj")
-    attn = 7 * d + (3 * kv if produces else 0)  # x, norm(x), q raw/normed/rotated, attention out; k, v raw/rotated
+    attn = 3 * d + 4 * q + (3 * kv if produces else 0)  # x, norm(x), out; q raw/normed/rotated, attention; k, v
     if isinstance(block.mlp, MoE):
         k, h, shared = cfg.n_expert_active, cfg.expert_hidden, cfg.n_shared_expert * cfg.expert_hidden
         per_hidden = 4 if cfg.mlp == "swiglu" else 3
@@ -58,7 +59,8 @@ def memory_plan(model, batch_size, block_size, world_size, fsdp, activation_chec
         "optimizer state (fp32)": optimizer_bytes / shard,
         "gathered bf16 units (FSDP)": 2 * 2 * unit if fsdp else 0,
         "activations": activations,
-        "logits + log-softmax (fp32)": tokens * cfg.vocab_size * 8,
+        "loss (logit chunk, head grad)": min(tokens, LOSS_CHUNK_ELEMENTS // cfg.vocab_size) * cfg.vocab_size * 10
+        + 4 * cfg.vocab_size * cfg.n_embd + tokens * cfg.n_embd * act_bytes,
         "overhead": 2 * GIB,
     }
 

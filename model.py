@@ -26,6 +26,7 @@ class GPTConfig:
     n_embd: int = 384
     n_head: int = 6
     n_kv_head: int = 0            # 1 = multi-query, n_head (or 0) = multi-head, in between = grouped-query
+    head_dim: int = 0             # 0 = n_embd // n_head; set for heads wider or narrower than that (e.g. Qwen3)
     mlp: str = "swiglu"           # 'swiglu' or 'relu2'
     mlp_hidden: int = 0           # 0: 8/3·n_embd for swiglu, 4·n_embd for relu2 (rounded up to a multiple of 64)
     qk_norm: bool = True          # RMSNorm on queries and keys (stabilises higher learning rates)
@@ -43,15 +44,20 @@ class GPTConfig:
     n_dense_layers: int = 1       # the first layers keep a dense MLP
     moe_bias_gamma: float = 1e-3  # aux-loss-free balancing: bias step per optimizer step
     moe_aux_alpha: float = 1e-4   # sequence-wise balance loss weight (0 disables)
+    norm_eps: float = 1e-6        # RMSNorm epsilon
+    logit_softcap: float = 0.0    # > 0: logits = c * tanh(logits / c) (Gemma 2; modded-nanogpt); 0 = off
 
     def __post_init__(self):
         def check(ok, message):
             if not ok:
                 raise ValueError(f"GPTConfig: {message}")
         self.n_kv_head = self.n_kv_head or self.n_head
+        if not self.head_dim:
+            check(self.n_head >= 1 and self.n_embd % self.n_head == 0,
+                  f"n_embd {self.n_embd} must be divisible by n_head {self.n_head} (or set head_dim)")
+            self.head_dim = self.n_embd // self.n_head
         check(self.attn_pattern and set(self.attn_pattern) <= {"L", "G"},
               f"attn_pattern {self.attn_pattern!r} may only contain L (local) and G (global), e.g. 'LLLLLG'")
-        check(self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} must be divisible by n_head {self.n_head}")
         check(self.n_head % self.n_kv_head == 0, f"n_head {self.n_head} must be a multiple of n_kv_head {self.n_kv_head}")
         check(self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even for RoPE")
         check(self.kv_share >= 1, f"kv_share must be >= 1, got {self.kv_share}")
@@ -61,10 +67,6 @@ class GPTConfig:
             check(1 <= self.n_expert_active <= self.n_expert,
                   f"n_expert_active {self.n_expert_active} must be between 1 and n_expert {self.n_expert}")
             check(0 <= self.n_dense_layers <= self.n_layer, "n_dense_layers must be in [0, n_layer]")
-
-    @property
-    def head_dim(self):
-        return self.n_embd // self.n_head
 
     @property
     def hidden(self):
@@ -173,8 +175,8 @@ class Attention(nn.Module):
             self.k_proj = nn.Linear(d, cfg.n_kv_head * hd, bias=False)
             self.v_proj = nn.Linear(d, cfg.n_kv_head * hd, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * hd, d, bias=False)
-        self.q_norm = RMSNorm(hd) if cfg.qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(hd) if cfg.qk_norm and produces_kv else nn.Identity()
+        self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm and produces_kv else nn.Identity()
 
     def forward(self, x, cos, sin, kv, cache):
         """Returns (output, kv): a producer computes kv = (k, v, window); a consumer is handed its producer's."""
@@ -310,9 +312,9 @@ class MoE(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg, layer, kind, kv_group, produces_kv, attn_impl="sdpa"):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.n_embd)
+        self.attn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.attn = Attention(cfg, kind, kv_group, produces_kv, attn_impl)
-        self.mlp_norm = RMSNorm(cfg.n_embd)
+        self.mlp_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MoE(cfg) if cfg.n_expert and layer >= cfg.n_dense_layers else MLP(cfg, cfg.hidden)
         self.dropout = nn.Dropout(cfg.dropout)
         self.checkpoint = False  # activation checkpointing: keep only the input, recompute the rest in backward
@@ -377,6 +379,79 @@ class KVCache:
         return total
 
 
+# --------------------------------------------------------------------------------------------------- output head
+
+LOSS_CHUNK_ELEMENTS = 2**25  # logits per loss chunk (128 MiB in fp32): rows per chunk = this // vocab_size
+
+
+def softcapped(logits, softcap):
+    return softcap * torch.tanh(logits / softcap) if softcap else logits
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of x @ weight.T against targets (-1: ignored), never holding more than one chunk of
+    rows' logits. Each chunk's logits give its loss and at once its gradients for x and weight (a sum's gradient
+    only needs scaling in backward), so nothing is recomputed. Matmuls run in the autocast dtype, softmax in fp32."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, softcap, chunk_rows):
+        device = x.device.type
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        w, acc = weight.to(compute), torch.promote_types(compute, torch.float32)  # acc: fp32, or fp64 in tests
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_x = torch.empty_like(x) if need_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_grad else None
+        loss = torch.zeros((), dtype=acc, device=x.device)
+        for start in range(0, x.size(0), chunk_rows):
+            xc, tc = x[start:start + chunk_rows].to(compute), targets[start:start + chunk_rows]
+            logits = softcapped((xc @ w.t()).to(acc), softcap)
+            lse = logits.logsumexp(-1)
+            counted = (tc >= 0).to(acc)
+            picked = logits.gather(1, tc.clamp(min=0)[:, None])[:, 0]
+            loss += ((lse - picked) * counted).sum()
+            if need_grad:  # d loss / d logits = softmax - one_hot, on counted rows; through the cap: * (1 - tanh^2)
+                d = (logits - lse[:, None]).exp_()
+                d.scatter_add_(1, tc.clamp(min=0)[:, None], -torch.ones_like(d[:, :1]))
+                d *= counted[:, None]
+                if softcap:
+                    d *= 1 - (logits / softcap) ** 2
+                d = d.to(compute)
+                grad_x[start:start + chunk_rows] = (d @ w).to(x.dtype)
+                grad_w += (d.t() @ xc).to(acc)
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        gx = grad_x * grad_loss.to(grad_x.dtype) if ctx.needs_input_grad[0] else None
+        gw = (grad_w * grad_loss).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        return gx, gw, None, None, None
+
+
+class LMHead(nn.Linear):
+    """The output projection. Given targets it returns the summed loss without the (rows, vocab) logits
+    (ChunkedCrossEntropy), or with per_token the cross-entropy of each row, differentiable, from chunks whose
+    logits are recomputed in backward (DPO). Every use goes through the module call, so FSDP2 gathers the weight."""
+
+    def forward(self, x, targets=None, softcap=0.0, per_token=False):
+        if targets is None:
+            logits = super().forward(x)
+            return softcapped(logits.to(torch.promote_types(logits.dtype, torch.float32)), softcap)
+        chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // self.out_features)
+        if not per_token:
+            return ChunkedCrossEntropy.apply(x, self.weight, targets, softcap, chunk_rows)
+
+        def chunk_losses(xc, tc):
+            logits = F.linear(xc, self.weight)
+            logits = softcapped(logits.to(torch.promote_types(logits.dtype, torch.float32)), softcap)
+            return F.cross_entropy(logits, tc, ignore_index=-1, reduction="none")
+        checkpointed = functools.partial(torch.utils.checkpoint.checkpoint, chunk_losses, use_reentrant=False)
+        run = checkpointed if torch.is_grad_enabled() else chunk_losses
+        return torch.cat([run(x[i:i + chunk_rows], targets[i:i + chunk_rows]) for i in range(0, len(x), chunk_rows)])
+
+
 # ----------------------------------------------------------------------------------------------------------- model
 
 class GPT(nn.Module):
@@ -388,8 +463,8 @@ class GPT(nn.Module):
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, i, *spec, attn_impl) for i, spec in enumerate(layer_plan(cfg)))
-        self.norm = RMSNorm(cfg.n_embd)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.lm_head = LMHead(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.init_weights()
@@ -413,8 +488,11 @@ class GPT(nn.Module):
             if hasattr(module, name):
                 nn.init.normal_(getattr(module, name).weight, std=std / math.sqrt(2 * self.config.n_layer))
 
-    def forward(self, idx, targets=None, cache=None, last_pos=None):
-        """With targets: (logits (B, T, V), loss). Otherwise: (logits at last_pos (B,) or the last position, None)."""
+    def forward(self, idx, targets=None, cache=None, last_pos=None, reduction="mean", all_logits=False):
+        """With targets (-1 = no loss there): (None, loss), the logits never materialised whole. reduction 'mean'
+        averages the cross-entropy over the counted targets, 'sum' adds it up (both plus the MoE balance losses
+        while training); 'none' gives the (B, T) cross-entropy per position, 0 where ignored.
+        Without targets: (logits at last_pos (B,) or at the last position, None); all_logits: (B, T, V) logits."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size and cache is None:
@@ -430,14 +508,18 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         if targets is None:
-            rows = torch.arange(B, device=idx.device)
-            last = last_pos if last_pos is not None else torch.full((B,), T - 1, device=idx.device)
-            return self.lm_head(x[rows, last]).float(), None
-        logits = self.lm_head(x).float()
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            if not all_logits:
+                rows = torch.arange(B, device=idx.device)
+                x = x[rows, last_pos if last_pos is not None else torch.full((B,), T - 1, device=idx.device)]
+            return self.lm_head(x, softcap=self.config.logit_softcap), None
+        if reduction == "none":
+            return None, self.lm_head(x.flatten(0, 1), targets.flatten(), self.config.logit_softcap, True).view(B, T)
+        loss = self.lm_head(x.flatten(0, 1), targets.flatten(), self.config.logit_softcap)
+        if reduction == "mean":
+            loss = loss / (targets >= 0).sum().clamp(min=1)
         for aux_loss in aux_losses:  # MoE balance losses (training with moe_aux_alpha > 0 only)
             loss = loss + aux_loss
-        return logits, loss
+        return None, loss
 
     # ------------------------------------------------------------------------------------------------- counting
 

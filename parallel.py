@@ -107,8 +107,9 @@ def wrap_fsdpv2(model):
     devices = xr.global_runtime_device_count()
     xs.set_global_mesh(xs.Mesh(np.arange(devices), (devices, 1), ("fsdp", "model")))
 
-    def shard_output(output, mesh):  # the model returns (logits, loss): shard the logits along the batch
-        xs.mark_sharding(output[0], mesh, ("fsdp", None, None))
+    def shard_output(output, mesh):  # the model returns (logits or None, loss): shard any logits along the batch
+        if output[0] is not None:
+            xs.mark_sharding(output[0], mesh, ("fsdp",) + (None,) * (output[0].dim() - 1))
     policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={Block})
     return SpmdFullyShardedDataParallel(model, mesh=xs.get_global_mesh(), auto_wrap_policy=policy,
                                         shard_output=shard_output)

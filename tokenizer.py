@@ -10,6 +10,7 @@ import os
 import pickle
 
 SPEC_FILE = "tokenizer.json"
+GPT2_VOCAB_SIZE = 50257
 
 
 class Tokenizer:
@@ -17,7 +18,11 @@ class Tokenizer:
         self.spec = spec
         if spec["kind"] == "gpt2":
             import tiktoken
-            self.enc = tiktoken.get_encoding("gpt2")
+            try:
+                self.enc = tiktoken.get_encoding("gpt2")
+            except Exception as e:  # tiktoken downloads its vocabulary once, then reads its cache
+                raise ValueError(f"the GPT-2 tokenizer's files could not be loaded ({type(e).__name__}); offline, "
+                                 "point TIKTOKEN_CACHE_DIR at a folder holding tiktoken's cached GPT-2 files") from e
             self.vocab_size, self.eot = self.enc.n_vocab, self.enc.eot_token
         elif spec["kind"] == "char":
             self.stoi = {ch: i for i, ch in enumerate(spec["chars"])}

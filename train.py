@@ -32,7 +32,7 @@ from parallel import (cut_xla_graph, describe_xla_sharding, finish, gradient_syn
                       barrier, shard_batch, shard_fsdp2, wrap_for_training, xla_compilations)
 from runtime import ATTN_IMPLS, DTYPE_SETTINGS, autocast_for, device_type as device_type_of
 from runtime import peak_flops as device_peak_flops, resolve_attn_impl, resolve_dtype
-from tokenizer import Tokenizer
+from tokenizer import GPT2_VOCAB_SIZE, Tokenizer
 
 # ----------------------------------------------------------------------------------------------------------- config
 # I/O
@@ -172,7 +172,7 @@ def dry_run_vocab_size():
     try:
         return Tokenizer.for_dataset(os.path.join(data_root, next(iter(datasets or {dataset: 1})))).vocab_size
     except (OSError, ValueError):
-        return Tokenizer({"kind": "gpt2"}).vocab_size
+        return GPT2_VOCAB_SIZE
 
 
 if dry_run:
