@@ -2,12 +2,16 @@
 
     python bench/attention.py            # T in 1k..16k, D in {64, 128}, Hkv in {1, 8}, window in {none, 1024}
     python bench/attention.py --quick    # T in {1k, 4k}, D = 128, Hkv = 8
+    python bench/attention.py --seq-lens 8192 --head-dims 128 --kv-heads 8,1 --windows none \
+        --providers triton,triton-deterministic,sdpa-flash,sdpa-cudnn      # one row per Hkv, with max errors
 
 Every configuration holds B * T = 16k tokens and Hq * D = 2048 (Hq = 32 at D = 64, 16 at D = 128), causal, bf16.
 FLOPs follow FlashAttention's convention, counted over the (query, key) pairs a causal or sliding-window mask
 leaves visible: forward 4 * B * Hq * D * pairs (two matmuls), backward 2.5x that. A provider that computes every
 pair under an explicit mask (SDPA with a window) is credited with the visible pairs only, i.e. effective TFLOP/s.
-Prints a markdown table; 'n/a' means the backend refused the inputs, 'oom' that it ran out of memory.
+triton-deterministic is the atomic-free backward (separate dQ kernel). Each configuration also gets an "err" row:
+max |out - ref| (fwd) and the largest max |grad - ref grad| over q, k, v (bwd), ref = the first SDPA provider
+that ran. Prints a markdown table; 'n/a' means the backend refused the inputs, 'oom' that it ran out of memory.
 """
 import argparse
 import datetime
@@ -19,15 +23,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from model import attention_mask, visible_pairs  # noqa: E402
+
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
-PROVIDERS = ("triton",) + tuple(f"sdpa-{b}" for b in SDPA_BACKENDS) + ("flex",)
-
-
-def visible_pairs(T, window):
-    """Number of (query, key) pairs with i - window < j <= i, 0 <= j <= i < T."""
-    if window is None or window >= T:
-        return T * (T + 1) // 2
-    return window * (window + 1) // 2 + (T - window) * window
+PROVIDERS = ("triton", "triton-deterministic") + tuple(f"sdpa-{b}" for b in SDPA_BACKENDS) + ("flex",)
 
 
 def forward_flops(B, Hq, T, D, window):
@@ -41,9 +40,9 @@ class Unavailable(Exception):
 def make_attention(provider, q, k, v, window):
     """A zero-argument callable computing causal (windowed) attention of q over k, v with `provider`."""
     T, gqa = q.size(2), q.size(1) != k.size(1)
-    if provider == "triton":
+    if provider.startswith("triton"):
         from kernels.attention import flash_attention
-        return lambda: flash_attention(q, k, v, window)
+        return lambda: flash_attention(q, k, v, window, deterministic=provider == "triton-deterministic")
     if provider.startswith("sdpa-"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
         backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -53,8 +52,7 @@ def make_attention(provider, q, k, v, window):
         elif provider == "sdpa-flash":
             raise Unavailable("no mask support")
         else:
-            i = torch.arange(T, device=q.device)
-            kwargs = dict(attn_mask=(i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window))
+            kwargs = dict(attn_mask=attention_mask(T, T, window, q.device))
 
         def run():
             with sdpa_kernel(backend):
@@ -63,6 +61,8 @@ def make_attention(provider, q, k, v, window):
     if provider == "flex":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+        # model.attention_mask's rule in FlexAttention's in-kernel form: a captured dense mask would be gathered
+        # per element and slow Flex down
         def visible(b, h, i, j):
             return (j <= i) if window is None else (j <= i) & (j > i - window)
         block_mask = create_block_mask(visible, B=None, H=None, Q_LEN=T, KV_LEN=T, device=q.device)
@@ -86,18 +86,58 @@ def _compiled_flex(flex_attention):
 
 
 def time_provider(provider, q, k, v, window, backward):
-    """(forward ms, backward ms) with triton.testing.do_bench (median); backward ms is None if not asked."""
+    """(forward ms, backward ms or None, output, gradients or None), timed with triton.testing.do_bench (median)."""
     from triton.testing import do_bench
     fn = make_attention(provider, q, k, v, window)
     out = fn()  # compiles / autotunes, and fails here if the backend refuses
     fwd = do_bench(fn, warmup=25, rep=100, return_mode="median")
-    bwd = None
-    if backward:
-        do = torch.randn_like(out)
-        out.backward(do, retain_graph=True)  # the backward's own compile / autotune
-        bwd = do_bench(lambda: out.backward(do, retain_graph=True), warmup=25, rep=100, grad_to_none=[q, k, v],
-                       return_mode="median")
-    return fwd, bwd
+    if not backward:
+        return fwd, None, out.detach(), None
+    do = torch.randn_like(out)  # the same for every provider: each draws q, k, v, dO after manual_seed(0)
+    grads = torch.autograd.grad(out, (q, k, v), do, retain_graph=True)  # the backward's own compile / autotune
+    bwd = do_bench(lambda: out.backward(do, retain_graph=True), warmup=25, rep=100, grad_to_none=[q, k, v],
+                   return_mode="median")
+    return fwd, bwd, out.detach(), grads
+
+
+def max_errors(result, ref):
+    """(forward, backward) max abs differences of a provider's result from the reference provider's."""
+    fwd = (result[2].float() - ref[2].float()).abs().max().item()
+    if result[3] is None or ref[3] is None:
+        return fwd, None
+    return fwd, max((a.float() - b.float()).abs().max().item() for a, b in zip(result[3], ref[3]))
+
+
+def config_rows(providers, B, Hq, Hkv, T, D, window, dtype, backward):
+    """The fwd, bwd and err cells of one configuration, one per provider."""
+    flops = forward_flops(B, Hq, T, D, window)
+    results = {}
+    for provider in providers:
+        torch.manual_seed(0)  # every provider gets the same inputs
+        q = torch.randn(B, Hq, T, D, device="cuda", dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(B, Hkv, T, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+        try:
+            results[provider] = time_provider(provider, q, k, v, window, backward)
+        except torch.cuda.OutOfMemoryError:
+            results[provider] = "oom"
+        except Exception as e:  # a backend that refuses these inputs: report, keep going
+            reason = str(e).strip().split("\n")[0][:80] or type(e).__name__
+            print(f"<!-- {provider} T={T} D={D} Hkv={Hkv} window={window}: {reason} -->", file=sys.stderr)
+            results[provider] = "n/a"
+        del q, k, v
+        torch.cuda.empty_cache()
+    ref = next((r for p, r in results.items() if p.startswith("sdpa") and isinstance(r, tuple)), None)
+    cells = {"fwd": [], "bwd": [], "err": []}
+    for provider in providers:
+        r = results[provider]
+        if not isinstance(r, tuple):
+            cells["fwd"].append(r), cells["bwd"].append(r), cells["err"].append(r)
+            continue
+        cells["fwd"].append(f"{flops / r[0] * 1e-9:.1f}")
+        cells["bwd"].append("-" if r[1] is None else f"{2.5 * flops / r[1] * 1e-9:.1f}")
+        errs = max_errors(r, ref) if ref is not None else (None, None)
+        cells["err"].append(" / ".join("-" if e is None else f"{e:.1e}" for e in errs))
+    return cells
 
 
 def main():
@@ -115,6 +155,13 @@ def main():
     args = p.parse_args()
     if args.quick:
         args.seq_lens, args.head_dims, args.kv_heads, args.providers = "1024,4096", "128", "8", "triton,sdpa-flash,flex"
+    providers = args.providers.split(",")
+    unknown = [x for x in providers if x not in PROVIDERS]
+    if unknown:
+        p.error(f"unknown providers {unknown}; choose from {', '.join(PROVIDERS)}")
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    windows = [None if w == "none" else int(w) for w in args.windows.split(",")]
+    seq_lens, head_dims, kv_heads = ints(args.seq_lens), ints(args.head_dims), ints(args.kv_heads)
 
     if not torch.cuda.is_available():
         print("bench/attention.py needs a CUDA GPU and found none: no figures measured here.\n"
@@ -123,43 +170,20 @@ def main():
 
     import triton
     dtype = getattr(torch, args.dtype)
-    providers = args.providers.split(",")
-    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
-    windows = [None if w == "none" else int(w) for w in args.windows.split(",")]
     print(f"## Causal attention, {torch.cuda.get_device_name()}, {datetime.date.today()}\n")
     print(f"torch {torch.__version__}, triton {triton.__version__}, {args.dtype}, B*T = {args.tokens}, "
-          f"Hq*D = {args.width}; TFLOP/s (FlashAttention FLOPs over visible pairs; backward = 2.5x forward)\n")
+          f"Hq*D = {args.width}; TFLOP/s (FlashAttention FLOPs over visible pairs; backward = 2.5x forward); "
+          "err: max abs error fwd / bwd against the first SDPA provider\n")
     print("| T | B | Hq | Hkv | D | window | pass | " + " | ".join(providers) + " |")
     print("|" + "---|" * (7 + len(providers)))
-    for D in ints(args.head_dims):
+    for D in head_dims:
         Hq = args.width // D
-        for Hkv in ints(args.kv_heads):
+        for Hkv in kv_heads:
             for window in windows:
-                for T in ints(args.seq_lens):
+                for T in seq_lens:
                     B = max(1, args.tokens // T)
-                    flops = forward_flops(B, Hq, T, D, window)
-                    cells = {"fwd": [], "bwd": []}
-                    for provider in providers:
-                        torch.manual_seed(0)
-                        q = torch.randn(B, Hq, T, D, device="cuda", dtype=dtype, requires_grad=True)
-                        k, v = (torch.randn(B, Hkv, T, D, device="cuda", dtype=dtype, requires_grad=True)
-                                for _ in range(2))
-                        try:
-                            fwd, bwd = time_provider(provider, q, k, v, window, not args.no_backward)
-                            cells["fwd"].append(f"{flops / fwd * 1e-9:.1f}")
-                            cells["bwd"].append("-" if bwd is None else f"{2.5 * flops / bwd * 1e-9:.1f}")
-                        except torch.cuda.OutOfMemoryError:
-                            cells["fwd"].append("oom")
-                            cells["bwd"].append("oom")
-                        except Exception as e:  # a backend that refuses these inputs: report, keep going
-                            reason = str(e).strip().split("\n")[0][:80] or type(e).__name__
-                            print(f"<!-- {provider} T={T} D={D} Hkv={Hkv} window={window}: {reason} -->",
-                                  file=sys.stderr)
-                            cells["fwd"].append("n/a")
-                            cells["bwd"].append("n/a")
-                        del q, k, v
-                        torch.cuda.empty_cache()
-                    for pass_ in ("fwd", "bwd") if not args.no_backward else ("fwd",):
+                    cells = config_rows(providers, B, Hq, Hkv, T, D, window, dtype, not args.no_backward)
+                    for pass_ in ("fwd", "bwd", "err") if not args.no_backward else ("fwd", "err"):
                         print(f"| {T} | {B} | {Hq} | {Hkv} | {D} | {window or 'causal'} | {pass_} | "
                               + " | ".join(cells[pass_]) + " |", flush=True)
 

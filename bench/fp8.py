@@ -4,6 +4,8 @@
   2. quantize GB/s against the device's memory bandwidth;
   3. fp8 Linear forward+backward per 7B layer shape, and a whole SwiGLU MLP block, fp8 recipes vs bf16.
     python bench/fp8.py [--quick]
+    python bench/fp8.py --sections gemm --squares 8192 --layers none     # one GEMM row: 8192^3
+    python bench/fp8.py --sections quantize,linear --layers none         # quantize GB/s and the SwiGLU MLP row
 7B shapes (config/train_7b.py): d_model 4096, 32 heads of 128 with one K/V head, SwiGLU hidden 14336, micro-batch
 8 x 4096 = 32768 tokens per GPU; weights reach the matmuls in bf16 (FSDP2 param_dtype), as here.
 """
@@ -21,6 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 D, HIDDEN, HEAD, TOKENS = 4096, 14336, 128, 8 * 4096
 LAYERS = {"q/o proj": (D, D), "k/v proj (MQA)": (HEAD, D), "gate/up proj": (HIDDEN, D), "down proj": (D, HIDDEN)}
+LAYER_KEYS = {"qo": "q/o proj", "kv": "k/v proj (MQA)", "gate_up": "gate/up proj", "down": "down proj"}
+SECTIONS = ("gemm", "quantize", "linear")
 PEAK_GBPS = [("H200", 4800), ("H100 NVL", 3900), ("H100 PCIe", 2000), ("H100", 3350), ("GH200", 4000),
              ("B200", 8000), ("L40S", 864), ("L40", 864), ("L4", 300), ("RTX 4090", 1008)]
 DEVICE = "cuda"
@@ -80,12 +84,12 @@ def gemm_row(fp8, label, M, N, K, b_scaling):
     return [label, f"{M}x{N}x{K}"] + [fmt(c) for c in cells]
 
 
-def bench_gemms(fp8, squares, tokens):
+def bench_gemms(fp8, squares, layers, tokens):
     print("## GEMM TFLOP/s (bf16 output)\n")
     print("Ours: Triton, fp32 accumulation promoted every 128 of K; `block` = A in 1x128 tiles, B in 128x128 blocks "
           "(1x128 tiles for grad_W). `_scaled_mm` = cuBLASLt via torch; fast-accum skips the promotion.\n")
     rows = [gemm_row(fp8, f"square {n}", n, n, n, "block") for n in squares]
-    for name, (N, K) in LAYERS.items():
+    for name, (N, K) in layers.items():
         rows.append(gemm_row(fp8, f"{name} fwd", tokens, N, K, "block"))
         rows.append(gemm_row(fp8, f"{name} grad_x", tokens, K, N, "block"))
         rows.append(gemm_row(fp8, f"{name} grad_W", N, K, tokens, "tile"))
@@ -132,12 +136,12 @@ class SwiGLU(nn.Module):  # as model.py's MLP
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def bench_linear(fp8, tokens):
+def bench_linear(fp8, layers, tokens):
     print(f"## fp8 Linear and SwiGLU MLP, forward + backward, {tokens} tokens, bf16 weights and activations\n")
     recipes = list(fp8.RECIPES)
     rows = []
     cases = [(f"Linear {name} {K}->{N}", nn.Sequential(nn.Linear(K, N, bias=False)), K, 6 * tokens * N * K)
-             for name, (N, K) in LAYERS.items()]
+             for name, (N, K) in layers.items()]
     cases.append((f"SwiGLU MLP {D}->{HIDDEN}->{D}", SwiGLU(), D, 18 * tokens * D * HIDDEN))
     for name, module, width, flops in cases:
         module = module.to(DEVICE, torch.bfloat16)
@@ -158,7 +162,22 @@ def bench_linear(fp8, tokens):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2k/4k squares and 8192 tokens instead of 32768")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"any of {', '.join(SECTIONS)}")
+    parser.add_argument("--squares", default="2048,4096,8192,16384", help="M = N = K of the square GEMM rows")
+    parser.add_argument("--layers", default="all",
+                        help=f"7B layer rows (GEMMs and Linears): all, none, or any of {', '.join(LAYER_KEYS)}")
+    parser.add_argument("--tokens", type=int, default=TOKENS, help="tokens per layer GEMM / Linear / MLP")
     args = parser.parse_args()
+    sections = args.sections.split(",")
+    names = {"all": list(LAYER_KEYS), "none": []}.get(args.layers, args.layers.split(","))
+    bad = [x for x in sections if x not in SECTIONS] + [x for x in names if x not in LAYER_KEYS]
+    if bad:
+        parser.error(f"unknown sections or layers {bad}")
+    layers = {LAYER_KEYS[n]: LAYERS[LAYER_KEYS[n]] for n in names}
+    squares = [int(n) for n in args.squares.split(",") if n]
+    tokens = args.tokens
+    if args.quick:
+        squares, tokens = [2048, 4096], 8192
     if not torch.cuda.is_available():
         print("bench/fp8.py needs CUDA (a GPU with fp8 tensor cores, compute capability >= 8.9); nothing to run here.")
         return
@@ -170,13 +189,14 @@ def main():
     import triton
     from kernels import fp8
     peak = next((gbps for key, gbps in PEAK_GBPS if key in name), None)
-    squares = [2048, 4096] if args.quick else [2048, 4096, 8192, 16384]
-    tokens = 8192 if args.quick else TOKENS
     print(f"# fp8 benchmarks: {name} (sm_{cap[0]}{cap[1]}), {datetime.date.today()}, torch {torch.__version__}, "
-          f"triton {triton.__version__}{', --quick' if args.quick else ''}\n")
-    bench_gemms(fp8, squares, tokens)
-    bench_quantize(fp8, tokens, peak)
-    bench_linear(fp8, tokens)
+          f"triton {triton.__version__}\n\ncommand: `python {' '.join(sys.argv)}`\n")
+    if "gemm" in sections:
+        bench_gemms(fp8, squares, layers, tokens)
+    if "quantize" in sections:
+        bench_quantize(fp8, tokens, peak)
+    if "linear" in sections:
+        bench_linear(fp8, layers, tokens)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import GPT, GPTConfig  # noqa: E402
+from runtime import peak_flops  # noqa: E402
 
 MODELS = {
     # ~1.2B dense: Llama-style widths, GQA-4
@@ -26,14 +27,13 @@ MODELS = {
                        attn_pattern="LLLLLG", local_window=1024, kv_share=2, share_global_kv=True, block_size=4096,
                        batch=4),
 }
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12}
 
 
 def bench(name, fp8, steps, warmup):
     spec = dict(MODELS[name])
     batch = spec.pop("batch")
-    cfg = GPTConfig(vocab_size=50304, attn_impl="triton", **spec)
-    raw = GPT(cfg).cuda()
+    cfg = GPTConfig(vocab_size=50304, **spec)
+    raw = GPT(cfg, attn_impl="triton").cuda()  # the kernel is the process's choice, not the config's
     if fp8:
         raw.convert_fp8("tensorwise")
     model = torch.compile(raw)
@@ -51,9 +51,9 @@ def bench(name, fp8, steps, warmup):
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
     tokens_per_s = batch * cfg.block_size / dt
-    peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name()), float("nan"))
-    result = dict(ms=dt * 1000, tokens_per_s=tokens_per_s, mfu=raw.flops_per_token(cfg.block_size) * tokens_per_s / peak,
-                  memory=torch.cuda.max_memory_allocated() / 2**30)
+    peak = peak_flops("cuda") or float("nan")  # 0.0 for a GPU runtime.py has no figure for
+    mfu = raw.flops_per_token(cfg.block_size) * tokens_per_s / peak
+    result = dict(ms=dt * 1000, tokens_per_s=tokens_per_s, mfu=mfu, memory=torch.cuda.max_memory_allocated() / 2**30)
     del model, raw, optimizer
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -67,6 +67,9 @@ def main():
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--no-fp8", action="store_true")
     args = parser.parse_args()
+    unknown = [m for m in args.models.split(",") if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
     if not torch.cuda.is_available():
         print("bench/train.py needs CUDA: no GPU here. The figures owed are listed in bench/RESULTS.md.")
         return

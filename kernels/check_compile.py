@@ -1,19 +1,25 @@
 """Compile every Triton kernel in kernels/ for an H100 (sm_90a) on a machine without a GPU.
 
     python -m kernels.check_compile          # one line per compiled kernel; exit status 1 if any check fails
+    python -m kernels.check_compile -k fp8   # only the cases whose title contains "fp8"
 
 Why: the tests run the kernels in Triton's interpreter, which accepts programs the compiler rejects (and knows
 nothing of registers or shared memory). This drives the kernels through their own launch code, so arguments are
 specialised exactly as on a GPU (ints equal to 1, 16-divisible ints and pointers), with Triton's driver swapped for
 one that reports an sm_90 device and never launches. Every autotune config that survives the kernel's own pruning
 is compiled (Triton -> PTX -> ptxas -> cubin, Triton's own flags) and checked. bf16 / fp16 / fp8: every config
-compiles, fits the 227 KB of shared memory an H100 thread block may use, and turns its tensor-core dots into
-wgmma, and each kernel has at least one config that does not spill registers (cuobjdump's stack frame is 0;
-spilling configs are listed: the autotuner may still pick one if it measures faster). fp32 attention (a correctness
-path): each kernel has at least one config that fits in shared memory (the autotuner skips the others). It cannot
+compiles, fits the 227 KB of shared memory an H100 thread block may use, turns its tensor-core dots into wgmma
+and does not spill registers (cuobjdump's stack frame is 0): the kernels prune configs that would spill before the
+autotuner sees them. In a bf16 / fp16 attention case at D = 128, a config whose wgmma are narrower than N = 64 fails
+when another spill-free config of the same kernel reaches N >= 64 (narrow wgmma leave the tensor cores waiting; see
+issue 19). The fp8 quantize kernels must use the hardware saturating cast and have a config that fits 2 thread
+blocks per SM. fp32 attention (a correctness path): each kernel has at least one config that fits in shared memory
+(the autotuner skips the others).
+Each line shows shared memory, registers, stack (spill) bytes, the wgmma N used and thread blocks per SM. It cannot
 check results or speed: that needs the GPU (tests and bench/). It drives Triton internals (JITFunction.run,
 Autotuner.warmup, the active driver), checked with Triton 3.6 and 3.9; a newer Triton may need it adjusted.
 """
+import argparse
 import os
 import re
 import subprocess
@@ -38,7 +44,19 @@ H100_SMEM_PER_BLOCK = 227 * 1024
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 if not os.path.exists(CUOBJDUMP):
     sys.exit(f"{CUOBJDUMP} not found: this Triton has no bundled NVIDIA tools (a ROCm or CPU-only build?)")
-USES_DOT = {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_scaled_mm_kernel"}
+USES_WGMMA = {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_scaled_mm_kernel"}
+WIDE_WGMMA = {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}  # N >= 64 at D = 128 where some config has it
+HARDWARE_FP8_CAST = {"_quant_tiles_kernel", "_quant_rows_kernel"}
+MIN_BLOCKS_PER_SM = {"_quant_tiles_kernel": 2, "_quant_rows_kernel": 2}  # memory-bound: keep bytes in flight
+
+
+def min_blocks_per_sm(name, options):
+    """The occupancy one of a kernel's configs must reach. Exempt: 1 x 128 tile scaling with the transposed copy,
+    whose second quantization of the same tile costs ~80 registers (Triton 3.9: 1 block of 8 or 16 warps per SM);
+    two passes would read x twice."""
+    if name == "_quant_tiles_kernel" and options.get("SCALING") == "tile" and options.get("WRITE_T"):
+        return 1
+    return MIN_BLOCKS_PER_SM.get(name, 0)
 
 
 class _OfflineDriver:
@@ -86,13 +104,33 @@ def resource_usage(kernel):
     return int(regs.group(1)), int(stack.group(1))
 
 
-def attention_case(dtype, D, Hq, Hkv, Tq, Tk, window=1024):
-    """Forward (+ backward unless decoding) through the launch code the model uses."""
+def wgmma_widths(ptx):
+    """The N of every wgmma shape in the PTX (m64nNk16 for bf16, k32 for fp8), smallest first."""
+    return sorted({int(n) for n in re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k\d+", ptx)})
+
+
+def blocks_per_sm(regs, smem, num_warps):
+    """Thread blocks of this kernel an H100 SM holds at once: 64K registers (allocated per warp in units of 256),
+    228 KB of shared memory (1 KB reserved per block), 64 warps, 32 blocks."""
+    regs_per_warp = -(-regs * 32 // 256) * 256
+    return min(65536 // (regs_per_warp * num_warps), 228 * 1024 // (smem + 1024), 64 // num_warps, 32)
+
+
+def attention_case(dtype, D, Hq, Hkv, Tq, Tk, window=1024, tma=True):
+    """Forward and both backward variants (dQ by atomics, and deterministic) through the launch code the model uses,
+    or the decode kernels when Tq = 1; tma=False: the plain-load path (inputs TMA cannot take)."""
     q = torch.empty(1, Hq, Tq, D, dtype=dtype)
     k, v = torch.empty(1, Hkv, Tk, D, dtype=dtype), torch.empty(1, Hkv, Tk, D, dtype=dtype)
-    o, lse = attention._forward(q, k, v, window)
-    if Tq > 1:
-        attention._backward(q, k, v, o, lse, torch.empty_like(o), window, True, True)
+    attention.TMA_LOADS = tma
+    try:
+        if Tq == 1:
+            attention._decode(q, k, v, window)
+            return
+        o, lse = attention._forward(q, k, v, window)
+        for deterministic in (False, True):
+            attention._backward(q, k, v, o, lse, torch.empty_like(o), window, True, True, deterministic)
+    finally:
+        attention.TMA_LOADS = True
 
 
 def scaled_mm_case(scaling, sa, sb, M=4096, N=2048, K=1024):
@@ -101,46 +139,97 @@ def scaled_mm_case(scaling, sa, sb, M=4096, N=2048, K=1024):
 
 
 def cases():
-    """(title, launch, fp32) triples: the shapes the model trains and decodes with. Ints equal to 1 specialise apart,
-    so MQA, GQA and MHA groups and the Tq = 1 decode step are separate compilations."""
+    """(title, launch, fp32, wide) tuples: the shapes the model trains and decodes with (Tq = 1: the decode kernels);
+    wide: a bf16 / fp16 attention case at D = 128, where WIDE_WGMMA applies. Ints equal to 1 specialise apart, so
+    MQA, GQA and MHA groups, split and unsplit backward grids and the decode step are separate compilations."""
     x = torch.empty(4096, 1024, dtype=torch.bfloat16)
     M, N, KB = 4096, 2048, 1024 // 128
-    attn = [(torch.bfloat16, 128, 8, 1, 4096, 4096), (torch.bfloat16, 64, 8, 8, 4096, 4096),
-            (torch.float16, 128, 8, 2, 4096, 4096), (torch.bfloat16, 32, 4, 4, 1000, 1000),
-            (torch.bfloat16, 16, 4, 2, 1000, 1000), (torch.bfloat16, 128, 8, 1, 1, 4097),
-            (torch.float32, 128, 8, 2, 4096, 4096)]
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    attn = [  # dtype, D, Hq, Hkv, Tq, Tk, TMA loads (False: the path of inputs TMA cannot take)
+        (bf16, 128, 8, 1, 4096, 4096, True), (bf16, 128, 8, 1, 4096, 4096, False), (bf16, 64, 8, 8, 4096, 4096, True),
+        (fp16, 128, 8, 2, 4096, 4096, True), (bf16, 32, 4, 4, 1000, 1000, True), (bf16, 16, 4, 2, 1000, 1000, True),
+        (bf16, 64, 4, 2, 1000, 1000, False), (bf16, 32, 4, 2, 1000, 1000, False), (bf16, 128, 32, 1, 1, 4097, True),
+        (bf16, 128, 8, 2, 1, 4097, True), (bf16, 64, 8, 8, 1, 1000, True), (fp32, 128, 8, 2, 4096, 4096, True)]
     return [
-        *[(f"attention {dt} D={D} Hq={hq} Hkv={hkv} Tq={tq} Tk={tk}",
-           lambda a=(dt, D, hq, hkv, tq, tk): attention_case(*a), dt == torch.float32)
-          for dt, D, hq, hkv, tq, tk in attn],
-        *[(f"fp8 quantize {sc} {dt} with_t", lambda a=(sc, dt): fp8.quantize_triton(x, *a, with_t=True), False)
+        *[(f"attention {dt} D={D} Hq={hq} Hkv={hkv} Tq={tq} Tk={tk}{'' if tma else ' plain loads'}",
+           lambda a=(dt, D, hq, hkv, tq, tk, 1024, tma): attention_case(*a), dt == fp32, dt != fp32 and D == 128)
+          for dt, D, hq, hkv, tq, tk, tma in attn],
+        *[(f"fp8 quantize {sc} {dt} with_t", lambda a=(sc, dt): fp8.quantize_triton(x, *a, with_t=True), False, False)
           for sc in ("tensor", "row", "tile", "block") for dt in (fp8.E4M3, fp8.E5M2)],
-        *[(f"fp8 scaled_mm {sc} sa={sa} sb={sb}", lambda a=(sc, sa, sb): scaled_mm_case(*a), False)
+        *[(f"fp8 scaled_mm {sc} sa={sa} sb={sb}", lambda a=(sc, sa, sb): scaled_mm_case(*a), False, False)
           for sc, sa, sb in [("tensor", (1, 1), (1, 1)), ("row", (M, 1), (N, 1)),
                              ("block", (M, KB), (N // 128, KB)), ("block", (M, KB), (N, KB))]],
     ]
 
 
-def check(kernel_name, options, kernel, fp32):
-    """(problems, usable, report line) for one compiled config; usable: fits, and (unless fp32) does not spill."""
+def measure(kernel_name, options, kernel):
+    """What the report shows of one compiled config."""
     regs, stack = resource_usage(kernel)
-    smem = kernel.metadata.shared
-    fits, wgmma = smem <= H100_SMEM_PER_BLOCK, "wgmma" in kernel.asm["ptx"]
-    problems = [] if fp32 else [p for p, bad in [(f"shared memory {smem / 1024:.0f} KB > 227 KB", not fits),
-                                                 ("no wgmma", kernel_name in USES_DOT and not wgmma)] if bad]
-    note = "; ".join(problems) or ("over 227 KB: skipped by the autotuner" if not fits else "spills" if stack else "ok")
-    shown = " ".join(f"{k}={v}" for k, v in options.items() if k != "HEAD_DIM")
-    line = (f"  {kernel_name:19s} {shown:58s} smem {smem / 1024:4.0f} KB  regs {regs:3d}  stack {stack:4d}"
-            f"  {'wgmma' if wgmma else '     '}  {note}")
-    return problems, fits and (fp32 or stack == 0), line
+    smem, ptx = kernel.metadata.shared, kernel.asm["ptx"]
+    return dict(name=kernel_name, options=options, regs=regs, stack=stack, smem=smem, wgmma=wgmma_widths(ptx),
+                blocks=blocks_per_sm(regs, smem, options.get("num_warps", 4)), hw_cast="satfinite.e" in ptx)
+
+
+def problems_of(m, fp32, widest):
+    """The failed checks of one measured config; widest: the largest smallest-wgmma-N among its kernel's spill-free
+    configs in this case (0 when the wide-N rule does not apply)."""
+    if fp32:
+        return []
+    name, n = m["name"], m["wgmma"]
+    checks = [(f"shared memory {m['smem'] / 1024:.0f} KB > 227 KB", m["smem"] > H100_SMEM_PER_BLOCK),
+              ("no wgmma", name in USES_WGMMA and not n),
+              (f"spills {m['stack']} B", m["stack"] > 0),
+              (f"wgmma N={n[0] if n else 0} < 64 where a config reaches N={widest}", n and n[0] < 64 <= widest),
+              ("no hardware fp8 cast", name in HARDWARE_FP8_CAST and not m["hw_cast"])]
+    return [text for text, bad in checks if bad]
+
+
+def report_line(m, problems):
+    fits = m["smem"] <= H100_SMEM_PER_BLOCK
+    note = "; ".join(problems) or ("over 227 KB: skipped by the autotuner" if not fits
+                                   else "spills" if m["stack"] else "ok")
+    shown = " ".join(f"{k}={v}" for k, v in m["options"].items() if k != "HEAD_DIM")
+    wgmma = "N=" + ",".join(map(str, m["wgmma"])) if m["wgmma"] else "-"
+    return (f"  {m['name']:20s} {shown:62s} smem {m['smem'] / 1024:4.0f} KB  regs {m['regs']:3d}  "
+            f"stack {m['stack']:4d}  wgmma {wgmma:11s} blocks/SM {m['blocks']:2d}  {note}")
+
+
+def check_case(results, fp32, wide):
+    """Print and count the failed checks of one case's compiled configs (results: kernel hash -> measurement), and
+    those of its kernels: each needs a usable config, and one that reaches its blocks per SM."""
+    failures, usable, occupied = 0, {}, {}
+    for m in results.values():
+        wanted = min_blocks_per_sm(m["name"], m["options"])
+        occupied[m["name"]] = (wanted, occupied.get(m["name"], (0, False))[1] or m["blocks"] >= wanted)
+        widths = [r["wgmma"][0] for r in results.values() if r["name"] == m["name"] and r["wgmma"] and not r["stack"]
+                  and r["smem"] <= H100_SMEM_PER_BLOCK]  # the alternatives: configs that pass the other checks
+        widest = max(widths) if wide and m["name"] in WIDE_WGMMA and widths else 0
+        fits = m["smem"] <= H100_SMEM_PER_BLOCK
+        usable[m["name"]] = usable.get(m["name"], False) or (fits and (fp32 or not m["stack"]))
+        if m.get("shown"):  # reported (and counted) with an earlier case
+            continue
+        problems = problems_of(m, fp32, widest)
+        failures += bool(problems)
+        print(report_line(m, problems), flush=True)
+    for name in [k for k, ok in usable.items() if not ok]:
+        failures += 1
+        print(f"  {name}: no usable config ({'none fits in shared memory' if fp32 else 'every one spills'})")
+    for name, (wanted, ok) in occupied.items():
+        if not ok:
+            failures += 1
+            print(f"  {name}: no config reaches {wanted} blocks per SM")
+    return failures
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-k", default="", help="only the cases whose title contains this")
+    args = parser.parse_args()
     triton.runtime.driver.set_active(_OfflineDriver())
     JITFunction.run = _compile_only(JITFunction.run)
     Autotuner.run = _all_configs
-    failures, seen, t0 = 0, set(), time.time()
-    for title, launch, fp32 in cases():
+    failures, measured, t0 = 0, {}, time.time()
+    for title, launch, fp32, wide in [c for c in cases() if args.k in c[0]]:
         print(title, flush=True)
         start = len(compiled)
         try:
@@ -149,19 +238,15 @@ def main():
             failures += 1
             print("  FAILED (traceback on stderr)", flush=True)
             traceback.print_exc()
-        usable = {}
+        results = {}
         for kernel_name, options, kernel in compiled[start:]:
-            if kernel.hash in seen:  # Triton's cache handed back a kernel an earlier case compiled
-                continue
-            seen.add(kernel.hash)
-            problems, ok, line = check(kernel_name, options, kernel, fp32)
-            failures += bool(problems)
-            usable[kernel_name] = usable.get(kernel_name, False) or ok
-            print(line, flush=True)
-        for kernel_name in [k for k, ok in usable.items() if not ok]:
-            failures += 1
-            print(f"  {kernel_name}: no usable config ({'none fits in shared memory' if fp32 else 'every one spills'})")
-    print(f"{len(seen)} kernels compiled for sm_90a in {time.time() - t0:.0f} s; {failures} failed checks")
+            if kernel.hash not in measured:  # else Triton's cache handed back a kernel an earlier case compiled
+                measured[kernel.hash] = measure(kernel_name, options, kernel)
+                results[kernel.hash] = dict(measured[kernel.hash])
+            else:
+                results[kernel.hash] = dict(measured[kernel.hash], shown=True)
+        failures += check_case(results, fp32, wide)
+    print(f"{len(measured)} kernels compiled for sm_90a in {time.time() - t0:.0f} s; {failures} failed checks")
     return 1 if failures else 0
 
 

@@ -5,14 +5,17 @@ for gradients in the tensorwise recipe.
 Scaling ("scaling" argument): one fp32 scale per group of a 2-D tensor x (R, C):
     tensor  one group                        scale shape (1, 1)
     row     1 x C (a whole row)              (R, 1)
-    tile    1 x 128 (DeepSeek-V3 activations) (R, ceil(C/128))
+    tile    1 x 128 (DeepSeek-V3 activations) (R, ceil(C/128)), stored K-block-major (a transposed view)
     block   128 x 128 (DeepSeek-V3 weights)   (ceil(R/128), ceil(C/128))
 Per group: amax = max(max|x|, EPS), s = amax / fp8_max (the dequantization scale, stored), q = saturate(x * (fp8_max /
 amax)), so x ~= q * s. Both divisions are IEEE round-to-nearest (div_rn in the kernels: Triton's plain `/` is
-approximate on NVIDIA); EPS keeps all-zero groups finite (q = 0). Scales are plain fp32, not rounded to powers of
-two: that is DeepSeek-V3's recipe, it uses the whole e4m3 range (a power-of-two scale puts amax anywhere in
-(fp8_max/2, fp8_max], losing up to one binade at the subnormal end), and exactness between kernel and reference is
-already had from the IEEE divisions (torchao rounds rowwise scales to powers of two; MX/UE8M0 formats need it).
+approximate on NVIDIA); EPS keeps all-zero groups finite (q = 0). A NaN in a group makes its amax, scale and every
+q of the group NaN, as in the reference (a silently finite scale would hide it). On the GPU the cast is the
+hardware's saturating fp8 conversion; in the interpreter, integer rounding that is bit-identical. Scales are plain
+fp32, not rounded to powers of two: that is DeepSeek-V3's recipe, it uses the whole e4m3 range (a power-of-two scale
+puts amax anywhere in (fp8_max/2, fp8_max], losing up to one binade at the subnormal end), and exactness between
+kernel and reference is already had from the IEEE divisions (torchao rounds rowwise scales to powers of two;
+MX/UE8M0 formats need it).
 Quantize with with_t=True also returns (q^T, s^T): x^T quantized with the same scaling, i.e. the operand layout the
 backward GEMMs need, written transposed by the same kernel (tensor/tile/block: same single read of x; row: the column
 amax needs a reduction over all rows, so it is a second pass of the row kernel over x's transposed view).
@@ -21,7 +24,8 @@ fp8 tensor cores take, and the nn.Linear weight layout). Accumulation is fp32; f
 block's partial product is scaled by sa_tile * sb_block and added into the fp32 accumulator (DeepSeek-V3 promotion).
 Shapes need no divisibility: all loads are masked (incl. partial 128-groups at the edges of K). Speed does: Triton
 vectorizes and pipelines the GEMM loads only when K and the row strides are multiples of 16 (so grad_W, whose K is
-the token count, is slow for token counts that are not; padding them is left to the caller).
+the token count, is slow for token counts that are not; padding them is left to the caller). Offsets are 64-bit, so an
+operand may pass 2^31 elements; autotune keys bucket sizes to powers of two, so a new MoE token count does not retune.
 """
 import os
 from dataclasses import dataclass
@@ -37,6 +41,7 @@ GROUP = 128                       # tile / block edge
 EPS = 1e-12                       # amax floor: fp8_max / EPS stays finite in fp32
 _EPS = tl.constexpr(EPS)          # kernels may only read constexpr globals
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_SOFTWARE_CAST = tl.constexpr(INTERPRET)  # see _quant_mul
 FORMATS = {E4M3: (3, 7, 448.0), E5M2: (2, 15, 57344.0)}  # mantissa bits, exponent bias, max finite
 
 
@@ -46,17 +51,44 @@ def _scale_shape(R, C, scaling):
             "block": (cdiv(R, GROUP), cdiv(C, GROUP))}[scaling]
 
 
+def _new_scales(R, C, scaling, device):
+    """Empty fp32 scales of an (R, C) operand. 1 x 128 tile scales are stored K-block-major ((C/128, R) in memory),
+    so that the GEMM reads one K block's scales of BM rows as one contiguous load."""
+    shape = _scale_shape(R, C, scaling)
+    if scaling == "tile":
+        return torch.empty(shape[::-1], dtype=torch.float32, device=device).t()
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def _tune_size(n):
+    """Power-of-two bucket of a size for autotune keys: an MoE expert's token count changes every step, and keying
+    on it exactly would retune the kernels each time."""
+    return triton.next_power_of_2(max(n, 1))
+
+
 # ------------------------------------------------------------------------------------------------- quantize: Triton
 
 @triton.jit
-def _fp8_bits(x, sign_of, MANT: tl.constexpr, BIAS: tl.constexpr):
-    """Bit pattern (uint8) of fp32 x (|x| <= fp8 max) rounded to the fp8 format, round-to-nearest-even like torch.
+def _abs_max(x, axis):
+    """max |x| along axis (None: all), NaN if any element is NaN (tl.max drops NaN, which would hide it behind a
+    finite scale). The int32 bit patterns of |x| order as the values do, with NaN above inf."""
+    return tl.max(tl.abs(x).to(tl.int32, bitcast=True), axis).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _floor_eps(amax):
+    """amax floored at EPS, so all-zero groups get a finite scale; NaN stays NaN."""
+    return tl.maximum(amax, _EPS, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _fp8_bits(x, MANT: tl.constexpr, BIAS: tl.constexpr):
+    """Bit pattern (uint8) of fp32 x (|x| <= fp8 max, or NaN) rounded to the fp8 format, round-to-nearest-even like
+    torch. The interpreter's path (see _quant_mul).
 
     Not `x.to(tl.float8e4nv)`: Triton 3.9's interpreter rounds that cast half-up on the magnitude and drops the carry
     out of the mantissa (126.0 -> 64.0 instead of 128.0, 1.0625 -> 1.125 instead of 1.0, no subnormal rounding, 464 ->
-    NaN), so it differs from torch and from the GPU. Integer rounding here is the same on both, costs a few integer
-    ops in a memory-bound kernel and is tested bit for bit against torch. sign_of supplies the sign (x's own, or the
-    unscaled input's: the same, since scales are positive)."""
+    NaN), so it differs from torch and from the GPU. Integer rounding here is tested bit for bit against torch."""
     SHIFT: tl.constexpr = 23 - MANT
     a = tl.abs(x)
     bits = a.to(tl.int32, bitcast=True)
@@ -68,7 +100,8 @@ def _fp8_bits(x, sign_of, MANT: tl.constexpr, BIAS: tl.constexpr):
     magic = tl.full(a.shape, 2.0 ** (24 - BIAS - MANT), tl.float32)
     sub = (a + magic).to(tl.int32, bitcast=True) - magic.to(tl.int32, bitcast=True)
     code = tl.where(a < 2.0 ** (1 - BIAS), sub, normal)
-    sign = (sign_of.to(tl.int32, bitcast=True) >> 24) & 0x80
+    code = tl.where(a != a, 0x7F, code)  # NaN: torch's code for both formats
+    sign = (x.to(tl.int32, bitcast=True) >> 24) & 0x80
     return (code | sign).to(tl.uint8)
 
 
@@ -83,60 +116,69 @@ def _round_bf16(x):
 
 @triton.jit
 def _quant_mul(x, amax, MANT: tl.constexpr, BIAS: tl.constexpr, FP8_MAX: tl.constexpr):
-    r = tl.fdiv(FP8_MAX, amax, ieee_rounding=True)
-    y = tl.minimum(tl.maximum(x * r, -FP8_MAX), FP8_MAX)  # saturate: rounding can land just past fp8_max
-    return _fp8_bits(y, x, MANT, BIAS)
+    """fp8 bits (uint8) of x * (fp8_max / amax), saturated at +-fp8_max, NaN kept. Compiled, one hardware cast
+    (cvt.rn.satfinite: round to nearest even, saturating); in the interpreter, integer rounding (_fp8_bits)."""
+    y = x * tl.fdiv(FP8_MAX, amax, ieee_rounding=True)
+    if _SOFTWARE_CAST:
+        return _fp8_bits(tl.clamp(y, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL), MANT, BIAS)
+    elif MANT == 3:
+        return y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    else:
+        return y.to(tl.float8e5).to(tl.uint8, bitcast=True)
 
 
 @triton.jit
-def _amax_kernel(x_ptr, amax_ptr, R, C, stride_r, stride_c, BR: tl.constexpr, BC: tl.constexpr):
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+def _amax_kernel(x_ptr, amax_bits_ptr, R, C, stride_r, stride_c, BR: tl.constexpr, BC: tl.constexpr):
+    """max |x| into an int32 holding the fp32 bits: an integer max keeps NaN (a float atomic max would drop it)."""
+    rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
+    cols = (tl.program_id(1) * BC + tl.arange(0, BC)).to(tl.int64)
     mask = (rows[:, None] < R) & (cols[None, :] < C)
     x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
-    tl.atomic_max(amax_ptr, tl.max(tl.abs(x.to(tl.float32))))  # one atomic per 16K elements; values >= 0
+    amax = _abs_max(x.to(tl.float32), None)
+    tl.atomic_max(amax_bits_ptr, amax.to(tl.int32, bitcast=True))  # one atomic per 16K elements
 
 
-# 8 or 16 warps: with 4, the 128 x 128 tile plus its transpose spill 144-368 B per thread (python -m kernels.check_compile)
+# 8 or 16 warps: with 4, the 128 x 128 tile plus its transpose spill (python -m kernels.check_compile)
 @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in ((4,) if INTERPRET else (8, 16))],
-                 key=["R", "C", "SCALING", "WRITE_T"])
+                 key=["TUNE_R", "TUNE_C", "SCALING", "WRITE_T"])
 @triton.jit
-def _quant_tiles_kernel(x_ptr, amax_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, C, stride_r, stride_c,
+def _quant_tiles_kernel(x_ptr, amax_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, C, stride_r, stride_c, TUNE_R, TUNE_C,
                         SCALING: tl.constexpr, WRITE_T: tl.constexpr, MANT: tl.constexpr, BIAS: tl.constexpr,
                         FP8_MAX: tl.constexpr, B: tl.constexpr):
     """One B x B (B = 128) tile per program: scale per tensor (amax from _amax_kernel), per tile row (1 x 128 groups
-    of q) and column (128 x 1 groups = 1 x 128 groups of q^T), or per block; writes q (R, C) and q^T (C, R)."""
+    of q) and column (128 x 1 groups = 1 x 128 groups of q^T), or per block; writes q (R, C) and q^T (C, R). Tile
+    scales go K-block-major (_new_scales)."""
     pid_r, pid_c = tl.program_id(0), tl.program_id(1)
-    rows = pid_r * B + tl.arange(0, B)
-    cols = pid_c * B + tl.arange(0, B)
+    rows = (pid_r * B + tl.arange(0, B)).to(tl.int64)
+    cols = (pid_c * B + tl.arange(0, B)).to(tl.int64)
     mask = (rows[:, None] < R) & (cols[None, :] < C)
     x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0).to(tl.float32)
-    if SCALING == "tile":
-        amax = tl.maximum(tl.max(tl.abs(x), 1), _EPS)
-        tl.store(s_ptr + rows * tl.num_programs(1) + pid_c, tl.fdiv(amax, FP8_MAX, ieee_rounding=True), mask=rows < R)
-        q = _quant_mul(x, amax[:, None], MANT, BIAS, FP8_MAX)
+    q_ptrs = q_ptr + rows[:, None] * C + cols[None, :]
+    qt_ptrs = qt_ptr + cols[None, :] * R + rows[:, None]  # the tile transposed: Triton re-lays it out for coalescing
+    if SCALING == "tile":  # q stored before q^T is made: both live at once cost 2 blocks per SM
+        amax = _floor_eps(_abs_max(x, 1))
+        tl.store(s_ptr + pid_c * R + rows, tl.fdiv(amax, FP8_MAX, ieee_rounding=True), mask=rows < R)
+        tl.store(q_ptrs, _quant_mul(x, amax[:, None], MANT, BIAS, FP8_MAX), mask=mask)
         if WRITE_T:
-            amax_t = tl.maximum(tl.max(tl.abs(x), 0), _EPS)
-            tl.store(st_ptr + cols * tl.num_programs(0) + pid_r, tl.fdiv(amax_t, FP8_MAX, ieee_rounding=True),
-                     mask=cols < C)
-            qt = _quant_mul(x, amax_t[None, :], MANT, BIAS, FP8_MAX)
+            amax_t = _floor_eps(_abs_max(x, 0))
+            tl.store(st_ptr + pid_r * C + cols, tl.fdiv(amax_t, FP8_MAX, ieee_rounding=True), mask=cols < C)
+            tl.store(qt_ptrs, _quant_mul(x, amax_t[None, :], MANT, BIAS, FP8_MAX), mask=mask)
     else:
         if SCALING == "tensor":
-            amax = tl.maximum(tl.load(amax_ptr), _EPS)
+            amax = _floor_eps(tl.load(amax_ptr))
             if (pid_r == 0) & (pid_c == 0):  # one program writes the scale
                 tl.store(s_ptr, tl.fdiv(amax, FP8_MAX, ieee_rounding=True))
                 if WRITE_T:
                     tl.store(st_ptr, tl.fdiv(amax, FP8_MAX, ieee_rounding=True))
         else:  # block: s[i, j] and s^T[j, i]
-            amax = tl.maximum(tl.max(tl.abs(x)), _EPS)
+            amax = _floor_eps(_abs_max(x, None))
             tl.store(s_ptr + pid_r * tl.num_programs(1) + pid_c, tl.fdiv(amax, FP8_MAX, ieee_rounding=True))
             if WRITE_T:
                 tl.store(st_ptr + pid_c * tl.num_programs(0) + pid_r, tl.fdiv(amax, FP8_MAX, ieee_rounding=True))
         q = _quant_mul(x, amax, MANT, BIAS, FP8_MAX)
-        qt = q
-    tl.store(q_ptr + rows[:, None] * C + cols[None, :], q, mask=mask)
-    if WRITE_T:  # the same tile written transposed: Triton re-lays it out through shared memory for coalescing
-        tl.store(qt_ptr + cols[None, :] * R + rows[:, None], qt, mask=mask)
+        tl.store(q_ptrs, q, mask=mask)
+        if WRITE_T:
+            tl.store(qt_ptrs, q, mask=mask)
 
 
 def _rows_configs():
@@ -146,22 +188,23 @@ def _rows_configs():
             ((8, 512, 4), (16, 256, 4), (32, 256, 8), (64, 128, 8))]
 
 
-@triton.autotune(configs=_rows_configs(), key=["R", "C", "stride_c"])
+@triton.autotune(configs=_rows_configs(), key=["TUNE_R", "TUNE_C", "ROW_MAJOR"])
 @triton.jit
-def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, R, C, stride_r, stride_c, MANT: tl.constexpr, BIAS: tl.constexpr,
-                       FP8_MAX: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, R, C, stride_r, stride_c, TUNE_R, TUNE_C, ROW_MAJOR,
+                       MANT: tl.constexpr, BIAS: tl.constexpr, FP8_MAX: tl.constexpr, BR: tl.constexpr,
+                       BC: tl.constexpr):
     """BR whole rows per program, two passes over C (amax, then cast); x may be a strided (e.g. transposed) view."""
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
     amax = tl.zeros((BR,), tl.float32)
     for c0 in range(0, C, BC):
-        cols = c0 + tl.arange(0, BC)
+        cols = c0 + tl.arange(0, BC).to(tl.int64)
         mask = (rows[:, None] < R) & (cols[None, :] < C)
         x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
-        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), 1))
-    amax = tl.maximum(amax, _EPS)
+        amax = tl.maximum(amax, _abs_max(x.to(tl.float32), 1), propagate_nan=tl.PropagateNan.ALL)
+    amax = _floor_eps(amax)
     tl.store(s_ptr + rows, tl.fdiv(amax, FP8_MAX, ieee_rounding=True), mask=rows < R)
     for c0 in range(0, C, BC):
-        cols = c0 + tl.arange(0, BC)
+        cols = c0 + tl.arange(0, BC).to(tl.int64)
         mask = (rows[:, None] < R) & (cols[None, :] < C)
         x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
         q = _quant_mul(x.to(tl.float32), amax[:, None], MANT, BIAS, FP8_MAX)
@@ -172,15 +215,15 @@ def quantize_triton(x, scaling, dtype=E4M3, with_t=False):
     """(q, s) or, with_t, (q, s, q^T, s^T) for 2-D x; see the module docstring for scalings and shapes."""
     R, C = x.shape
     mant, bias, fmax = FORMATS[dtype]
-    new_q = lambda r, c, sc: (torch.empty(r, c, dtype=dtype, device=x.device),
-                              torch.empty(_scale_shape(r, c, sc), dtype=torch.float32, device=x.device))
+    new_q = lambda r, c, sc: (torch.empty(r, c, dtype=dtype, device=x.device), _new_scales(r, c, sc, x.device))
     if scaling == "row":
         outs = []
         for v in ((x, x.t()) if with_t else (x,)):
             q, s = new_q(*v.shape, "row")
             if v.numel():
                 grid = lambda meta: (triton.cdiv(v.shape[0], meta["BR"]),)
-                _quant_rows_kernel[grid](v, q.view(torch.uint8), s, *v.shape, *v.stride(), mant, bias, fmax)
+                _quant_rows_kernel[grid](v, q.view(torch.uint8), s, *v.shape, *v.stride(), _tune_size(v.shape[0]),
+                                         _tune_size(v.shape[1]), int(v.stride(1) == 1), mant, bias, fmax)
             outs += [q, s]
         return tuple(outs)
     if scaling not in ("tensor", "tile", "block"):
@@ -190,10 +233,10 @@ def quantize_triton(x, scaling, dtype=E4M3, with_t=False):
     amax = torch.zeros(1, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(R, GROUP), triton.cdiv(C, GROUP))
     if scaling == "tensor" and x.numel():
-        _amax_kernel[grid](x, amax, R, C, *x.stride(), BR=GROUP, BC=GROUP)
+        _amax_kernel[grid](x, amax.view(torch.int32), R, C, *x.stride(), BR=GROUP, BC=GROUP)
     if x.numel():
         _quant_tiles_kernel[grid](x, amax, q.view(torch.uint8), s, qt.view(torch.uint8), st, R, C, *x.stride(),
-                                  scaling, with_t, mant, bias, fmax, B=GROUP)
+                                  _tune_size(R), _tune_size(C), scaling, with_t, mant, bias, fmax, B=GROUP)
     elif scaling == "tensor":  # empty input: the scale of an all-zero tensor
         s.fill_(EPS).div_(fmax), st.fill_(EPS).div_(fmax)
     return (q, s, qt, st) if with_t else (q, s)
@@ -230,7 +273,7 @@ def _quantize_ref(x, scaling, dtype):
     fmax_t = torch.full_like(amax, fmax)
     r = fmax_t / amax                              # IEEE division (not `fmax / amax`: that is reciprocal * fmax)
     q = (x * _expand(r, R, C, scaling)).clamp(-fmax, fmax).to(dtype)  # torch's cast rounds to nearest even
-    return q.contiguous(), (amax / fmax_t).contiguous()                # row-major like the kernel's, also for x^T
+    return q.contiguous(), _new_scales(R, C, scaling, x.device).copy_(amax / fmax_t)  # the kernel's layouts
 
 
 def quantize_ref(x, scaling, dtype=E4M3, with_t=False):
@@ -266,14 +309,17 @@ def _mm_prune(configs, named_args, **kw):
     return [c for c in configs if not blockwise or fits(c)]
 
 
-@triton.autotune(configs=_mm_configs(), key=["M", "N", "K", "BLOCKWISE", "B_GROUP_N"],
+@triton.autotune(configs=_mm_configs(), key=["TUNE_M", "TUNE_N", "TUNE_K", "BLOCKWISE", "B_GROUP_N"],
                  prune_configs_by={"early_config_prune": _mm_prune})
 @triton.jit
 def _scaled_mm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K, stride_am, stride_bn, stride_cm,
-                      stride_sam, stride_sak, stride_sbn, stride_sbk, BLOCKWISE: tl.constexpr, B_GROUP_N: tl.constexpr,
+                      stride_sam, stride_sak, stride_sbn, stride_sbk, TUNE_M, TUNE_N, TUNE_K,
+                      BLOCKWISE: tl.constexpr, B_GROUP_N: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """C = (A sa)(B sb)^T. sa is indexed [m * stride_sam (+ kb * stride_sak)], sb [(n // B_GROUP_N) * stride_sbn
-    (+ kb * stride_sbk)]: stride 0 = per tensor, 1 = per row/column; with BLOCKWISE a scale per 128-wide K block."""
+    (+ kb * stride_sbk)]: stride 0 = per tensor, 1 = per row/column; with BLOCKWISE a scale per 128-wide K block
+    (B_GROUP_N = 128: B in 128 x 128 blocks, one scale for the whole BN-wide tile)."""
+    tl.static_assert(B_GROUP_N == 1 or B_GROUP_N % BN == 0)
     pid = tl.program_id(0)
     n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
     group = pid // (GROUP_M * n_n)             # GROUP_M row-tiles sweep the columns together: B tiles stay in L2
@@ -284,18 +330,22 @@ def _scaled_mm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K, stride_am, s
     offs_m = (pid_m * BM + tl.arange(0, BM)) % M   # wrap out-of-range rows onto valid ones; their results are masked
     offs_n = (pid_n * BN + tl.arange(0, BN)) % N
     offs_k = tl.arange(0, BK)
-    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
-    b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None]   # (BK, BN) view of the K-contiguous B^T
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None]   # (BK, BN) view of the K-major B^T
     sa_ptrs = sa_ptr + offs_m * stride_sam
     sb_ptrs = sb_ptr + (offs_n // B_GROUP_N) * stride_sbn
+    sb_block = sb_ptr + (pid_n * BN // B_GROUP_N) * stride_sbn
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BK)):
         k_left = K - kb * BK
         a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
         b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         if BLOCKWISE:  # promote every 128 of K: partial product in fp32, rescaled, added on CUDA cores
-            scale = tl.load(sa_ptrs + kb * stride_sak)[:, None] * tl.load(sb_ptrs + kb * stride_sbk)[None, :]
-            acc += tl.dot(a, b) * scale
+            sa = tl.load(sa_ptrs + kb * stride_sak)  # BM contiguous scales: tile scales are K-block-major
+            if B_GROUP_N == 1:
+                acc += tl.dot(a, b) * (sa[:, None] * tl.load(sb_ptrs + kb * stride_sbk)[None, :])
+            else:
+                acc += tl.dot(a, b) * (sa * tl.load(sb_block + kb * stride_sbk))[:, None]
         else:  # max_num_imprecise_acc=BK: on sm_90 Triton otherwise leaves all of K in wgmma's reduced-precision
             acc = tl.dot(a, b, acc, max_num_imprecise_acc=BK)  # accumulator; this promotes to fp32 every BK
         a_ptrs += BK
@@ -306,7 +356,7 @@ def _scaled_mm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K, stride_am, s
         acc = _round_bf16(acc)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
-    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+    tl.store(c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
@@ -338,12 +388,11 @@ def scaled_mm_triton(a, b, sa, sb, scaling, out_dtype=torch.bfloat16):
     c = torch.empty(M, N, dtype=out_dtype, device=a.device)
     if M == 0 or N == 0:
         return c
-    sa, sb = sa.contiguous(), sb.contiguous()
     per = lambda s: 0 if s.shape[0] == 1 else s.stride(0)  # stride 0 broadcasts a single scale over rows
     grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
     _scaled_mm_kernel[grid](a, b, c, sa, sb, M, N, K, a.stride(0), b.stride(0), c.stride(0),
-                            per(sa), sa.stride(1), per(sb), sb.stride(1), BLOCKWISE=scaling == "block",
-                            B_GROUP_N=group_n)
+                            per(sa), sa.stride(1), per(sb), sb.stride(1), _tune_size(M), _tune_size(N),
+                            _tune_size(K), BLOCKWISE=scaling == "block", B_GROUP_N=group_n)
     return c
 
 
@@ -380,8 +429,7 @@ def _quantize_op(x: torch.Tensor, scaling: str, dtype: torch.dtype, with_t: bool
 @_quantize_op.register_fake
 def _(x, scaling, dtype, with_t, backend):
     shapes = [(x.shape[0], x.shape[1])] + ([(x.shape[1], x.shape[0])] if with_t else [])
-    return [t for r, c in shapes for t in (x.new_empty(r, c, dtype=dtype),
-                                           x.new_empty(_scale_shape(r, c, scaling), dtype=torch.float32))]
+    return [t for r, c in shapes for t in (x.new_empty(r, c, dtype=dtype), _new_scales(r, c, scaling, x.device))]
 
 
 @torch.library.custom_op("nanogpt_fp8::scaled_mm", mutates_args=())

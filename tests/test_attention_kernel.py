@@ -1,20 +1,25 @@
 """Triton flash attention (kernels/attention.py) against a float64 reference: forward and dq/dk/dv, causal and
-sliding-window masks, MQA/GQA, tails, KV-cache prefill, strided inputs, dtypes, the block-skipping bounds, errors.
+sliding-window masks, MQA/GQA, tails, KV-cache prefill and decode, strided inputs, dtypes, both load paths (TMA
+descriptors and plain loads), the split MQA backward, atomic and deterministic dQ, 64-bit offsets, the
+block-skipping bounds, errors.
 
 On CPU the kernels run in the Triton interpreter (tests/conftest.py) with 16 x 16 blocks, so the small shapes here
 still cover several blocks and ragged tails. Inputs are fresh each run: the seed is printed (pytest shows it for a
-failing test); replay with ATTN_TEST_SEED=<seed>.
+failing test); replay with TEST_SEED=<seed>.
 """
 import math
 import os
-import random
+import subprocess
+import sys
 
 import pytest
 import torch
 import triton
 import triton.language as tl
 
-from kernels.attention import _key_ranges, _query_ranges, attention_reference, flash_attention
+from conftest import ROOT
+from kernels import attention
+from kernels.attention import _key_ranges, _query_ranges, attention_reference, flash_attention, flash_decode
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -25,14 +30,6 @@ f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
 # a wrong head mapping or a wrong scale costs 0.3 or more (test_check_catches_wrong_masks_and_head_mapping).
 REL_TOL = {f32: 5e-6, f16: 1e-3, bf16: 5e-3}
 MAX_TOL = {f32: 1e-5, f16: 2e-3, bf16: 1.5e-2}
-
-
-@pytest.fixture
-def seed():
-    s = int(os.environ.get("ATTN_TEST_SEED") or random.SystemRandom().randrange(2**31))
-    print(f"seed {s} (replay with ATTN_TEST_SEED={s})")
-    torch.manual_seed(s)
-    return s
 
 
 def rel_errors(x, ref, scale=None):
@@ -67,10 +64,10 @@ def make(B, H, T, D, dtype, layout, device=DEVICE):
     return x.requires_grad_()
 
 
-def check_against_reference(q, k, v, window):
+def check_against_reference(q, k, v, window, deterministic=False):
     """Output and dq, dk, dv (for a random upstream gradient) against attention_reference in float64."""
     dtype = q.dtype
-    out = flash_attention(q, k, v, window)
+    out = flash_attention(q, k, v, window, deterministic)
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     ref = attention_reference(q64, k64, v64, window)
     assert out.dtype == dtype
@@ -111,9 +108,58 @@ CASES = [  # B, Hq, Hkv, Tq, Tk, D, window, dtype, layout
 
 @pytest.mark.parametrize("B,Hq,Hkv,Tq,Tk,D,window,dtype,layout", CASES)
 def test_matches_reference(seed, B, Hq, Hkv, Tq, Tk, D, window, dtype, layout):
+    """The default path: TMA loads where the layout allows (all but "strided"), dQ added with atomics, and the
+    backward split over the group's query heads wherever Hq > Hkv (the interpreter plans for 132 SMs)."""
     q = make(B, Hq, Tq, D, dtype, layout)
     k, v = make(B, Hkv, Tk, D, dtype, layout), make(B, Hkv, Tk, D, dtype, layout)
+    assert attention._use_tma(q, k, v) == (layout != "strided")
     check_against_reference(q, k, v, window)
+
+
+PATH_CASES = [  # B, Hq, Hkv, Tq, Tk, D, window, dtype
+    (1, 4, 1, 50, 50, 32, None, f32),  # MQA
+    (2, 6, 2, 37, 45, 64, 12, bf16),  # GQA with 3 query heads per K/V head, prefill with a window, batch 2
+    (1, 2, 2, 40, 40, 16, 100, f16),  # MHA, window > T
+]
+
+
+@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("sm_count", [0, 132])
+@pytest.mark.parametrize("B,Hq,Hkv,Tq,Tk,D,window,dtype", PATH_CASES)
+def test_every_path_matches_reference(seed, monkeypatch, tma, deterministic, sm_count, B, Hq, Hkv, Tq, Tk, D, window,
+                                      dtype):
+    """Each combination of load path (TMA or plain), dQ (separate kernel or atomics) and backward split (one program
+    per K/V block when there are no SMs to fill, else one per query head of the group) on the same inputs."""
+    monkeypatch.setattr(attention, "TMA_LOADS", tma)
+    monkeypatch.setattr(attention, "_sm_count", lambda device: sm_count)
+    q = make(B, Hq, Tq, D, dtype, "bthd")
+    k, v = make(B, Hkv, Tk, D, dtype, "bthd"), make(B, Hkv, Tk, D, dtype, "bthd")
+    assert attention._use_tma(q, k, v) == tma
+    assert attention._kv_split(B, Hkv, Tk, Hq // Hkv, q.device) == (1 if sm_count == 0 else Hq // Hkv)
+    check_against_reference(q, k, v, window, deterministic)
+
+
+def test_split_plan():
+    """The dK/dV split fills two programs per SM and never exceeds the group; decode splits cover every key once."""
+    cpu = torch.device("cpu")
+    assert attention._kv_split(1, 1, 8192, 32, cpu) == 5  # 64 key blocks, 264 programs wanted: 5 per block
+    assert attention._kv_split(1, 8, 8192, 4, cpu) == 1  # 512 programs already
+    assert attention._kv_split(4, 1, 100, 2, cpu) == 2  # never more than the group's query heads
+    for programs, keys in [(1, 1), (1, 45), (8, 1000), (1, 100_000), (300, 70)]:
+        n_splits, per_split = attention._decode_splits(programs, keys, cpu)
+        assert 1 <= n_splits <= attention._MAX_DECODE_SPLITS and per_split % attention._DECODE_GRANULE == 0
+        assert (n_splits - 1) * per_split < keys <= n_splits * per_split  # no empty split, every key in one
+
+
+def test_deterministic_gradients_are_reproducible(seed):
+    """deterministic=True: no atomics, so two backward passes agree bit for bit (the atomic dQ may not on a GPU;
+    in the interpreter both paths are sequential, so only a GPU run can catch a lost determinism)."""
+    q, k, v = make(1, 4, 64, 32, f32, "bthd"), make(1, 1, 64, 32, f32, "bthd"), make(1, 1, 64, 32, f32, "bthd")
+    g = torch.randn(1, 4, 64, 32, device=DEVICE)
+    runs = [torch.autograd.grad(flash_attention(q, k, v, 20, deterministic=True), (q, k, v), g) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 def test_window_covering_all_keys_is_causal(seed):
@@ -158,9 +204,12 @@ def test_custom_ops_fake_versions_match():
     checks = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(torch.ops.nanogpt_attention.forward, (q, k, v, 5), test_utils=checks)
     o, lse = torch.ops.nanogpt_attention.forward(q, k, v, 5)
-    for need_dq, need_dkdv in ((True, True), (True, False), (False, True)):
+    for need_dq, need_dkdv, deterministic in ((True, True, False), (True, True, True), (True, False, False),
+                                              (False, True, False)):
         torch.library.opcheck(torch.ops.nanogpt_attention.backward, (q, k, v, o, lse, torch.randn_like(o), 5,
-                                                                     need_dq, need_dkdv), test_utils=checks)
+                                                                     need_dq, need_dkdv, deterministic),
+                              test_utils=checks)
+    torch.library.opcheck(torch.ops.nanogpt_attention.decode, (q[:, :, -1:], k, v, 5), test_utils=checks)
 
 
 def test_torch_compile_matches_eager(seed):
@@ -225,6 +274,75 @@ def test_reference_matches_naive_loop(seed, Hq, Hkv, Tq, Tk, window):
                                rtol=1e-12, atol=1e-12)
 
 
+DECODE_CASES = [  # B, Hq, Hkv, Tk, D, window, dtype
+    (1, 4, 1, 45, 32, None, f32),  # MQA, ragged
+    (2, 6, 2, 37, 64, 16, bf16),  # 3 query heads per K/V head, window < Tk, batch 2
+    (1, 2, 2, 50, 16, 100, f16),  # MHA, window > Tk
+    (1, 32, 1, 70, 128, None, bf16),  # the 7B config's group: 32 query heads on one K/V head
+    (1, 4, 2, 1, 32, None, f32),  # a cache of one position
+    (1, 4, 4, 33, 32, 1, f32),  # window 1: the query sees only its own key
+]
+
+
+@pytest.mark.parametrize("sm_count", [1, 132])
+@pytest.mark.parametrize("B,Hq,Hkv,Tk,D,window,dtype", DECODE_CASES)
+def test_decode_matches_reference(seed, monkeypatch, sm_count, B, Hq, Hkv, Tk, D, window, dtype):
+    """flash_decode over a cache as the model keeps it (a prefix view of a longer buffer), in one split (few SMs)
+    and in many (the interpreter's 16-key splits), against the float64 reference at Tq = 1."""
+    monkeypatch.setattr(attention, "_sm_count", lambda device: sm_count)
+    k, v = (torch.randn(B, Hkv, Tk + 7, D, dtype=dtype, device=DEVICE)[:, :, :Tk] for _ in range(2))
+    q = torch.randn(B, 1, Hq, D, dtype=dtype, device=DEVICE).transpose(1, 2)
+    n_splits, _ = attention._decode_splits(B * Hkv, Tk if window is None else min(window, Tk), q.device)
+    print(f"{n_splits} split(s)")
+    with torch.no_grad():
+        out = flash_decode(q, k, v, window)
+    assert out.dtype == dtype and out.transpose(1, 2).is_contiguous()
+    assert_close(out, attention_reference(q.double(), k.double(), v.double(), window), "out", dtype)
+
+
+def test_decode_errors():
+    q, k = torch.randn(1, 4, 2, 32, device=DEVICE), torch.randn(1, 2, 9, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="one query position"):
+        flash_decode(q, k, k)
+    with pytest.raises(ValueError, match="no backward"):
+        flash_decode(q[:, :, :1].requires_grad_(), k, k)
+    with pytest.raises(ValueError, match="not a multiple of the 2 K/V heads"):
+        flash_decode(q[:, :3, :1], k, k)
+
+
+def far_offsets_check():
+    """q, k, v and dO of one head whose T = 40 rows lie 2^26 elements apart in one buffer, so the last rows start
+    past 2^31 elements: the forward, both backward paths and the decode kernel, with TMA and with plain loads,
+    against the float64 reference. Only the rows are touched: 5 GiB of address space, a few MB of memory."""
+    T, D, stride = 40, 16, 2 ** 26
+    buf = torch.empty(T * stride, dtype=bf16, device=DEVICE)
+    q, k, v, g = (buf.as_strided((1, 1, T, D), (0, D, stride, 1), storage_offset=i * D) for i in range(4))
+    for t in (q, k, v, g):
+        t.copy_(torch.randn(1, 1, T, D))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention_reference(q64, k64, v64, 9)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), g.double())
+    for tma in (True, False):
+        attention.TMA_LOADS = tma
+        for deterministic in (True, False):
+            out = flash_attention(q, k, v, 9, deterministic)
+            assert_close(out, ref, "out", bf16)
+            for name, x, r in zip(("dq", "dk", "dv"), torch.autograd.grad(out, (q, k, v), g), ref_grads):
+                assert_close(x, r, name, bf16)
+        with torch.no_grad():
+            assert_close(flash_decode(q[:, :, -1:], k, v, 9), ref[:, :, -1:], "out", bf16)
+
+
+def test_offsets_past_2_31_elements():
+    """In a subprocess: a 32-bit row offset wraps and reads outside the buffer, which can crash the process."""
+    env = {"TRITON_INTERPRET": "1"} if not CUDA else {}
+    run = subprocess.run([sys.executable, "-c", "import test_attention_kernel as t; t.far_offsets_check()"],
+                         cwd=f"{ROOT}/tests", env={**os.environ, **env}, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, f"exit {run.returncode}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+
+
 def test_check_catches_wrong_masks_and_head_mapping(seed):
     """The tolerances are tight enough to catch a kernel that is one key off at a mask edge, aligns the diagonal to
     the wrong end, maps query heads to the wrong K/V head, scales wrongly, or drops query heads from dK's sum."""
@@ -233,14 +351,14 @@ def test_check_catches_wrong_masks_and_head_mapping(seed):
     k, v = make(1, Hkv, Tk, 32, dtype, "contiguous"), make(1, Hkv, Tk, 32, dtype, "contiguous")
     out = flash_attention(q, k, v, W)
     q64, k64, v64 = (x.detach().double() for x in (q, k, v))
-    group = Hq // Hkv
+    q_per_kv = Hq // Hkv
     wrong = {
         "window one key wider": attention_reference(q64, k64, v64, W + 1),
         "window one key narrower": attention_reference(q64, k64, v64, W - 1),
         "no window": attention_reference(q64, k64, v64, None),
         "diagonal aligned to the start": attention_reference(q64, k64[:, :, :Tq], v64[:, :, :Tq], W),
-        "query head h reads K/V head h % Hkv": attention_reference(q64, k64.repeat(1, group, 1, 1),
-                                                                   v64.repeat(1, group, 1, 1), W),
+        "query head h reads K/V head h % Hkv": attention_reference(q64, k64.repeat(1, q_per_kv, 1, 1),
+                                                                   v64.repeat(1, q_per_kv, 1, 1), W),
         "scale 1/D instead of 1/sqrt(D)": attention_reference(q64 / math.sqrt(32), k64, v64, W),
     }
     right = attention_reference(q64, k64, v64, W)
@@ -256,7 +374,7 @@ def test_check_catches_wrong_masks_and_head_mapping(seed):
     (dk,) = torch.autograd.grad(out, (k,), g)
     k64.requires_grad_()
     ref = attention_reference(q64, k64, v64, W)
-    first_head_only = g.double().clone().view(1, Hkv, group, Tq, 32)
+    first_head_only = g.double().clone().view(1, Hkv, q_per_kv, Tq, 32)
     first_head_only[:, :, 1:] = 0  # dK from the first query head of each group alone
     (rk_partial,) = torch.autograd.grad(ref, (k64,), first_head_only.view_as(g))
     with pytest.raises(AssertionError):

@@ -2,12 +2,15 @@
 import contextlib
 import copy
 import os
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 import torch.nn as nn
 
+from conftest import ROOT
 from kernels.fp8 import (E4M3, E5M2, EPS, FORMATS, Float8Linear, convert_to_fp8, dequantize, fp8_linear,
                          quantize, quantize_ref, quantize_triton, scaled_mm, scaled_mm_ref, scaled_mm_triton)
 
@@ -22,12 +25,15 @@ pytestmark = pytest.mark.skipif(not CPU and torch.cuda.get_device_capability() <
                                 reason="the fp8 Triton kernels need compute capability >= 8.9")
 
 
+def on_device():
+    """Tensors and modules made inside are made on DEV."""
+    return contextlib.nullcontext() if CPU else torch.device(DEV)
+
+
 @pytest.fixture(autouse=True)
-def seed_and_device():
-    s = int.from_bytes(os.urandom(4), "little") % 2**31
-    print(f"seed {s}")
-    torch.manual_seed(s)
-    with contextlib.nullcontext() if CPU else torch.device(DEV):  # tensors and modules are made on DEV
+def seeded_on_device(seed):
+    """Every test draws from the shared, printed seed (conftest; replay with TEST_SEED=...) and runs on DEV."""
+    with on_device():
         yield
 
 
@@ -104,6 +110,65 @@ def test_quantize_saturates_and_handles_zeros(scaling, dtype):
     for a, b in zip(out, ref):
         assert same_bits(a, b) if a.dtype != torch.float32 else torch.equal(a, b)
     assert (out[0].float() == 0).all() and (out[1] == EPS / fmax).all()
+
+
+@pytest.mark.parametrize("scaling", SCALINGS)
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+def test_quantize_propagates_nan(scaling, dtype):
+    """A NaN makes its group's scale and every q of the group NaN (tl.max would drop it and clamp the NaN to a
+    finite +-fp8 max); the other groups equal a quantization without it. Kernel and reference agree."""
+    x = skewed(256, 200)
+    x[5, 130] = float("nan")
+    every = (slice(None), slice(None))
+    group = {"tensor": every, "row": (5, every[1]), "tile": (5, slice(128, 200)), "block": (slice(0, 128),
+                                                                                             slice(128, 200))}
+    group_t = {"tensor": every, "row": (130, every[1]), "tile": (130, slice(0, 128)),
+               "block": (slice(128, 200), slice(0, 128))}
+    out, ref = quantize_triton(x, scaling, dtype, with_t=True), quantize_ref(x, scaling, dtype, with_t=True)
+    clean = quantize_triton(torch.where(x.isnan(), 0.0, x), scaling, dtype, with_t=True)
+    for (q, s, qc), g in (((out[0], out[1], clean[0]), group[scaling]), ((out[2], out[3], clean[2]),
+                                                                        group_t[scaling])):
+        nan = q.float().isnan()
+        assert nan[g].all() and nan.sum() == nan[g].numel(), "NaN must fill exactly the NaN's group"
+        assert dequantize(q, s, scaling)[g].isnan().all()
+        assert same_bits(q[~nan], qc[~nan]), "groups without the NaN changed"
+    for i, (a, b) in enumerate(zip(out, ref)):
+        assert torch.equal(a.float().isnan(), b.float().isnan()), f"output {i}: NaN in different places"
+        finite = ~b.float().isnan()
+        assert torch.equal(a.float()[finite], b.float()[finite]), f"output {i} differs"
+
+
+def test_tile_scales_are_k_block_major():
+    """1 x 128 tile scales (the GEMM's A operand in blockwise) are stored with the K block outermost."""
+    x = skewed(200, 300)
+    for q, s in (quantize_triton(x, "tile"), quantize_ref(x, "tile"), quantize(x, "tile")):
+        assert s.shape == (200, 3) and s.stride() == (1, 200)
+
+
+def far_offsets_check():
+    """Quantize and GEMM operands whose rows lie 2^30 elements apart, so the last rows start past 2^31: 32-bit
+    offsets would wrap. Only the rows are touched: the rest of the buffers is never paged in (on CPU)."""
+    R, C, stride = 3, 256, 2 ** 30
+    with on_device():
+        x = torch.empty(R * stride, dtype=torch.bfloat16).as_strided((R, C), (stride, 1))
+        x.copy_(skewed(R, C))
+        for scaling in SCALINGS:
+            for a, b in zip(quantize_triton(x, scaling, with_t=True), quantize_ref(x, scaling, with_t=True)):
+                assert same_bits(a, b) if a.dtype != torch.float32 else torch.equal(a, b), scaling
+        (a, b, sa, sb), C64, absC = gemm_operands("row", R, R, C)
+        far_a, far_b = (torch.empty(R * stride, dtype=torch.uint8).view(E4M3).as_strided((R, C), (stride, 1))
+                        for _ in range(2))
+        far_a.copy_(a), far_b.copy_(b)
+        c = scaled_mm_triton(far_a, far_b, sa, sb, "row", out_dtype=torch.float32)
+        assert ((c.double() - C64).abs() <= ((C + 8) * U32 if CPU else 2.0 ** -10) * absC).all()
+
+
+def test_offsets_past_2_31_elements():
+    """far_offsets_check in a subprocess: a wrapped 32-bit offset reads outside the buffer and can crash it."""
+    env = {**os.environ, **({"TRITON_INTERPRET": "1"} if CPU else {})}
+    run = subprocess.run([sys.executable, "-c", "import test_fp8 as t; t.far_offsets_check()"],
+                         cwd=f"{ROOT}/tests", env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, f"exit {run.returncode}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
 
 
 # --------------------------------------------------------------------------------------------------------- GEMM
