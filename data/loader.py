@@ -5,30 +5,70 @@ order (and with a fresh random offset, so window boundaries move). The stream is
 batch_size * world_size windows and rank r reads rows [r*B, (r+1)*B), so ranks never share a window within an epoch.
 With several datasets, which dataset fills each row of a step is drawn from the weights with an RNG seeded by
 (seed, step). The whole state is a few integers, saved in checkpoints, so a resumed run continues the exact stream.
+
+Post-training folders (data/shards.py: rows.json, mask shards) are read as their prepared rows, whole and in a
+fresh random order each epoch, never at an offset; their block_size must be the one they were prepared with.
+Conversations give the same (x, y) as a token stream with y = -1 where the mask is 0 (no loss there), so
+pretraining, fine-tuning and mixtures of both run the same loop. Preference pairs give
+(x_chosen, y_chosen, x_rejected, y_rejected), y = -1 outside each response; pairs mix only with pairs.
 """
+import os
+
 import numpy as np
 import torch
 
-from data.shards import read_shard, shard_paths
+from data.shards import MASK_PREFIX, ShardError, read_rows_info, read_shard, shard_paths
+
+ROW_KINDS = ("conversations", "pairs")
+
+
+def dataset_kind(data_dir, block_size):
+    """'tokens', 'conversations' or 'pairs'; a ValueError when the folder's rows are not block_size + 1 long."""
+    info = read_rows_info(data_dir)
+    if info is None:
+        return "tokens"
+    if info.get("kind") not in ROW_KINDS:
+        raise ValueError(f"{data_dir}: rows.json names kind {info.get('kind')!r}, expected one of {ROW_KINDS}")
+    prepared = info["row_tokens"] - 1
+    if prepared != block_size:
+        name = os.path.basename(os.path.normpath(data_dir))
+        raise ValueError(f"{data_dir} was prepared for block_size {prepared}, this run has {block_size}: train with "
+                         f"block_size={prepared} or rerun `python data/{name}/prepare.py --block_size {block_size}`")
+    return info["kind"]
 
 
 class WindowStream:
-    """One dataset's windows in per-epoch random order; state = (epoch, position in the epoch)."""
+    """One dataset's windows in per-epoch random order; state = (epoch, position in the epoch). rows=True: the
+    windows are the prepared rows (no offset), read with their masks."""
 
-    def __init__(self, data_dir, split, window, seed):
+    def __init__(self, data_dir, split, window, seed, rows=False):
         self.paths = shard_paths(data_dir, split)
         self.shards = [read_shard(p) for p in self.paths]
-        self.window, self.seed = window, seed
+        self.window, self.seed, self.rows = window, seed, rows
+        self.masks = self._read_masks(data_dir, split) if rows else None
         if max(len(s) for s in self.shards) < window:
-            raise ValueError(f"{data_dir}: '{split}' shards hold fewer than {window} tokens: lower block_size")
+            reason = ("no rows (was every conversation or pair longer than a row?)" if rows else
+                      f"fewer than {window} tokens: lower block_size")
+            raise ValueError(f"{data_dir}: '{split}' shards hold {reason}")
         self.epoch, self.pos = 0, 0
         self._layout_epoch = None
+
+    def _read_masks(self, data_dir, split):
+        """The mask shards, checked to match the token shards row for row."""
+        masks = [read_shard(p) for p in shard_paths(data_dir, MASK_PREFIX + split)]
+        if len(masks) != len(self.shards):
+            raise ShardError(f"{data_dir}: {len(self.shards)} '{split}' token shards but {len(masks)} mask shards")
+        for path, tokens, mask in zip(self.paths, self.shards, masks):
+            if len(mask) != len(tokens) or len(tokens) % self.window:
+                raise ShardError(f"{path}: {len(tokens)} tokens and {len(mask)} mask values do not make whole rows "
+                                 f"of {self.window}: rerun the dataset's prepare.py")
+        return masks
 
     def _layout(self):
         """This epoch's window starts: a random offset per epoch, windows permuted across all shards."""
         if self._layout_epoch != self.epoch:
             rng = np.random.default_rng((self.seed, self.epoch))
-            offset = int(rng.integers(0, self.window))
+            offset = 0 if self.rows else int(rng.integers(0, self.window))
             self.offsets = np.array([offset if len(s) - offset >= self.window else 0 for s in self.shards])
             counts = np.array([(len(s) - o) // self.window for s, o in zip(self.shards, self.offsets)])
             self.cumulative = np.cumsum(counts)
@@ -52,7 +92,19 @@ class WindowStream:
         return picked
 
     def read(self, shard, start):
-        return self.shards[shard][start:start + self.window]
+        """(tokens, targets) of a window: targets are the tokens, or -1 where a row's mask is 0."""
+        tokens = self.shards[shard][start:start + self.window].astype(np.int64)
+        if self.masks is None:
+            return tokens, tokens
+        return tokens, np.where(self.masks[shard][start:start + self.window] > 0, tokens, -1)
+
+
+def check_mixture(data_dirs, kinds):
+    """Pairs mix only with pairs: a batch is either (x, y) or (x_chosen, y_chosen, x_rejected, y_rejected)."""
+    pairs = [d for d, kind in zip(data_dirs, kinds) if kind == "pairs"]
+    if pairs and len(pairs) != len(data_dirs):
+        others = [d for d in data_dirs if d not in pairs]
+        raise ValueError(f"{pairs[0]} holds preference pairs but {others[0]} does not: pairs mix only with pairs")
 
 
 class BatchLoader:
@@ -62,13 +114,19 @@ class BatchLoader:
         if len(weights) != len(data_dirs) or (weights < 0).any() or weights.sum() <= 0:
             raise ValueError(f"mixture weights {weights.tolist()} must be non-negative, one per dataset, not all zero")
         self.weights = weights / weights.sum()
-        self.streams = [WindowStream(d, split, block_size + 1, seed + 1000 * i) for i, d in enumerate(data_dirs)]
+        kinds = [dataset_kind(d, block_size) for d in data_dirs]
+        check_mixture(data_dirs, kinds)
+        self.pairs = kinds[0] == "pairs"  # next_batch gives (x_chosen, y_chosen, x_rejected, y_rejected)
+        window = 2 * (block_size + 1) if self.pairs else block_size + 1  # a pair row: chosen, then rejected
+        self.streams = [WindowStream(d, split, window, seed + 1000 * i, rows=kind != "tokens")
+                        for i, (d, kind) in enumerate(zip(data_dirs, kinds))]
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.step = 0
         self.drawn = np.zeros(len(data_dirs), dtype=np.int64)  # sequences per dataset, for the realised mixture
 
     def next_batch(self, device="cpu"):
-        """(x, y) int64 tensors of shape (batch_size, block_size) on `device`."""
+        """(x, y) int64 tensors of shape (batch_size, block_size) on `device`, y = -1 where nothing is learned; for
+        pairs (x_chosen, y_chosen, x_rejected, y_rejected)."""
         global_rows = self.batch_size * self.world_size
         if len(self.streams) == 1:
             source = np.zeros(global_rows, dtype=np.int64)
@@ -82,13 +140,14 @@ class BatchLoader:
         self.drawn += np.bincount(source, minlength=len(self.streams))
         self.step += 1
         mine = windows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        data = np.stack([self.streams[d].read(shard, start) for d, shard, start in mine]).astype(np.int64)
-        batch = torch.from_numpy(data)
+        tokens, targets = zip(*(self.streams[d].read(shard, start) for d, shard, start in mine))
+        batch = torch.from_numpy(np.stack([np.stack(tokens), np.stack(targets)]))  # (2, B, window): one transfer
         if torch.device(device).type == "cuda":
             batch = batch.pin_memory().to(device, non_blocking=True)
         else:
             batch = batch.to(device)
-        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        sequences = batch.chunk(2, dim=2) if self.pairs else (batch,)
+        return tuple(t for seq in sequences for t in (seq[0, :, :-1].contiguous(), seq[1, :, 1:].contiguous()))
 
     def mixture(self):
         """Realised fraction of sequences drawn from each dataset so far."""

@@ -3,8 +3,15 @@
 A shard is a header of 256 int32 (magic, version, token count, then zeros) followed by the tokens:
 uint16 (magic 20240520, version 1) or, for vocabularies over 65,535 tokens, uint32 (magic 20240801, version 7).
 Files are named `{split}_{index:06d}.bin`; reading is an np.memmap taken after the header is validated.
+
+Post-training data (conversations, preference pairs) is stored as rows of a fixed length (block_size + 1 tokens):
+`{split}_NNNNNN.bin` holds the rows' tokens and `mask_{split}_NNNNNN.bin` beside it, in the same format, their loss
+mask (0/1, token for token); a shard holds whole rows. `rows.json` in the folder says what a row is: {"kind":
+"conversations" or "pairs" (a pair row is the chosen then the rejected sequence, each row_tokens long),
+"row_tokens": N, "pad_id": id, "splits": per-split counts}. A folder without it holds a plain token stream.
 """
 import glob
+import json
 import os
 
 import numpy as np
@@ -12,6 +19,8 @@ import numpy as np
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 FORMATS = {20240520: (1, np.uint16), 20240801: (7, np.uint32)}  # magic -> (version, token dtype)
+MASK_PREFIX = "mask_"  # mask_train_000000.bin is the loss mask of train_000000.bin
+ROWS_FILE = "rows.json"
 
 
 class ShardError(ValueError):
@@ -96,3 +105,43 @@ class ShardWriter:
         write_shard(path, data[:n], self.vocab_size)
         self.paths.append(path)
         self.buffer, self.buffered = [data[n:]], len(data) - n
+
+
+class RowWriter:
+    """Rows of exactly row_tokens tokens and their loss masks, as `{split}_NNNNNN.bin` + `mask_{split}_NNNNNN.bin`
+    shards of whole rows (about shard_size tokens each)."""
+
+    def __init__(self, data_dir, split, row_tokens, vocab_size, shard_size=100_000_000):
+        rows_per_shard = max(1, shard_size // row_tokens)
+        self.row_tokens, self.rows = row_tokens, 0
+        self.tokens = ShardWriter(data_dir, split, rows_per_shard * row_tokens, vocab_size)
+        self.masks = ShardWriter(data_dir, MASK_PREFIX + split, rows_per_shard * row_tokens, vocab_size=2)
+
+    def add(self, ids, mask):
+        if len(ids) != self.row_tokens or len(mask) != self.row_tokens:
+            raise ValueError(f"a row must hold {self.row_tokens} tokens and mask values, got {len(ids)} and {len(mask)}")
+        self.tokens.add(ids)
+        self.masks.add(mask)
+        self.rows += 1
+
+    def close(self):
+        """The token shards' paths."""
+        self.masks.close()
+        return self.tokens.close()
+
+
+def write_rows_info(data_dir, info):
+    """Write rows.json (temp file + rename): what a row of this folder's shards is."""
+    path = os.path.join(data_dir, ROWS_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(info, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def read_rows_info(data_dir):
+    """rows.json of a folder of rows, or None for a plain token stream."""
+    path = os.path.join(data_dir, ROWS_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
