@@ -1,0 +1,123 @@
+"""Chat with a post-trained (SFT or DPO) model in the terminal: the KV cache, tokens printed as they come.
+
+    python chat.py --out_dir=out-sft                                # interactive; Ctrl-D quits, /reset starts over
+    python chat.py --out_dir=out-sft --prompt="What is 12 * 7?"     # answer one message and exit (scripts, tests)
+    python chat.py --out_dir=out-sft --system="Answer briefly." --temperature=0
+
+Every turn renders the whole conversation with the chat format (chat_format.py), prefills a cache with it and
+samples until <|assistant_end|> or max_new_tokens. A conversation longer than the context keeps its last block_size
+tokens; a reply that fills the cache (block_size positions) re-prefills the last 3/4 of the context and goes on.
+Ids past the tokenizer's vocabulary (the model's padding rows) are never sampled. A base model, which has no chat
+tokens, is refused: sample.py continues its text.
+"""
+import sys
+from typing import Literal
+
+import torch
+
+from chat_format import chat_tokens, render_prompt
+from checkpoint import load_model
+from configurator import at_least, configure, require
+from model import KVCache, sample_next
+from runtime import (ATTN_IMPLS, DTYPE_SETTINGS, autocast_for, device_type, resolve_attn_impl, resolve_device,
+                     resolve_dtype)
+
+out_dir = "out-sft"            # the chat model (ckpt.pt, or a sharded run's newest step_N/)
+prompt = ""                    # answer this one message and exit; '' = an interactive chat
+system = ""                    # a system message that opens the conversation; '' = none
+max_new_tokens = 512           # tokens per reply at most
+temperature = 0.7              # 0 = greedy
+top_k = 50                     # 0 = off
+top_p = 1.0                    # nucleus sampling; 1.0 = off
+seed = 1337                    # the sampling RNG
+device = "auto"                # 'auto' (cuda, else cpu), 'cpu', 'cuda', 'xla'
+dtype: Literal[DTYPE_SETTINGS] = "auto"  # 'auto': bfloat16 on CUDA and XLA, else float32
+attn_impl: Literal[ATTN_IMPLS] = "auto"  # 'auto' (triton on CUDA, sdpa elsewhere)
+config = configure(globals())
+at_least(config, 1, "max_new_tokens")
+at_least(config, 0, "temperature", "top_k")
+require(0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}")
+
+try:
+    device = resolve_device(device)
+    dtype, ptdtype = resolve_dtype(dtype, device_type(device))
+except ValueError as e:
+    require(False, str(e))
+autocast = autocast_for(device_type(device), ptdtype)
+torch.manual_seed(seed)
+
+try:
+    model, tokenizer, _ = load_model(out_dir, device, resolve_attn_impl(attn_impl, device_type(device)))
+except (FileNotFoundError, ValueError, RuntimeError) as e:
+    raise SystemExit(str(e))
+try:
+    end_of_reply = chat_tokens(tokenizer)["assistant"][1]
+except ValueError as e:  # a base or character-level model
+    raise SystemExit(f"{out_dir}: {e}. chat.py needs a post-trained chat model; continue this one's text with "
+                     f"`python sample.py --out_dir={out_dir}`")
+
+
+def generate(context):
+    """Reply tokens after the ids `context`, one at a time, until <|assistant_end|> or max_new_tokens."""
+    block = model.config.block_size
+    ids, cache = list(context), None
+    for _ in range(max_new_tokens):
+        if cache is None or cache.pos >= block:
+            keep = block if cache is None else block * 3 // 4
+            cache = KVCache(model.config)
+            logits, _ = model(torch.tensor([ids[-keep:]], device=device), cache=cache)
+        else:
+            logits, _ = model(torch.tensor([ids[-1:]], device=device), cache=cache)
+        logits[:, tokenizer.vocab_size:] = float("-inf")  # the padding rows are no tokens
+        token = sample_next(logits, temperature, top_k or None, top_p).item()
+        if token == end_of_reply:
+            return
+        ids.append(token)
+        yield token
+
+
+def stream_reply(messages):
+    """Print the assistant's reply to messages as it is generated; return its text."""
+    reply, shown = [], 0
+    with torch.no_grad(), autocast:  # (inference_mode tensors are refused by XLA)
+        for token in generate(render_prompt(tokenizer, messages)):
+            reply.append(token)
+            text = tokenizer.decode(reply)
+            if not text.endswith("\ufffd"):  # a character split across tokens waits for its last bytes
+                print(text[shown:], end="", flush=True)
+                shown = len(text)
+    text = tokenizer.decode(reply)
+    print(text[shown:], flush=True)
+    return text
+
+
+def opening():
+    return [{"role": "system", "content": system}] if system else []
+
+
+def chat():
+    """Read a message, stream the reply, until Ctrl-D; /reset forgets the conversation."""
+    print(f"{out_dir}: {model.num_params():,} parameters, {tokenizer.describe()}, context {model.config.block_size}. "
+          "Ctrl-D quits, /reset starts over.", file=sys.stderr)
+    messages = opening()
+    while True:
+        try:
+            text = input("\nyou> ")
+        except EOFError:
+            print()
+            return
+        if text.strip() == "/reset":
+            messages = opening()
+        elif text.strip():
+            messages.append({"role": "user", "content": text})
+            print("bot> ", end="", flush=True)
+            messages.append({"role": "assistant", "content": stream_reply(messages)})
+
+
+try:
+    if prompt:
+        stream_reply(opening() + [{"role": "user", "content": prompt}])
+    else:
+        chat()
+except KeyboardInterrupt:
+    print()
