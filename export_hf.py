@@ -21,13 +21,14 @@ import json
 import os
 import shutil
 
-from checkpoint import architecture, clean_state_dict, consolidate, load_checkpoint, step_dirs
+from checkpoint import architecture, clean_state_dict
 from configurator import configure, require
 from hf import (CAUSAL_LM_CLASS, char_tokenizer_json, expert_tensors, gpt2_vocab_and_merges,
                 hf_name, is_expert_weight, our_names)
+from merge import read_checkpoint
 from model import GPTConfig, layer_plan
 
-out_dir = "out"                # the run to export: out_dir/ckpt.pt, or a sharded run's newest step_N/
+out_dir = "out"                # the run to export: out_dir/ckpt.pt or its newest step_N/ (or a ckpt.pt path)
 hf_dir = "hf-out"              # the Hugging Face folder to write
 overwrite = False              # replace hf_dir if it already holds files
 
@@ -164,20 +165,12 @@ def export(ckpt, folder):
     return model_type(cfg)
 
 
-def read_run(path):
-    """The checkpoint dict of a run folder: ckpt.pt, else the newest sharded step_N/."""
-    sharded = step_dirs(path)
-    if not os.path.exists(os.path.join(path, "ckpt.pt")) and sharded:
-        return consolidate(sharded[-1])
-    return load_checkpoint(os.path.join(path, "ckpt.pt"))
-
-
 if __name__ == "__main__":
     configure(globals())
     require(overwrite or not (os.path.isdir(hf_dir) and os.listdir(hf_dir)),
             f"{hf_dir} already holds files: pass --overwrite=True or another --hf_dir")
     try:
-        kind = export(read_run(out_dir), hf_dir)
+        kind = export(read_checkpoint(out_dir), hf_dir)
     except (OSError, RuntimeError, ValueError) as e:
         raise SystemExit(str(e))
     print(f"wrote {hf_dir} ({kind}): {', '.join(sorted(os.listdir(hf_dir)))}")

@@ -1,0 +1,105 @@
+"""merge.py: each method against merges worked out by hand on small float64 tensors, SLERP's endpoints and
+midpoint, DARE's expectation, TIES's sign election, and whole checkpoints (refusals, the command)."""
+import math
+import os
+from dataclasses import asdict
+
+import pytest
+import torch
+
+import merge
+from checkpoint import load_model, save_checkpoint
+from model import GPT, GPTConfig
+from tests.conftest import run_script
+
+
+def f64(*values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def test_linear_and_task_arithmetic_by_hand(seed):
+    assert torch.equal(merge.linear([f64(1, 2), f64(3, -2)], [1, 3]), f64(2.5, -1.0))  # (1+9)/4, (2-6)/4
+    base, a, b = f64(1, 1), f64(2, 0), f64(1, 3)
+    assert torch.equal(merge.task_arithmetic(base, [a, b], [0.5, 1.0]), f64(1.5, 2.5))  # 1 + .5*1 + 0, 1 - .5 + 2
+    xs = [torch.randn(3, 5, dtype=torch.float64) for _ in range(3)]
+    w = torch.rand(3, dtype=torch.float64).tolist()
+    assert torch.allclose(merge.linear(xs, w), sum(wi * x for wi, x in zip(w, xs)) / sum(w), atol=1e-15)
+
+
+def test_slerp_endpoints_midpoint_and_parallel_fallback(seed):
+    a, b = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    assert torch.allclose(merge.slerp(a, b, 0.0), a, atol=1e-12)
+    assert torch.allclose(merge.slerp(a, b, 1.0), b, atol=1e-12)
+    angle = torch.arccos((a * b).sum() / (a.norm() * b.norm()))
+    # at t = 1/2 the weights are sin(angle/2) / sin(angle) = 1 / (2 cos(angle/2)) for both
+    assert torch.allclose(merge.slerp(a, b, 0.5), (a + b) / (2 * torch.cos(angle / 2)), atol=1e-12)
+    x, y = f64(1, 0), f64(0, 2)  # orthogonal: a quarter circle between norm 1 and norm 2
+    assert torch.allclose(merge.slerp(x, y, 0.5), f64(math.sqrt(0.5), math.sqrt(2)), atol=1e-12)
+    t = torch.rand(()).item()
+    assert torch.allclose(merge.slerp(a, 2 * a, t), (1 - t) * a + t * 2 * a, atol=1e-12)  # parallel: linear
+
+
+def test_ties_trims_elects_by_mass_and_averages_the_agreeing(seed):
+    base = torch.randn(4, dtype=torch.float64)
+    taus = [f64(3, -1, 0.5, -2), f64(-1, -4, 0.2, 2), f64(-1, 2, 0, 1)]
+    models = [base + tau for tau in taus]
+    # keep 3 of 4 per vector: 0.5 and 0.2 go. Trimmed sums 1, -3, 0, 1: entry 0 is elected + by mass although two
+    # of three vectors are negative there; the means of the agreeing entries are 3, (-1-4)/2, none, (2+1)/2
+    expected = base + f64(3, -2.5, 0, 1.5)
+    assert torch.allclose(merge.ties(base, models, [1, 1, 1], density=0.75), expected, atol=1e-12)
+    # weights scale the votes and the mean: with 4x on the second vector entry 0 turns negative, -(4+1)/5
+    weighted = merge.ties(base, models, [1, 4, 1], density=0.75)
+    assert torch.allclose(weighted[0] - base[0], torch.tensor(-1.0, dtype=torch.float64), atol=1e-12)
+
+
+def test_dare_keeps_the_expectation(seed):
+    c, density, n = torch.randn(()).item(), torch.empty(()).uniform_(0.1, 0.9).item(), 200_000
+    generator = torch.Generator().manual_seed(seed)
+    dropped = merge.drop_and_rescale(torch.full((n,), c, dtype=torch.float64), density, generator)
+    assert set(dropped.unique().tolist()) <= {0.0, c / density}
+    sigma = abs(c) * math.sqrt((1 - density) / density / n)  # the standard deviation of the mean
+    assert abs(dropped.mean().item() - c) < 5 * sigma
+    base, a, b = (torch.randn(50, dtype=torch.float64) for _ in range(3))
+    again = [merge.dare(base, [a, b], [0.5, 0.5], density, torch.Generator().manual_seed(seed)) for _ in range(2)]
+    assert torch.equal(again[0], again[1])  # seeded
+    # keeping everything, DARE is task arithmetic and DARE-TIES is TIES without trimming
+    assert torch.allclose(merge.dare(base, [a, b], [0.3, 0.7], 1.0, generator),
+                          merge.task_arithmetic(base, [a, b], [0.3, 0.7]), atol=1e-12)
+    assert torch.allclose(merge.dare(base, [a, b], [1, 1], 1.0, generator, with_ties=True),
+                          merge.ties(base, [a, b], [1, 1], 1.0), atol=1e-12)
+
+
+def tiny_checkpoint(path, **overrides):
+    cfg = GPTConfig(**dict(dict(block_size=16, vocab_size=11, n_layer=2, n_embd=16, n_head=2), **overrides))
+    ckpt = {"model": GPT(cfg).state_dict(), "model_args": asdict(cfg), "tokenizer": {"kind": "char", "chars": "abcdefghijk"}}
+    os.makedirs(path, exist_ok=True)
+    save_checkpoint(ckpt, os.path.join(path, "ckpt.pt"))
+    return ckpt
+
+
+def test_checkpoints_merge_and_mismatches_are_named(tmp_path, seed):
+    a, b = tiny_checkpoint(tmp_path / "a"), tiny_checkpoint(tmp_path / "b")
+    merged = merge.merged_checkpoint("linear", [str(tmp_path / "a"), str(tmp_path / "b")])
+    for name, tensor in merged["model"].items():
+        assert torch.allclose(tensor, (a["model"][name].double() + b["model"][name].double()).float() / 2, atol=1e-7)
+    tiny_checkpoint(tmp_path / "deeper", n_layer=3)
+    with pytest.raises(ValueError, match="n_layer 2 vs 3"):
+        merge.merged_checkpoint("linear", [str(tmp_path / "a"), str(tmp_path / "deeper")])
+    other = tiny_checkpoint(tmp_path / "vocab")
+    save_checkpoint(dict(other, tokenizer={"kind": "char", "chars": "ABCDEFGHIJK"}), str(tmp_path / "vocab" / "ckpt.pt"))
+    with pytest.raises(ValueError, match="another vocabulary"):
+        merge.merged_checkpoint("linear", [str(tmp_path / "a"), str(tmp_path / "vocab")])
+
+
+def test_merge_command(tmp_path, seed):
+    for name in ("base", "a", "b"):
+        tiny_checkpoint(tmp_path / name)
+    out = tmp_path / "merged"
+    result = run_script("merge.py", "--method=ties", f"--models={tmp_path / 'a'},{tmp_path / 'b'}",
+                        f"--base={tmp_path / 'base'}", "--weights=0.5,0.5", f"--out_dir={out}")
+    assert "merged 2 models (ties)" in result.stdout
+    model, tokenizer, ckpt = load_model(str(out))
+    assert ckpt["config"]["merge"]["method"] == "ties" and tokenizer.vocab_size == 11
+    bad = run_script("merge.py", "--method=slerp", f"--models={tmp_path / 'a'},{tmp_path / 'b'},{tmp_path / 'base'}",
+                     f"--out_dir={tmp_path / 'x'}", check=False)
+    assert bad.returncode == 2 and bad.stderr.strip() == "config error: slerp merges exactly two models, got 3"
