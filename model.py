@@ -46,6 +46,8 @@ class GPTConfig:
     moe_aux_alpha: float = 1e-4   # sequence-wise balance loss weight (0 disables)
     norm_eps: float = 1e-6        # RMSNorm epsilon
     logit_softcap: float = 0.0    # > 0: logits = c * tanh(logits / c) (Gemma 2; modded-nanogpt); 0 = off
+    value_embeds: int = 0         # > 0: k extra token embeddings mixed into V of the first and last k K/V producers
+    zero_init_proj: bool = False  # the residual-stream writers (o_proj, down_proj, experts' w_down) start at zero
 
     def __post_init__(self):
         def check(ok, message):
@@ -62,6 +64,7 @@ class GPTConfig:
         check(self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even for RoPE")
         check(self.kv_share >= 1, f"kv_share must be >= 1, got {self.kv_share}")
         check(self.local_window >= 1, f"local_window must be >= 1, got {self.local_window}")
+        check(self.value_embeds >= 0, f"value_embeds must be >= 0, got {self.value_embeds}")
         check(self.mlp in ("swiglu", "relu2"), f"mlp must be 'swiglu' or 'relu2', got {self.mlp!r}")
         if self.n_expert:
             check(1 <= self.n_expert_active <= self.n_expert,
@@ -98,6 +101,16 @@ def layer_plan(cfg):
             plan.append((kind, plan[-1][1], False))
         if kind == "G" and global_kv_group is None:
             global_kv_group = plan[-1][1]
+    return plan
+
+
+def value_embed_plan(cfg):
+    """{layer: value-embedding table}: table j feeds the j-th K/V-producing layer from the start and the j-th from
+    the end (modded-nanogpt's pattern: the same token identity re-enters V near the input and near the output)."""
+    producers = [i for i, (_, _, produces) in enumerate(layer_plan(cfg)) if produces]
+    plan = {}
+    for j in range(min(cfg.value_embeds, len(producers))):
+        plan[producers[j]] = plan[producers[-1 - j]] = j
     return plan
 
 
@@ -164,7 +177,7 @@ def attend(q, k, v, window, impl, dropout=0.0):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg, kind, kv_group, produces_kv, attn_impl="sdpa"):
+    def __init__(self, cfg, kind, kv_group, produces_kv, attn_impl="sdpa", takes_value_embed=False):
         super().__init__()
         self.cfg, self.kv_group, self.produces_kv = cfg, kv_group, produces_kv
         self.attn_impl = attn_impl  # the kernel: a choice of the process running the model, not of its config
@@ -177,9 +190,12 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * hd, d, bias=False)
         self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm and produces_kv else nn.Identity()
+        if takes_value_embed:  # v <- a v + b ve, (a, b) learned from (0.5, 0.5)
+            self.ve_mix = nn.Parameter(torch.full((2,), 0.5))
 
-    def forward(self, x, cos, sin, kv, cache):
-        """Returns (output, kv): a producer computes kv = (k, v, window); a consumer is handed its producer's."""
+    def forward(self, x, cos, sin, kv, cache, ve=None):
+        """Returns (output, kv): a producer computes kv = (k, v, window); a consumer is handed its producer's.
+        ve: this layer's value embedding of the tokens (B, T, n_kv_head * head_dim), mixed into V."""
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, -1, hd).transpose(1, 2)), cos, sin)
@@ -187,6 +203,8 @@ class Attention(nn.Module):
         if self.produces_kv:
             k = apply_rope(self.k_norm(self.k_proj(x).view(B, T, -1, hd).transpose(1, 2)), cos, sin)
             v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
+            if ve is not None:
+                v = self.ve_mix[0] * v + self.ve_mix[1] * ve.view(B, T, -1, hd).transpose(1, 2).to(v.dtype)
             if cache is not None:
                 k, v, decoding = cache.update(self.kv_group, k, v)
                 window = None if decoding else window  # a decode step's ring holds exactly its window
@@ -313,21 +331,21 @@ class Block(nn.Module):
     def __init__(self, cfg, layer, kind, kv_group, produces_kv, attn_impl="sdpa"):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.attn = Attention(cfg, kind, kv_group, produces_kv, attn_impl)
+        self.attn = Attention(cfg, kind, kv_group, produces_kv, attn_impl, layer in value_embed_plan(cfg))
         self.mlp_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MoE(cfg) if cfg.n_expert and layer >= cfg.n_dense_layers else MLP(cfg, cfg.hidden)
         self.dropout = nn.Dropout(cfg.dropout)
         self.checkpoint = False  # activation checkpointing: keep only the input, recompute the rest in backward
 
-    def forward(self, x, cos, sin, kv=None, cache=None):
+    def forward(self, x, cos, sin, kv=None, cache=None, ve=None):
         """Returns (x, kv, MoE balance loss or None). K/V travel as arguments and results, not in a shared dict:
         FSDP copies containers."""
         if self.checkpoint and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, kv, cache, use_reentrant=False)
-        return self._forward(x, cos, sin, kv, cache)
+            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, kv, cache, ve, use_reentrant=False)
+        return self._forward(x, cos, sin, kv, cache, ve)
 
-    def _forward(self, x, cos, sin, kv, cache):
-        h, kv = self.attn(self.attn_norm(x), cos, sin, kv, cache)
+    def _forward(self, x, cos, sin, kv, cache, ve):
+        h, kv = self.attn(self.attn_norm(x), cos, sin, kv, cache, ve)
         x = x + self.dropout(h)
         h = self.mlp(self.mlp_norm(x))
         h, aux_loss = h if isinstance(self.mlp, MoE) else (h, None)
@@ -462,6 +480,8 @@ class GPT(nn.Module):
             raise ValueError(f"attn_impl must be 'sdpa' or 'triton', got {attn_impl!r}")
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.n_kv_head * cfg.head_dim)
+                                          for _ in range(cfg.value_embeds))
         self.blocks = nn.ModuleList(Block(cfg, i, *spec, attn_impl) for i, spec in enumerate(layer_plan(cfg)))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.lm_head = LMHead(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -479,14 +499,17 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         if isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
+        if isinstance(module, Attention) and hasattr(module, "ve_mix"):
+            nn.init.constant_(module.ve_mix, 0.5)
+        writer_std = 0.0 if self.config.zero_init_proj else std / math.sqrt(2 * self.config.n_layer)
         if isinstance(module, MoE):
             nn.init.normal_(module.w_up, std=std)
-            nn.init.normal_(module.w_down, std=std / math.sqrt(2 * self.config.n_layer))
+            nn.init.normal_(module.w_down, std=writer_std)
             module.bias.zero_()
             module.load.zero_()
         for name in ("o_proj", "down_proj"):  # residual-stream writers: GPT-2's 1/sqrt(2·layers) scaling
             if hasattr(module, name):
-                nn.init.normal_(getattr(module, name).weight, std=std / math.sqrt(2 * self.config.n_layer))
+                nn.init.normal_(getattr(module, name).weight, std=writer_std)
 
     def forward(self, idx, targets=None, cache=None, last_pos=None, reduction="mean", all_logits=False):
         """With targets (-1 = no loss there): (None, loss), the logits never materialised whole. reduction 'mean'
@@ -499,9 +522,11 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
         cos, sin = rope_tables(start, T, self.config.head_dim, self.config.rope_theta, idx.device)
         x, shared_kv, aux_losses = self.wte(idx), {}, []  # K/V of each sharing group, from its producer layer
-        for block in self.blocks:
-            kv_group = block.attn.kv_group
-            x, shared_kv[kv_group], aux_loss = block(x, cos, sin, shared_kv.get(kv_group), cache)
+        value_embeds = [table(idx) for table in self.value_embeds]
+        ve_of = value_embed_plan(self.config)
+        for i, block in enumerate(self.blocks):
+            kv_group, ve = block.attn.kv_group, value_embeds[ve_of[i]] if i in ve_of else None
+            x, shared_kv[kv_group], aux_loss = block(x, cos, sin, shared_kv.get(kv_group), cache, ve)
             if aux_loss is not None:
                 aux_losses.append(aux_loss)
         x = self.norm(x)
@@ -524,8 +549,9 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------------------------------------- counting
 
     def num_params(self, active=False):
-        """Parameters excluding the input embedding (a lookup, not a matmul); active: only top-k of the routed experts."""
-        n = sum(p.numel() for p in self.parameters())
+        """Parameters excluding the input and value embeddings (lookups, not matmuls); active: only the top-k share
+        of the routed experts."""
+        n = sum(p.numel() for p in self.parameters()) - sum(p.numel() for p in self.value_embeds.parameters())
         if not self.config.tie_embeddings:
             n -= self.wte.weight.numel()
         if active:

@@ -27,7 +27,8 @@ from configurator import at_least, configure, require
 from data.loader import BatchLoader
 from memory import advice, fits, format_plan, memory_plan, print_model_report
 from model import GPT, GPTConfig
-from optim import OPTIMIZERS, SCHEDULES, build_optimizer, load_optimizer_state, scheduled_lr, set_lr, state_bytes
+from optim import (OPTIMIZERS, SCHEDULES, WSD_SHAPES, build_optimizer, load_optimizer_state, scheduled_lr,
+                   scheduled_momentum, set_lr, state_bytes)
 from parallel import (cut_xla_graph, describe_xla_sharding, finish, gradient_sync, init_distributed, mean_over_ranks,
                       barrier, shard_batch, shard_fsdp2, wrap_for_training, xla_compilations)
 from runtime import ATTN_IMPLS, DTYPE_SETTINGS, autocast_for, device_type as device_type_of
@@ -76,16 +77,27 @@ moe_hidden = 0                 # expert width; 0 = mlp width / n_expert_active
 n_dense_layers = 1             # the first layers keep a dense MLP
 moe_bias_gamma = 1e-3          # aux-loss-free balancing: bias step per optimizer step
 moe_aux_alpha = 1e-4           # sequence-wise balance loss weight (0 disables)
+logit_softcap = 0.0            # > 0: logits = c tanh(logits / c) (Gemma 2, modded-nanogpt); 0 = off
+value_embeds = 0               # > 0: k extra token embeddings mixed into V of the first and last k layers
+zero_init_proj = False         # residual-stream writers (o_proj, down_proj) start at zero (modded-nanogpt)
 attn_impl: Literal[ATTN_IMPLS] = "auto"  # 'auto' (triton on CUDA, sdpa elsewhere): this process's kernel, not saved
 # optimizer and schedule (optim.py)
-optimizer: Literal[OPTIMIZERS] = "adamw"
+optimizer: Literal[OPTIMIZERS] = "adamw"  # 'muon': Muon for hidden matrices and experts, AdamW for the rest
 learning_rate = 4e-3           # peak lr (each parameter group runs at its lr_scales multiple of it)
 min_lr = 4e-4                  # the schedule ends here
 max_iters = 500                # optimizer steps
-lr_schedule: Literal[SCHEDULES] = "cosine"  # 'cosine' or 'wsd' (warmup-stable-decay)
+lr_schedule: Literal[SCHEDULES] = "cosine"  # 'cosine', 'linear', 'constant' or 'wsd' (warmup-stable-decay)
 warmup_iters = 50              # linear warmup steps
 lr_decay_iters = 0             # the schedule reaches min_lr here; 0 = max_iters
 wsd_decay_frac = 0.2           # wsd: the final fraction of iterations that decays to min_lr
+wsd_shape: Literal[WSD_SHAPES] = "linear"  # wsd: the decay's shape, 'linear', 'cosine' or '1-sqrt'
+muon_momentum = 0.95           # Muon: momentum after its warmup
+muon_momentum_start = 0.85     # Muon: momentum at iteration 0 ...
+muon_momentum_warmup = 0       # ... rising linearly to muon_momentum over this many iterations (0 = no warmup)
+muon_nesterov = True           # Muon: Nesterov momentum
+muon_ns_steps = 5              # Muon: Newton-Schulz steps
+muon_coefficients: Literal["quintic", "polar_express"] = "quintic"  # Muon: the Newton-Schulz polynomials
+muon_normalize = False         # Muon: NorMuon's per-row second-moment normalization of each update
 weight_decay = 0.1             # on matrices, embedding and head (not on norms and other vectors)
 beta1 = 0.9
 beta2 = 0.95
@@ -106,10 +118,14 @@ activation_checkpoint: Literal["none", "full", "selective"] = "none"  # selectiv
 ac_every = 2                   # activation_checkpoint='selective': checkpoint every this many blocks
 keep_checkpoints = 2           # sharded checkpoints kept in out_dir
 gpu_mem_gb = 0.0               # memory plan: GPU memory to plan for; 0 = the detected GPU
+# speedrun
+target_val_loss = 0.0          # > 0: stop at the first evaluation whose val loss is at or below this
 config = configure(globals())
 at_least(config, 1, "batch_size", "block_size", "eval_interval", "log_interval", "eval_iters",
-         "gradient_accumulation_steps", "n_layer", "n_embd", "n_head", "ac_every", "keep_checkpoints")
-at_least(config, 0, "max_iters", "warmup_iters", "lr_decay_iters", "total_batch_size", "grad_clip", "weight_decay")
+         "gradient_accumulation_steps", "n_layer", "n_embd", "n_head", "ac_every", "keep_checkpoints", "muon_ns_steps")
+at_least(config, 0, "max_iters", "warmup_iters", "lr_decay_iters", "total_batch_size", "grad_clip", "weight_decay",
+         "muon_momentum_warmup", "target_val_loss", "logit_softcap")
+require(0 <= muon_momentum_start < 1 and 0 <= muon_momentum < 1, "Muon momenta must be in [0, 1)")
 require(0 <= dropout < 1, f"dropout must be in [0, 1), got {dropout}")
 require(0 <= wsd_decay_frac <= 1, f"wsd_decay_frac must be in [0, 1], got {wsd_decay_frac}")
 require(learning_rate > 0 and 0 <= min_lr <= learning_rate, "need 0 < learning_rate and 0 <= min_lr <= learning_rate")
@@ -162,7 +178,7 @@ def plan_memory(model):
     """(per-GPU memory plan, GPU memory in GiB or None): planned for a bf16 GPU run, whatever runs it now."""
     plan = memory_plan(model, batch_size, block_size, world_size, fsdp, activation_checkpoint, ac_every,
                        act_bytes=4 if dtype == "float32" and device_type == "cuda" else 2,
-                       optimizer_bytes=state_bytes(optimizer, model))
+                       optimizer_bytes=state_bytes(optimizer, model, muon_normalize))
     gpu = gpu_mem_gb or (torch.cuda.get_device_properties(device).total_memory / 2**30 if device_type == "cuda" else None)
     return plan, gpu
 
@@ -294,9 +310,11 @@ if master:
           f"attention {attn_kernel}, activation_checkpoint={activation_checkpoint!r}")
 
 # -------------------------------------------------------------------------------------------------------- optimizer
-opt = build_optimizer(optimizer, model, learning_rate, weight_decay, (beta1, beta2), lr_scales, device_type)
+opt = build_optimizer(optimizer, model, learning_rate, weight_decay, (beta1, beta2), lr_scales, device_type,
+                      muon=dict(momentum=muon_momentum, nesterov=muon_nesterov, ns_steps=muon_ns_steps,
+                                coefficients=muon_coefficients, normalize=muon_normalize, normalize_beta2=beta2))
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16" and device_type == "cuda" and mode != "fsdp")
-iter_num, best_val_loss = 0, float("inf")
+iter_num, best_val_loss, train_seconds = 0, float("inf"), 0.0
 if init_from == "resume":
     state = load_sharded(resume_from, model, opt) if mode == "fsdp" else checkpoint
     needed = {"loader", "iter_num", "best_val_loss", "rng"} | ({"optimizer"} if mode != "fsdp" else set())
@@ -310,7 +328,7 @@ if init_from == "resume":
         train_loader.load_state_dict(state["loader"])
     except (KeyError, ValueError) as e:
         finish(f"{resume_from}: cannot resume from it ({e})")
-    iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
+    iter_num, best_val_loss, train_seconds = state["iter_num"], state["best_val_loss"], state.get("train_seconds", 0.0)
     torch.set_rng_state(state["rng"]["torch"])
     if device_type == "cuda" and state["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state(state["rng"]["cuda"].cpu())
@@ -351,7 +369,7 @@ def estimate_loss():
 def save(val_loss):
     """ckpt.pt (temp file + rename) from rank 0, or under FSDP a sharded step folder written by every rank."""
     meta = {"model_args": {f.name: getattr(raw_model.config, f.name) for f in fields(GPTConfig)}, "config": config,
-            "iter_num": iter_num, "best_val_loss": best_val_loss, "val_loss": val_loss,
+            "iter_num": iter_num, "best_val_loss": best_val_loss, "val_loss": val_loss, "train_seconds": train_seconds,
             "loader": train_loader.state_dict(), "tokenizer": tokenizer.spec,
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}}
     if mode == "fsdp":
@@ -365,14 +383,16 @@ def save(val_loss):
 
 
 # ------------------------------------------------------------------------------------------------------------- loop
-t_start = t_log = time.time()
+t_start = t_log = t_train = time.time()  # t_train: when training (not evaluating) last resumed
 losses = {}
 while True:
     lr = scheduled_lr(iter_num, lr_schedule, learning_rate, min_lr, warmup_iters, lr_decay_iters or max_iters,
-                      wsd_decay_frac)
-    set_lr(opt, lr)
+                      wsd_decay_frac, wsd_shape)
+    set_lr(opt, lr, scheduled_momentum(iter_num, muon_momentum_start, muon_momentum, muon_momentum_warmup))
 
     if iter_num % eval_interval == 0 or iter_num == max_iters:
+        t_eval = time.time()
+        train_seconds += t_eval - t_train
         losses = estimate_loss()
         if master:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
@@ -382,11 +402,18 @@ while True:
         if not math.isfinite(losses["val"]):  # the same on every rank: losses are all-reduced
             kept = "the last good checkpoint is kept" if has_checkpoint(out_dir) else "no checkpoint was written yet"
             finish(f"val loss is not finite at iter {iter_num}: stopping, {kept}")
+        reached = target_val_loss and losses["val"] <= target_val_loss
+        if reached and master:
+            print(f"reached val loss {losses['val']:.4f} <= {target_val_loss} at step {iter_num} after "
+                  f"{train_seconds:.1f} s of training (eval excluded), {iter_num * tokens_per_iter:,} tokens, "
+                  f"world {world_size}")
         if iter_num > 0 and (losses["val"] < best_val_loss or always_save_checkpoint):
             best_val_loss = min(best_val_loss, losses["val"])
             save(losses["val"])
-        if eval_only:
+        if eval_only or reached:
             break
+        t_train = time.time()
+        t_log += t_train - t_eval  # ms/iter and tokens/s count training steps only
     if iter_num >= max_iters:
         break
 

@@ -49,9 +49,18 @@ def losses(out_dir):
     return {r["iter"]: r["loss"] for r in rows if "loss" in r}
 
 
-def test_ddp_and_fsdp_match_one_process(setup, tmp_path):
+OPTIMIZERS = {"adamw": ["--optimizer=adamw"],
+              "muon": ["--optimizer=muon", "--muon_normalize=True", "--muon_momentum_warmup=4", "--n_expert=4"]}
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_ddp_and_fsdp_match_one_process(setup, tmp_path, optimizer):
     data, init = setup
-    common = ARGS + [f"--data_root={data}", f"--init_from={init}", "--max_iters=8"]
+    if optimizer == "muon":  # an MoE model of its own: Muon's stacked-expert path under FSDP too
+        init = str(tmp_path / "init_moe.pt")
+        cfg = GPTConfig(vocab_size=65, n_expert=4, **MODEL)
+        save_checkpoint({"model": GPT(cfg).state_dict(), "model_args": asdict(cfg)}, init)
+    common = ARGS + OPTIMIZERS[optimizer] + [f"--data_root={data}", f"--init_from={init}", "--max_iters=8"]
     single = launch(0, *common, "--batch_size=8", f"--out_dir={tmp_path / 'single'}")
     launch(2, *common, "--batch_size=4", f"--out_dir={tmp_path / 'ddp'}")
     launch(2, *common, "--batch_size=4", "--fsdp=True", f"--out_dir={tmp_path / 'fsdp'}")
@@ -64,9 +73,11 @@ def test_ddp_and_fsdp_match_one_process(setup, tmp_path):
             assert abs(other[it] - reference[it]) < 1e-5 * reference[it], (name, it, other[it], reference[it])
 
 
-def test_sharded_checkpoint_resume_on_2_and_1_processes(setup, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_sharded_checkpoint_resume_on_2_and_1_processes(setup, tmp_path, optimizer):
     data, init = setup
-    common = ARGS + [f"--data_root={data}", "--fsdp=True", "--activation_checkpoint=selective"]
+    common = ARGS + OPTIMIZERS[optimizer][:3] + [f"--data_root={data}", "--fsdp=True",
+                                                 "--activation_checkpoint=selective"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     launch(2, *common, "--batch_size=4", "--max_iters=12", f"--out_dir={straight}", f"--init_from={init}")
     launch(2, *common, "--batch_size=4", "--max_iters=6", f"--out_dir={split}", f"--init_from={init}")

@@ -2,7 +2,6 @@
 import copy
 import itertools
 import math
-import random
 
 import pytest
 import torch
@@ -12,11 +11,7 @@ from model import GPT, GPTConfig, KVCache, MoE, attention_mask, layer_plan
 from optim import build_optimizer
 
 
-@pytest.fixture(autouse=True)
-def seed():
-    s = random.SystemRandom().randrange(2**31)
-    print(f"seed {s}")
-    torch.manual_seed(s)
+pytestmark = pytest.mark.usefixtures("seed")  # every test: a fresh printed seed (tests/conftest.py)
 
 
 def tiny(**kw):
@@ -85,13 +80,24 @@ def naive_moe(moe, x):  # one token at a time
     return out
 
 
+def naive_value_embed_layers(cfg):
+    """{layer: table} by the rule: table j feeds the j-th K/V producer from the start and the j-th from the end."""
+    producers = [i for i, (_, _, produces) in enumerate(layer_plan(cfg)) if produces]
+    layers = {}
+    for j in range(cfg.value_embeds):
+        if j < len(producers):
+            layers[producers[j]] = j
+            layers[producers[len(producers) - 1 - j]] = j
+    return layers
+
+
 def naive_forward(model, idx):
     m = copy.deepcopy(model).double()
     cfg, hd = m.config, m.config.head_dim
     x = m.wte.weight[idx]
-    produced = {}
+    produced, ve_layers = {}, naive_value_embed_layers(cfg)
     B, T = idx.shape
-    for block, (kind, group, produces) in zip(m.blocks, layer_plan(cfg)):
+    for i, (block, (kind, group, produces)) in enumerate(zip(m.blocks, layer_plan(cfg))):
         a = block.attn
         h = naive_rms(x, block.attn_norm.weight)
         q = (h @ a.q_proj.weight.T).view(B, T, -1, hd)
@@ -99,13 +105,17 @@ def naive_forward(model, idx):
         if produces:
             k = (h @ a.k_proj.weight.T).view(B, T, -1, hd)
             k = naive_rope(naive_rms(k, a.k_norm.weight) if cfg.qk_norm else k, cfg.rope_theta)
-            produced[group] = (k, (h @ a.v_proj.weight.T).view(B, T, -1, hd))
+            v = (h @ a.v_proj.weight.T).view(B, T, -1, hd)
+            if i in ve_layers:
+                v = a.ve_mix[0] * v + a.ve_mix[1] * m.value_embeds[ve_layers[i]].weight[idx].view(B, T, -1, hd)
+            produced[group] = (k, v)
         k, v = produced[group]
         y = naive_attention(q, k, v, cfg.local_window if kind == "L" else None)
         x = x + y.reshape(B, T, -1) @ a.o_proj.weight.T
         h = naive_rms(x, block.mlp_norm.weight)
         x = x + (naive_moe(block.mlp, h) if isinstance(block.mlp, MoE) else naive_mlp(block.mlp, h))
-    return naive_rms(x, m.norm.weight) @ m.lm_head.weight.T
+    logits = naive_rms(x, m.norm.weight) @ m.lm_head.weight.T
+    return cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap) if cfg.logit_softcap else logits
 
 
 # -------------------------------------------------------------------------------------------------------- tests
@@ -126,6 +136,8 @@ def test_hybrid_mask_matches_per_position_rule(window):
     dict(n_kv_head=2, attn_pattern="LG", local_window=3, kv_share=2, share_global_kv=True, n_layer=6),
     dict(n_kv_head=1, attn_pattern="L", local_window=40, qk_norm=False, tie_embeddings=True),
     dict(n_kv_head=2, n_expert=4, n_expert_active=2, n_shared_expert=1, n_dense_layers=1, attn_pattern="LG", local_window=4),
+    dict(n_kv_head=2, value_embeds=1, logit_softcap=3.0, n_layer=5),  # the speedrun flags
+    dict(n_kv_head=1, value_embeds=2, attn_pattern="LLG", local_window=4, kv_share=2, n_layer=6),
 ])
 def test_forward_matches_naive_float64_reference(kw):
     model = randomize_norms(GPT(tiny(**kw))).double()
@@ -301,3 +313,48 @@ def test_checkpointed_moe_leaves_no_aux_loss_for_eval():
     before = model.eval()(idx, idx)[1].item()
     model.train()(idx, idx)[1].backward()  # the backward recompute runs MoE.forward again in training mode
     assert model.eval()(idx, idx)[1].item() == pytest.approx(before, abs=1e-6)
+
+
+def test_zero_init_projections_start_at_zero_and_leave_the_rest():
+    model = GPT(tiny(zero_init_proj=True, n_expert=4, n_dense_layers=1, value_embeds=1))
+    for name, p in model.named_parameters():
+        writer = name.endswith(("o_proj.weight", "down_proj.weight", "w_down"))
+        assert (p.abs().max() == 0) == writer, name
+
+
+def test_cached_generation_with_value_embeddings_and_softcap_equals_full_forward():
+    cfg = tiny(value_embeds=2, logit_softcap=4.0, n_kv_head=1, attn_pattern="LLG", local_window=5, block_size=40)
+    model = randomize_norms(GPT(cfg)).eval()
+    prompt, seq = torch.randint(0, 37, (2, 9)), None
+    seq = model.generate(prompt, 10, temperature=0)
+    for t in range(9, 19):  # each cached step chose the argmax of the uncached forward over its prefix
+        assert torch.equal(model(seq[:, :t])[0].argmax(-1), seq[:, t])
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
+def test_chunked_loss_and_gradients_equal_the_unchunked_ones(monkeypatch, dtype, tol, softcap):
+    import model as model_module
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_ELEMENTS", 37 * 7)  # 7 rows per chunk: 26 rows -> 4 chunks
+    model = randomize_norms(GPT(tiny(logit_softcap=softcap, tie_embeddings=softcap > 0))).to(dtype)
+    idx = torch.randint(0, 37, (2, 13))
+    targets = torch.randint(0, 37, (2, 13))
+    targets[0, :4] = targets[1, -3:] = -1  # ignored positions (masked SFT tokens, padding)
+    weights = torch.rand(2, 13, dtype=dtype)  # per-token losses get a gradient of their own (as DPO's do)
+
+    def reference(reduction):  # the whole logits, torch's cross-entropy
+        logits = model(idx, all_logits=True)[0]
+        per_token = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
+        per_token = per_token.view(2, 13)
+        return {"mean": per_token.sum() / (targets >= 0).sum(), "sum": per_token.sum(), "none": per_token}[reduction]
+
+    def value_and_grads(loss):
+        model.zero_grad()
+        (loss * weights).sum().backward() if loss.dim() else loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+    for reduction in ("mean", "sum", "none"):
+        want, want_grads = value_and_grads(reference(reduction))
+        got, got_grads = value_and_grads(model(idx, targets, reduction=reduction)[1])
+        assert got.shape == want.shape and (got - want).abs().max() <= tol * want.abs().max()
+        for g, w in zip(got_grads, want_grads):
+            assert (g - w).abs().max() <= tol * max(w.abs().max(), 1e-30), (reduction, (g - w).abs().max())
