@@ -113,3 +113,16 @@ def test_checkpoint_trained_with_triton_samples_and_evaluates_on_cpu(tmp_path, d
         mmlu = run_script("eval_mmlu.py", f"--out_dir={out}", f"--data_dir={SHARED}/data/mmlu", "--split=val",
                           "--subjects=marketing", "--limit=4", env=no_interpreter)
         assert "accuracy" in mmlu.stdout
+
+
+def test_speedrun_stops_at_the_first_evaluation_that_reaches_the_target(tmp_path, data_root):
+    out = str(tmp_path / "out")
+    result = run_script("train.py", *TINY, f"--data_root={data_root}", "--max_iters=200", "--eval_interval=3",
+                        "--target_val_loss=3.3", f"--out_dir={out}")
+    evals = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if "val_loss" in line]
+    assert all(r["val_loss"] > 3.3 for r in evals[:-1]) and evals[-1]["val_loss"] <= 3.3 and evals[-1]["iter"] < 200
+    line = next(x for x in result.stdout.splitlines() if x.startswith("reached val loss"))
+    step = evals[-1]["iter"]
+    assert f"<= 3.3 at step {step} after " in line and f", {step * 4 * 32:,} tokens, world 1" in line
+    seconds = float(line.split(" after ")[1].split(" s ")[0])
+    assert 0 < seconds < evals[-1]["time"]  # training time only: the evaluations are not in it
