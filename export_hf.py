@@ -20,6 +20,7 @@ it, and nothing is written: an approximate export never exists.
 import json
 import os
 import shutil
+from dataclasses import asdict
 
 from checkpoint import architecture, clean_state_dict
 from configurator import configure, require
@@ -32,12 +33,21 @@ out_dir = "out"                # the run to export: out_dir/ckpt.pt or its newes
 hf_dir = "hf-out"              # the Hugging Face folder to write
 overwrite = False              # replace hf_dir if it already holds files
 
+# GPTConfig fields the mapping below accounts for: any other one set away from its default is refused, so a feature
+# added to model.py later is never exported as if it were not there
+MAPPED_FIELDS = {"block_size", "vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "mlp",
+                 "mlp_hidden", "qk_norm", "tie_embeddings", "dropout", "rope_theta", "attn_pattern", "local_window",
+                 "kv_share", "share_global_kv", "n_expert", "n_expert_active", "n_shared_expert", "moe_hidden",
+                 "n_dense_layers", "moe_bias_gamma", "moe_aux_alpha", "norm_eps", "logit_softcap", "zero_init_proj"}
+
 # ---------------------------------------------------------------------------------------------------- mapping
 
 
 def refusals(cfg):
     """Why cfg has no exact standard counterpart: one line per blocking setting (empty: exportable)."""
-    reasons = []
+    defaults = asdict(GPTConfig())
+    reasons = [f"{name}={value!r}: no mapping for this setting" for name, value in asdict(cfg).items()
+               if name not in MAPPED_FIELDS and value != defaults[name]]
     if cfg.mlp != "swiglu":
         reasons.append(f"mlp={cfg.mlp!r}: every standard architecture here has a SwiGLU MLP (ReLU² has none)")
     if cfg.logit_softcap:

@@ -121,6 +121,7 @@ def test_export_loads_in_transformers_and_round_trips(tmp_path, seed, kind):
     (dict(attn_pattern="LLGG", local_window=8, kv_share=2, n_layer=4), "kv_share=2"),
     (dict(share_global_kv=True, n_layer=2), "share_global_kv=True"),
     (dict(qk_norm=False, n_expert=4, attn_pattern="LG"), "qk_norm=False"),
+    (dict(value_embeds=1), "value_embeds=1"),
 ])
 def test_export_refuses_what_has_no_exact_counterpart(tmp_path, overrides, named):
     _, ckpt = our_checkpoint(tiny_config(**overrides))
