@@ -34,7 +34,8 @@ def check_messages(messages):
         raise ValueError("messages must be a non-empty list of {\"role\": ..., \"content\": ...}")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or set(message) != {"role", "content"}:
-            raise ValueError(f"message {i} must be an object with exactly the keys role and content, got {message!r}"[:300])
+            got = repr(message)[:200]
+            raise ValueError(f"message {i} must be an object with exactly the keys role and content, got {got}")
         if message["role"] not in ROLES:
             raise ValueError(f"message {i}: role must be one of {', '.join(ROLES)}, got {message['role']!r}")
         if message["role"] == "system" and i > 0:

@@ -11,7 +11,7 @@ the added rows also the mean.
 DPO (Rafailov et al. 2023). With log-probs summed over each response's tokens, for policy π and frozen reference,
     h = (log π(chosen) - log π(rejected)) - (log π_ref(chosen) - log π_ref(rejected))
     DPO   loss = -log σ(β h)
-    cDPO  loss = -(1 - ε) log σ(β h) - ε log σ(-β h)   (label smoothing ε: each label taken as wrong with probability ε)
+    cDPO  loss = -(1 - ε) log σ(β h) - ε log σ(-β h)   (label smoothing ε: a label is wrong with probability ε)
     IPO   loss = (h - 1/(2β))²                          (Azar et al. 2023: h is pulled to a target, not to infinity)
 averaged over the pairs. The reward of a reply is β (log π - log π_ref); the margin is chosen minus rejected reward,
 the accuracy the fraction of pairs whose chosen reward is higher (a tie, as at the first step, counts as wrong).
@@ -73,13 +73,20 @@ def response_logprobs(model, x, y):
     return -token_losses.sum(1)
 
 
+def pair_logprobs(model, x_chosen, y_chosen, x_rejected, y_rejected):
+    """(chosen, rejected) response log-probs from one forward over both (a DDP model must see one forward per
+    backward; TRL's concatenated forward)."""
+    logprobs = response_logprobs(model, torch.cat([x_chosen, x_rejected]), torch.cat([y_chosen, y_rejected]))
+    return logprobs.chunk(2)
+
+
 class DPOStats(NamedTuple):
     loss: torch.Tensor                 # mean over the pairs, differentiable in the policy's log-probs
     chosen_reward: torch.Tensor        # mean β (log π - log π_ref) of the chosen replies
     rejected_reward: torch.Tensor      # the same for the rejected replies
     margin: torch.Tensor               # mean chosen minus rejected reward
     accuracy: torch.Tensor             # fraction of pairs whose chosen reward is higher
-    likelihood_accuracy: torch.Tensor  # fraction whose chosen reply the policy finds likelier (the reference's: "before")
+    likelihood_accuracy: torch.Tensor  # fraction whose chosen reply the policy finds likelier (reference's: "before")
 
 
 def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta=0.1, label_smoothing=0.0,
@@ -100,6 +107,6 @@ def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejecte
     else:
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     chosen_reward, rejected_reward = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
-    return DPOStats(losses.mean(), chosen_reward.mean(), rejected_reward.mean(), (chosen_reward - rejected_reward).mean(),
-                    (chosen_reward > rejected_reward).float().mean(),
+    return DPOStats(losses.mean(), chosen_reward.mean(), rejected_reward.mean(),
+                    (chosen_reward - rejected_reward).mean(), (chosen_reward > rejected_reward).float().mean(),
                     (policy_chosen.detach() > policy_rejected.detach()).float().mean())

@@ -65,7 +65,7 @@ class WindowStream:
         return masks
 
     def _layout(self):
-        """This epoch's window starts: a random offset per epoch, windows permuted across all shards."""
+        """This epoch's window starts: a random offset per epoch (none for rows), windows permuted across all shards."""
         if self._layout_epoch != self.epoch:
             rng = np.random.default_rng((self.seed, self.epoch))
             offset = 0 if self.rows else int(rng.integers(0, self.window))

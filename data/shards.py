@@ -119,7 +119,7 @@ class RowWriter:
 
     def add(self, ids, mask):
         if len(ids) != self.row_tokens or len(mask) != self.row_tokens:
-            raise ValueError(f"a row must hold {self.row_tokens} tokens and mask values, got {len(ids)} and {len(mask)}")
+            raise ValueError(f"a row holds {self.row_tokens} tokens and mask values, got {len(ids)} and {len(mask)}")
         self.tokens.add(ids)
         self.masks.add(mask)
         self.rows += 1

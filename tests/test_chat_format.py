@@ -47,7 +47,8 @@ def test_golden_multi_turn_with_system_and_forged_marker():
 def random_conversation(rng):
     words = ["hello", " world", "<|user_end|>", " 42", "\n", "naïve", " 🙂", "<|endoftext|>", "  ", "x"]
     text = lambda: "".join(rng.choice(words) for _ in range(rng.randrange(0, 8)))  # noqa: E731
-    roles = (["system"] if rng.random() < 0.5 else []) + [rng.choice(["user", "assistant"]) for _ in range(rng.randrange(1, 7))]
+    turns = [rng.choice(["user", "assistant"]) for _ in range(rng.randrange(1, 7))]
+    roles = (["system"] if rng.random() < 0.5 else []) + turns
     return [{"role": role, "content": text()} for role in roles]
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from posttrain import adapt_checkpoint, dpo_loss, response_logprobs
+from posttrain import adapt_checkpoint, dpo_loss, pair_logprobs, response_logprobs
 from tokenizer import chat_spec
 
 # Fixed summed log-probs of three pairs: policy chosen / rejected, reference chosen / rejected.
@@ -30,7 +30,10 @@ def reference_loss(pc, pr, rc, rr, beta, smoothing=0.0, ipo=False):
     for a, b, c, d in zip(pc, pr, rc, rr):
         h = (a - b) - (c - d)
         # -log sigmoid(z) = softplus(-z)
-        total += (h - 1 / (2 * beta)) ** 2 if ipo else (1 - smoothing) * softplus(-beta * h) + smoothing * softplus(beta * h)
+        if ipo:
+            total += (h - 1 / (2 * beta)) ** 2
+        else:
+            total += (1 - smoothing) * softplus(-beta * h) + smoothing * softplus(beta * h)
     return total / len(pc)
 
 
@@ -88,6 +91,9 @@ def test_response_logprobs_sum_the_response_tokens(seed):
         got = response_logprobs(model, x, y)
     logp = logits.double().log_softmax(-1).gather(2, y.clamp(min=0)[..., None])[..., 0]
     assert torch.allclose(got, (logp * (y >= 0)).sum(1), rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        chosen, rejected = pair_logprobs(model, x, y, x.flip(0), y.flip(0))
+    assert torch.allclose(chosen, got, atol=1e-9) and torch.allclose(rejected, got.flip(0), atol=1e-9)
 
 
 # ------------------------------------------------------------------------------------------------------ new tokens
@@ -128,7 +134,7 @@ def test_padded_base_checkpoint_gets_mean_rows_for_the_chat_tokens_only(seed):
 def test_nothing_to_adapt_and_refusals():
     chat = dict(base_checkpoint(50304), tokenizer=chat_spec())
     assert adapt_checkpoint(chat, chat_spec(), 50304) == (chat, None)
-    with pytest.raises(ValueError, match="trained with the GPT-2 BPE \\+ 6 special tokens tokenizer but the data is GPT-2 BPE"):
+    with pytest.raises(ValueError, match=r"trained with the GPT-2 BPE \+ 6 special tokens tokenizer but the data is"):
         adapt_checkpoint(chat, {"kind": "gpt2"}, 50304)
     char = dict(base_checkpoint(65), tokenizer={"kind": "char", "chars": "ab"})
     with pytest.raises(ValueError, match="character-level"):

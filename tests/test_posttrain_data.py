@@ -41,7 +41,8 @@ def write_jsonl(path, records, compress=False):
 
 
 def words(rng, low, high):
-    return " ".join(rng.choice(["apple", "sum", "42", "naïve", "the", "cat", "\n", "x+y"]) for _ in range(rng.randrange(low, high)))
+    vocabulary = ["apple", "sum", "42", "naïve", "the", "cat", "\n", "x+y"]
+    return " ".join(rng.choice(vocabulary) for _ in range(rng.randrange(low, high)))
 
 
 def random_conversations(rng, n):

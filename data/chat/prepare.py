@@ -14,9 +14,11 @@ seed). The other scripts that make post-training data (data/gsm8k, data/hh_rlhf)
 Packing. Conversations, in the shuffled order, go whole into the first of the 8 newest rows with room for them (a
 new row when none has; the oldest row is then written out), rows padded at the end with <|endoftext|> (mask 0):
 GSM8K's train rows are 12% padding at block_size 256, 5% at 512. A conversation longer than a row (block_size + 1
-tokens) is dropped and counted, never cut. Attention crosses the conversations of a row (no document mask), as pretraining's attention crosses documents:
-each conversation opens with <|endoftext|>, the document boundary the base model learned. A pair is one row: its
-chosen then its rejected sequence, each padded to block_size + 1 tokens; a pair with a side longer is dropped.
+tokens) is dropped and counted, never cut. Attention crosses the conversations of a row (no document mask), as
+pretraining's crosses documents: each conversation opens with <|endoftext|>, the boundary the base model learned to
+read past. (Preventing it would take document ids per row and a mask of same-document pairs in every attention
+layer and kernel.) A pair is one row: its chosen then its rejected sequence, each padded to block_size + 1 tokens;
+a pair with a side longer than that is dropped and counted.
 """
 import argparse
 import gzip
@@ -106,6 +108,11 @@ def padded(ids, mask, row_tokens, pad_id):
     return ids + [pad_id] * (row_tokens - len(ids)), mask + [0] * (row_tokens - len(mask))
 
 
+def finish_row(ids, mask, row_tokens, pad_id, stats):
+    stats["padding"] += row_tokens - len(ids)
+    return padded(ids, mask, row_tokens, pad_id)
+
+
 def pack(samples, row_tokens, pad_id, stats, open_rows=8):
     """Rows (ids, mask) of row_tokens holding whole (ids, mask) samples, padded with pad_id (mask 0). First fit:
     each sample goes into the first of the last `open_rows` rows with room (the oldest is written out when a new
@@ -125,11 +132,6 @@ def pack(samples, row_tokens, pad_id, stats, open_rows=8):
         row[1].extend(mask)
     for row in rows:
         yield finish_row(*row, row_tokens, pad_id, stats)
-
-
-def finish_row(ids, mask, row_tokens, pad_id, stats):
-    stats["padding"] += row_tokens - len(ids)
-    return padded(ids, mask, row_tokens, pad_id)
 
 
 def pair_rows(sides, row_tokens, pad_id, stats):

@@ -62,7 +62,7 @@ def input_files(args):
 
 def main(argv=None):
     parser = parser_for(__doc__, HERE)
-    parser.add_argument("--input", nargs="+", metavar="JSONL", help="local TRAIN.jsonl [TEST.jsonl] instead of downloading")
+    parser.add_argument("--input", nargs="+", metavar="JSONL", help="local TRAIN.jsonl [TEST.jsonl], not downloaded")
     parser.add_argument("--base_url", default=BASE_URL, help="where train.jsonl and test.jsonl are downloaded from")
     parser.add_argument("--calculator", choices=("strip", "keep"), default="strip",
                         help="the <<a*b=c>> calculator annotations of the answers")

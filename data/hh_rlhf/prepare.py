@@ -8,10 +8,11 @@ Each line of the upstream files is {"chosen": dialogue, "rejected": dialogue}, a
 "\\n\\nHuman: ...\\n\\nAssistant: ...". A dialogue is cut into turns at "\\n\\nHuman:" and "\\n\\nAssistant:"
 (contents stripped; consecutive turns of one speaker, which the data has, joined by a blank line), Human -> user,
 Assistant -> assistant. The prompt is every turn but the last Assistant reply, and the two sides must share it: a
-line whose sides differ earlier (the dialogue went on differently, e.g. a reply that itself writes "Human:") or
-that does not end with an Assistant reply is skipped, counted and its line numbers printed (none of harmless-base
-test's 2,312 lines: its 5 whose raw sides part earlier are replies split into two Assistant turns). A line that is not such a record (not JSON, no chosen/rejected, a side that does not
-start with a Human turn) stops with its file and line. The val split is a seeded `--val_fraction` of all pairs.
+line whose sides differ earlier, or that does not end with an Assistant reply, is skipped, counted and its line
+numbers printed (none of harmless-base test's 2,312 lines is: its 5 whose raw sides part earlier hold a reply
+split into two Assistant turns, which joining makes one). A line that is not such a record (not JSON, no
+chosen/rejected, a side that does not start with a Human turn) stops with its file and line. The val split is a
+seeded `--val_fraction` of all pairs.
 """
 import os
 import re
