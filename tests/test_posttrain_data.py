@@ -171,6 +171,11 @@ def test_packing_keeps_conversations_whole_and_counts_the_dropped(seed):
     assert stats["padding"] == sum(row_tokens - sum(1 for t in ids if t) for ids, _ in rows)
     assert sorted(placed) == [i + 1 for i, (ids, _) in enumerate(samples) if len(ids) <= row_tokens]
     assert all(placed[number] == samples[number - 1] for number in placed)  # never truncated, mask travels along
+    kept = [sample for sample in samples if len(sample[0]) <= row_tokens]
+    unpacked = list(pack(samples, row_tokens, 0, Counter(), open_rows=0))  # one sample per row
+    assert len(unpacked) == len(kept) > len(rows)
+    assert all((ids[:len(want)], mask[:len(want)]) == (want, want_mask) and not any(ids[len(want):])
+               for (ids, mask), (want, want_mask) in zip(unpacked, kept))
 
 
 def test_pair_rows_drop_pairs_with_a_long_side():

@@ -17,7 +17,7 @@ GSM8K's train rows are 12% padding at block_size 256, 5% at 512. A conversation 
 tokens) is dropped and counted, never cut. Attention crosses the conversations of a row (no document mask), as
 pretraining's crosses documents: each conversation opens with <|endoftext|>, the boundary the base model learned to
 read past. (Preventing it would take document ids per row and a mask of same-document pairs in every attention
-layer and kernel.) A pair is one row: its chosen then its rejected sequence, each padded to block_size + 1 tokens;
+layer and kernel; `--open_rows 0` writes one conversation per row instead, to measure what packing changes.) A pair is one row: its chosen then its rejected sequence, each padded to block_size + 1 tokens;
 a pair with a side longer than that is dropped and counted.
 """
 import argparse
@@ -115,8 +115,9 @@ def finish_row(ids, mask, row_tokens, pad_id, stats):
 
 def pack(samples, row_tokens, pad_id, stats, open_rows=8):
     """Rows (ids, mask) of row_tokens holding whole (ids, mask) samples, padded with pad_id (mask 0). First fit:
-    each sample goes into the first of the last `open_rows` rows with room (the oldest is written out when a new
-    one is needed). A sample longer than a row is dropped: stats counts 'dropped' and the 'padding' tokens."""
+    each sample goes into the first of the `open_rows` newest rows with room, or a new row (then the oldest is
+    written out); open_rows=0 gives each sample a row of its own. A sample longer than a row is dropped: stats
+    counts 'dropped' and the 'padding' tokens."""
     rows = []
     for ids, mask in samples:
         if len(ids) > row_tokens:
@@ -124,12 +125,12 @@ def pack(samples, row_tokens, pad_id, stats, open_rows=8):
             continue
         row = next((r for r in rows if len(r[0]) + len(ids) <= row_tokens), None)
         if row is None:
-            if len(rows) == open_rows:
-                yield finish_row(*rows.pop(0), row_tokens, pad_id, stats)
             row = ([], [])
             rows.append(row)
         row[0].extend(ids)
         row[1].extend(mask)
+        if len(rows) > open_rows:
+            yield finish_row(*rows.pop(0), row_tokens, pad_id, stats)
     for row in rows:
         yield finish_row(*row, row_tokens, pad_id, stats)
 
@@ -146,22 +147,22 @@ def pair_rows(sides, row_tokens, pad_id, stats):
         yield c_ids + r_ids, c_mask + r_mask
 
 
-def rows_of(kind, tokenizer, items, row_tokens, stats, desc):
+def rows_of(kind, tokenizer, items, row_tokens, open_rows, stats, desc):
     """The rows of one split's items, rendered with a progress bar."""
     items = tqdm(items, desc=desc, unit=kind[:-1], mininterval=1)
     if kind == "conversations":
-        return pack((render(tokenizer, messages) for messages in items), row_tokens, tokenizer.eot, stats)
+        return pack((render(tokenizer, messages) for messages in items), row_tokens, tokenizer.eot, stats, open_rows)
     sides = ((render_reply(tokenizer, prompt, chosen), render_reply(tokenizer, prompt, rejected))
              for prompt, chosen, rejected in items)
     return pair_rows(sides, row_tokens, tokenizer.eot, stats)
 
 
-def write_split(out_dir, split, kind, tokenizer, items, block_size):
+def write_split(out_dir, split, kind, tokenizer, items, block_size, open_rows):
     """Render, pack and write one split; returns its counts and prints them."""
     row_tokens = block_size + 1
     stats = Counter({kind: len(items), "dropped": 0, "padding": 0, "trained_tokens": 0})
     writer = RowWriter(out_dir, split, row_tokens * (2 if kind == "pairs" else 1), tokenizer.vocab_size)
-    for ids, mask in rows_of(kind, tokenizer, items, row_tokens, stats, f"tokenizing {split}"):
+    for ids, mask in rows_of(kind, tokenizer, items, row_tokens, open_rows, stats, f"tokenizing {split}"):
         writer.add(ids, mask)
         stats["trained_tokens"] += sum(mask)
     writer.close()
@@ -175,12 +176,14 @@ def write_split(out_dir, split, kind, tokenizer, items, block_size):
     return dict(stats)
 
 
-def write_dataset(out_dir, kind, splits, block_size):
+def write_dataset(out_dir, kind, splits, block_size, open_rows=8):
     """Write every split ({name: items}), tokenizer.json and rows.json into out_dir; returns rows.json's content."""
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = Tokenizer(chat_spec())
-    counts = {split: write_split(out_dir, split, kind, tokenizer, items, block_size) for split, items in splits.items()}
-    info = {"kind": kind, "row_tokens": block_size + 1, "pad_id": tokenizer.eot, "splits": counts}
+    counts = {split: write_split(out_dir, split, kind, tokenizer, items, block_size, open_rows)
+              for split, items in splits.items()}
+    info = {"kind": kind, "row_tokens": block_size + 1, "pad_id": tokenizer.eot, "open_rows": open_rows,
+            "splits": counts}
     save_dataset_spec(out_dir, tokenizer.spec)
     write_rows_info(out_dir, info)
     return info
@@ -195,6 +198,8 @@ def parser_for(doc, default_out_dir):
     parser.add_argument("--block_size", type=int, default=1024, help="the training block_size: rows hold it + 1 tokens")
     parser.add_argument("--val_fraction", type=float, default=0.05, help="items held out as the val split")
     parser.add_argument("--seed", type=int, default=1337, help="seed of the val split and the packing order")
+    parser.add_argument("--open_rows", type=int, default=8, help="rows open for packing conversations; 0 = one "
+                        "conversation per row (no attention across conversations, to measure what packing changes)")
     return parser
 
 
@@ -203,6 +208,8 @@ def check_args(parser, args):
         parser.error(f"--block_size must be >= 1, got {args.block_size}")
     if not 0 <= args.val_fraction < 1:
         parser.error(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
+    if args.open_rows < 0:
+        parser.error(f"--open_rows must be >= 0, got {args.open_rows}")
     missing = [p for p in args.input or [] if not os.path.isfile(p)]
     if missing:
         parser.error(f"--input: no such file {', '.join(missing)}")
@@ -218,7 +225,7 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"error: {e}")
     train, val = split_val(items, args.val_fraction, args.seed)
-    return write_dataset(args.out_dir, kind, {"train": train, "val": val}, args.block_size)
+    return write_dataset(args.out_dir, kind, {"train": train, "val": val}, args.block_size, args.open_rows)
 
 
 if __name__ == "__main__":

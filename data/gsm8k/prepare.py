@@ -78,7 +78,7 @@ def main(argv=None):
     splits = dict(zip(("train", "val"), split_val(problems[0], args.val_fraction, args.seed)))
     if len(problems) > 1:
         splits["test"] = problems[1]
-    return write_dataset(args.out_dir, "conversations", splits, args.block_size)
+    return write_dataset(args.out_dir, "conversations", splits, args.block_size, args.open_rows)
 
 
 if __name__ == "__main__":
