@@ -185,14 +185,11 @@ class Meter:
 
 
 def sum_over_ranks(joules, device="cpu"):
-    """The total over all processes of a torchrun job (every rank must call it); the value itself otherwise."""
+    """The total over all processes of a torchrun job (a collective: every rank calls it); `device` must suit the
+    backend (a CUDA device for NCCL)."""
     import torch
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return joules
-    total = torch.tensor(joules, dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    return total.item()
+    from parallel import sum_over_ranks as summed
+    return summed(torch.tensor(joules, dtype=torch.float64, device=device)).item()
 
 # ------------------------------------------------------------------------------------------------- kWh and CO2e
 

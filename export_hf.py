@@ -137,13 +137,15 @@ def write_tokenizer(spec, folder, block_size):
     """The tokenizer files transformers' AutoTokenizer reads; returns the end-of-text id (or None)."""
     if spec["kind"] == "gpt2":
         vocab, merges = gpt2_vocab_and_merges()
-        write_json(os.path.join(folder, "vocab.json"), vocab)
+        special = spec.get("special", {})  # e.g. the chat markers, at the ids after GPT-2's
+        write_json(os.path.join(folder, "vocab.json"), {**vocab, **special})
         with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
             f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
         eot = "<|endoftext|>"
         write_json(os.path.join(folder, "tokenizer_config.json"), {
             "tokenizer_class": "GPT2Tokenizer", "bos_token": eot, "eos_token": eot, "unk_token": eot,
-            "add_prefix_space": False, "model_max_length": block_size})
+            "add_prefix_space": False, "additional_special_tokens": sorted(special, key=special.get),
+            "model_max_length": block_size})
         return vocab[eot]
     with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as f:
         f.write(char_tokenizer_json(spec["chars"]) if spec["kind"] == "char" else spec["json"])

@@ -170,6 +170,14 @@ class HFTokenizer:
     def encode(self, text):
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    def encode_ordinary(self, text):
+        """Ids of text with special tokens' text read as plain text (a chat message cannot forge a marker)."""
+        self.tokenizer.encode_special_tokens = True
+        try:
+            return self.encode(text)
+        finally:
+            self.tokenizer.encode_special_tokens = False
+
     def decode(self, ids):
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
@@ -177,6 +185,18 @@ class HFTokenizer:
 def merge_lines(merges):
     """tokenizer.json merges as 'a b' lines (newer files store [a, b] pairs)."""
     return [m if isinstance(m, str) else " ".join(m) for m in merges]
+
+
+def gpt2_spec_of(vocab, merges):
+    """{"kind": "gpt2"} when vocab and merges are GPT-2's, with "special": {name: id} for tokens added after its
+    50,257 (the chat markers, say) when they take the next ids in order; else None."""
+    gpt2_vocab, gpt2_merges = gpt2_vocab_and_merges()
+    if merges != gpt2_merges or any(vocab.get(token) != i for token, i in gpt2_vocab.items()):
+        return None
+    special = {token: i for token, i in vocab.items() if token not in gpt2_vocab}
+    if sorted(special.values()) != list(range(len(gpt2_vocab), len(gpt2_vocab) + len(special))):
+        return None
+    return {"kind": "gpt2", "special": special} if special else {"kind": "gpt2"}
 
 
 def char_spec_of(tokenizer):
@@ -207,19 +227,18 @@ def tokenizer_spec(path, config):
             text = f.read()
         tokenizer = json.loads(text)
         model = tokenizer.get("model", {})
-        if model.get("type") == "BPE":
-            vocab = {**model.get("vocab", {}), **{t["content"]: t["id"] for t in tokenizer.get("added_tokens", [])}}
-            if (vocab, merge_lines(model.get("merges", []))) == gpt2_vocab_and_merges():
-                return {"kind": "gpt2"}
-        return char_spec_of(tokenizer) or {"kind": "hf", "name": os.path.basename(os.path.normpath(path)),
+        vocab = {**model.get("vocab", {}), **{t["content"]: t["id"] for t in tokenizer.get("added_tokens", [])}}
+        gpt2 = gpt2_spec_of(vocab, merge_lines(model.get("merges", []))) if model.get("type") == "BPE" else None
+        return gpt2 or char_spec_of(tokenizer) or {"kind": "hf", "name": os.path.basename(os.path.normpath(path)),
                                            "json": text, "eot": eos_id(config)}
     if os.path.exists(vocab_file) and os.path.exists(os.path.join(path, "merges.txt")):
         with open(vocab_file, encoding="utf-8") as f:
             vocab = json.load(f)
         with open(os.path.join(path, "merges.txt"), encoding="utf-8") as f:
             merges = [line.rstrip("\n") for line in f if line.strip() and not line.startswith("#version")]
-        if (vocab, merges) == gpt2_vocab_and_merges():
-            return {"kind": "gpt2"}
+        gpt2 = gpt2_spec_of(vocab, merges)
+        if gpt2:
+            return gpt2
         raise Unsupported(f"{path}: vocab.json + merges.txt that are not GPT-2's need a tokenizer.json as well")
     raise Unsupported(f"{path} holds no tokenizer (tokenizer.json, or vocab.json + merges.txt)")
 

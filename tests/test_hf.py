@@ -154,21 +154,23 @@ def test_import_refuses_what_we_cannot_compute(tmp_path, seed, kind, change, rea
         hf.load(str(tmp_path))
 
 
-def test_gpt2_tokenizer_files_encode_like_tiktoken(tmp_path, seed):
-    import tiktoken
-    encoding = tiktoken.get_encoding("gpt2")
-    _, ckpt = our_checkpoint(tiny_config(vocab_size=encoding.n_vocab, n_embd=16, n_layer=1), {"kind": "gpt2"})
+@pytest.mark.parametrize("chat", [False, True])
+def test_gpt2_tokenizer_files_encode_like_tiktoken(tmp_path, seed, chat):
+    from tokenizer import Tokenizer, chat_spec, model_vocab_size
+    spec = chat_spec() if chat else {"kind": "gpt2"}
+    ours = Tokenizer(spec)
+    _, ckpt = our_checkpoint(tiny_config(vocab_size=model_vocab_size(ours), n_embd=16, n_layer=1), spec)
     export_hf.export(ckpt, str(tmp_path))
     shakespeare = open(os.path.join(SHARED, "data", "tinyshakespeare", "input.txt")).read()
     start = torch.randint(0, len(shakespeare) - 3000, ()).item()
-    pieces = ["héllo wörld", "日本語", " 🎉  \n\n  x", "<|endoftext|>", "  trailing  ", "1234567 don't"]
+    pieces = ["héllo wörld", "日本語", " 🎉  \n\n  x", "<|endoftext|>", "  trailing  ", "1234567 don't", *spec.get("special", {})]
     text = shakespeare[start:start + 3000] + "".join(pieces[i] for i in torch.randint(0, len(pieces), (40,)))
-    expected = encoding.encode(text, allowed_special="all")
+    expected = ours.encode(text)
     for tokenizer in (transformers.GPT2TokenizerFast.from_pretrained(tmp_path),
                       transformers.AutoTokenizer.from_pretrained(tmp_path)):
         assert tokenizer.encode(text) == expected and tokenizer.decode(expected) == text
-        assert tokenizer.eos_token_id == encoding.eot_token
-    assert hf.load(str(tmp_path))["tokenizer"] == {"kind": "gpt2"}
+        assert tokenizer.eos_token_id == ours.eot
+    assert hf.load(str(tmp_path))["tokenizer"] == spec
 
 
 def test_other_vocabularies_run_through_the_tokenizers_wrapper(tmp_path, seed):
@@ -189,6 +191,7 @@ def test_other_vocabularies_run_through_the_tokenizers_wrapper(tmp_path, seed):
     text = corpus[0] + " </s> " + corpus[1]
     assert ours.encode(text) == theirs.encode(text, add_special_tokens=False)
     assert ours.decode(ours.encode(text)) == text == theirs.decode(ours.encode(text))
+    assert ours.encode_ordinary("a </s>") != ours.encode("a </s>") and 1 not in ours.encode_ordinary("a </s>")
     assert ours.vocab_size == bpe.get_vocab_size()
 
 
