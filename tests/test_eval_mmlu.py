@@ -1,4 +1,6 @@
-"""eval_mmlu.py: prompt bytes, shot dropping, scoring, metrics, the CSV reader, the download cache, end to end."""
+"""eval_mmlu.py and tasks/mmlu.py: prompt bytes (both headers), shot dropping, letter scoring (batched, with and without
+the shared few-shot prefix), metrics (ECE, the paper's RMS calibration error), the CSV reader, the download cache,
+end to end with per-question records."""
 import csv
 import io
 import json
@@ -18,11 +20,12 @@ from conftest import ROOT, SHARED
 
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))  # GPT-2 BPE files, offline
 
-import eval_mmlu as E  # noqa: E402
+from tasks import mmlu as E  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
 from data import download  # noqa: E402
 from data.download import DownloadError  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from scoring import Scorer, make_encoder  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 MMLU = os.path.join(SHARED, "data", "mmlu")
@@ -73,6 +76,10 @@ def test_golden_prompts():
         "Find the characteristic of the ring 2Z.\nA. 0\nB. 3\nC. 12\nD. 30\nAnswer:")
     ids, k, cut = E.build_prompt(GPT2.encode, "abstract_algebra", [SHOT1, SHOT2], QUESTION, 1024)
     assert (k, cut) == (2, False) and GPT2.decode(ids) == HEADER + SHOT1_TEXT + SHOT2_TEXT + QUESTION_TEXT
+    # the release's evaluate.py: "about {}." filled with format_subject(s), which puts a space before every word
+    assert E.prompt_text("us_foreign_policy", [], SHOT2, header="release") == (
+        "The following are multiple choice questions (with answers) about  us foreign policy.\n\n"
+        "Find the characteristic of the ring 2Z.\nA. 0\nB. 3\nC. 12\nD. 30\nAnswer:")
 
 
 def test_golden_prompt_from_the_release_files():
@@ -110,17 +117,18 @@ def test_shots_are_dropped_from_the_end_then_the_prompt_is_left_truncated(kind):
 def test_answer_tokens():
     assert E.answer_tokens(GPT2.encode) == ([317, 347, 327, 360], None)  # " A", " B", " C", " D"
     char = Tokenizer({"kind": "char", "chars": " ABCDxyz"})
-    ids, note = E.answer_tokens(E.make_encoder(char))
+    ids, note = E.answer_tokens(make_encoder(char))
     assert ids == [1, 2, 3, 4] and "not single tokens" in note
-    assert E.make_encoder(char)("x?A\u00e9 z") == [5, 1, 0, 7]  # characters outside the vocabulary are skipped
+    assert make_encoder(char)("x?A\u00e9 z") == [5, 1, 0, 7]  # characters outside the vocabulary are skipped
     with pytest.raises(ValueError, match="answer letters"):
-        E.answer_tokens(E.make_encoder(Tokenizer({"kind": "char", "chars": " ABCxyz"})))
+        E.answer_tokens(make_encoder(Tokenizer({"kind": "char", "chars": " ABCxyz"})))
 
 
 # ---------------------------------------------------------------------------------------------------------- scoring
 
 class LastTokenModel(torch.nn.Module):
     """Logits that are one-hot at the token found at last_pos: the prompt's own last token decides the answer."""
+    config = GPTConfig(block_size=64)
 
     def forward(self, idx, targets=None, last_pos=None):
         last = idx[torch.arange(idx.size(0)), last_pos]
@@ -130,22 +138,36 @@ class LastTokenModel(torch.nn.Module):
 def test_scoring_reads_each_row_at_its_own_last_token():
     letters = [317, 347, 327, 360]
     prompts = [[5, 6, 327], [360], [9, 9, 9, 9, 9, 317], [1, 347], [2, 2, 2, 2, 360]]  # C, D, A, B, D
-    logits = E.letter_logits(LastTokenModel(), prompts, letters, batch_size=2, device="cpu")
+    logits = Scorer(LastTokenModel(), GPT2, batch_size=2).next_token_logits(prompts, letters)
     assert logits.argmax(-1).tolist() == [2, 3, 0, 1, 3]
     assert logits[0].tolist() == [0.0, 0.0, 5.0, 0.0]
 
 
-def test_batched_scoring_matches_one_prompt_at_a_time():
-    seed = fresh_seed()
-    torch.manual_seed(seed)
+def random_prompts(rng, n, shared=0, vocab=97, block=64):
+    """n prompts; with shared > 0 they open with the same `shared` tokens (a subject's few-shot prefix)."""
+    prefix = [rng.randrange(vocab) for _ in range(shared)]
+    return [prefix + [rng.randrange(vocab) for _ in range(rng.randint(1, block - shared))] for _ in range(n)]
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(n_layer=4, n_head=4, n_kv_head=1, attn_pattern="LG", local_window=8,
+                                             kv_share=2, n_expert=4, n_dense_layers=1)],
+                         ids=["dense", "hybrid-mqa-kvshare-moe"])
+def test_batched_scoring_with_and_without_the_shared_prefix_matches_one_prompt_at_a_time(cfg, seed):
     rng = random.Random(seed)
-    model = GPT(GPTConfig(block_size=64, vocab_size=97, n_layer=2, n_embd=32, n_head=2)).eval()
-    prompts = [[rng.randrange(97) for _ in range(rng.randint(1, 64))] for _ in range(11)]
+    model = GPT(GPTConfig(block_size=64, vocab_size=97, n_embd=32, **{"n_layer": 2, "n_head": 2, **cfg})).eval()
+    prompts = random_prompts(rng, 7, shared=30) + random_prompts(rng, 4)  # a group sharing 30 tokens, 4 others
+    groups = ["s"] * 7 + [1, 2, 3, 4]
     letters = [3, 17, 42, 96]
-    batched = E.letter_logits(model, prompts, letters, batch_size=4, device="cpu")
     with torch.no_grad():
         alone = torch.stack([model(torch.tensor([p]))[0][0, letters] for p in prompts])
-    torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)
+    for shared_prefix in (False, True):
+        for batch_size in (1, 3, 16):
+            scorer = Scorer(model, GPT2, batch_size=batch_size, shared_prefix=shared_prefix)
+            got = scorer.next_token_logits(prompts, letters, groups)
+            torch.testing.assert_close(got, alone, atol=1e-4, rtol=1e-4)
+            clear = (alone.topk(2).values[:, 0] - alone.topk(2).values[:, 1]) > 1e-3  # not a near tie
+            assert (got.argmax(-1) == alone.argmax(-1))[clear].all()
+    assert Scorer(model, GPT2).plan(prompts, groups, [1] * 11)[1][0] == prompts[0][:30]  # the prefix was shared
 
 
 # ---------------------------------------------------------------------------------------------------------- metrics
@@ -171,6 +193,19 @@ def test_ece_by_hand():
     assert E.expected_calibration_error(probs.log(), gold) == pytest.approx(0.325, abs=1e-6)
     assert E.expected_calibration_error(torch.tensor([[9.0, 0, 0, 0]]), torch.tensor([0])) == pytest.approx(
         1 - torch.tensor([9.0, 0, 0, 0]).softmax(0)[0].item(), abs=1e-6)  # one right answer: 1 - confidence
+
+
+def test_rms_calibration_error_by_hand():
+    """calib_tools.rmsce(correct, max prob) as the release's test_calibration.py calls it, worked out by hand."""
+    high = torch.tensor([0.7, 0.1, 0.1, 0.1], dtype=torch.float64).log()  # max prob 0.7 on A: binary confidence 0.7, right when correct
+    low = torch.tensor([0.4, 0.2, 0.2, 0.2], dtype=torch.float64).log()  # max prob 0.4 on A: binary confidence 0.6, right when wrong
+    logits = torch.stack([high] * 100 + [low] * 100)
+    gold = torch.tensor([0] * 60 + [1] * 40 + [0] * 30 + [2] * 70)  # 60 of the 0.7s right, 30 of the 0.4s
+    # 200 questions: 2 adaptive bins, upper edge at rank 100 (0.7, which falls in the upper bin): the 0.6s (binary
+    # accuracy 70/100) and the 0.7s (60/100); sum of (n_b / N)^2 (acc_b - conf_b)^2 = 2 * 0.25 * 0.01, then two roots
+    assert E.rms_calibration_error(logits, gold) == pytest.approx(0.005 ** 0.25, abs=1e-9)
+    # fewer than 100 questions: one bin; 3 of 4 at confidence 0.7 right: (1^2 * (0.75 - 0.7)^2) ** (1/4)
+    assert E.rms_calibration_error(logits[:4], torch.tensor([0, 0, 0, 1])) == pytest.approx(0.05 ** 0.5, abs=1e-9)
 
 
 def test_accuracy_and_category_averages_by_hand():
@@ -380,12 +415,18 @@ def check_report(out_dir, subjects, n_each, split):
     assert r["split"] == split and r["ntrain"] == 5 and r["block_size"] == 256
     assert {s: p["n"] for s, p in r["subjects"].items()} == {s: n_each for s in subjects}
     assert r["n"] == n_each * len(subjects) and 0.04 <= r["accuracy"] <= 0.6  # random weights: near chance
-    for key in ("macro_accuracy", "macro_f1", "ece"):
+    for key in ("macro_accuracy", "macro_f1", "ece_10bin", "rms_calibration_error"):
         assert 0.0 <= r[key] <= 1.0
     assert sum(c["n"] for c in r["categories"].values()) == r["n"]
     # 5-shot prompts are longer than 256 tokens: shots were dropped
     assert 0 <= r["mean_shots"] < 5 and 0 < r["fewer_shots"] <= r["n"] and 0 <= r["truncated"] <= r["n"]
     assert r["wall_s"] > 0 and r["questions_per_s"] > 0
+    records = r["questions"]  # one per question, in subject order, each with its letter logits
+    assert len(records) == r["n"] and [q["id"].split("/")[:2] for q in records[:1]] == [[subjects[0], split]]
+    for q in records:
+        assert q["prediction"] == "ABCD"[max(range(4), key=q["scores"].__getitem__)] and q["gold"] in "ABCD"
+    assert sum(q["prediction"] == q["gold"] for q in records) / r["n"] == pytest.approx(r["accuracy"])
+    assert sum(q["shots"] for q in records) / r["n"] == pytest.approx(r["mean_shots"])
     return r
 
 
@@ -393,13 +434,21 @@ def test_end_to_end_test_split(tiny_ckpt):
     stdout = run_eval(f"--out_dir={tiny_ckpt}", f"--data_dir={MMLU}", "--limit=10", "--batch_size=8")
     r = check_report(tiny_ckpt, TEST_SUBJECTS, 10, "test")
     assert set(r["categories"]) == {"STEM", "humanities", "social sciences", "other"}
-    assert "questions/s" in stdout and "marketing" in stdout
+    assert "questions/s" in stdout and "marketing" in stdout and "RMS calibration error" in stdout
+    # every prompt whole, one at a time (the path before the shared prefix): the same predictions
+    run_eval(f"--out_dir={tiny_ckpt}", f"--data_dir={MMLU}", "--limit=10", "--batch_size=1", "--shared_prefix=False")
+    plain = check_report(tiny_ckpt, TEST_SUBJECTS, 10, "test")
+    assert [q["id"] for q in plain["questions"]] == [q["id"] for q in r["questions"]]
+    for p, q in zip(plain["questions"], r["questions"]):
+        assert p["scores"] == pytest.approx(q["scores"], abs=1e-4)
+        margin = sorted(q["scores"])[-1] - sorted(q["scores"])[-2]
+        assert p["prediction"] == q["prediction"] or margin < 1e-3, (p, q)
 
 
 def test_end_to_end_val_split_from_a_download(tiny_ckpt, server, tmp_path):
     server.body = release_tar(["abstract_algebra", "world_religions"])
     cache = str(tmp_path / "cache")
     run_eval(f"--out_dir={tiny_ckpt}", f"--data_url={server.url}", f"--cache_dir={cache}", "--split=val",
-             "--limit=8")
-    check_report(tiny_ckpt, ["abstract_algebra", "world_religions"], 8, "val")
+             "--limit=8", "--header=release")
+    assert check_report(tiny_ckpt, ["abstract_algebra", "world_religions"], 8, "val")["header"] == "release"
     assert len(server.requests) == 1
