@@ -29,7 +29,7 @@ import torch
 from checkpoint import (architecture, clean_state_dict, consolidate, has_checkpoint, load_checkpoint,
                         save_checkpoint, step_dirs)
 from configurator import configure, require
-from model import GPTConfig
+from model import GPTConfig, layer_plan
 
 METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare", "dare_ties")
 TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare", "dare_ties")
@@ -141,14 +141,23 @@ def describe_vocabulary(spec):
     return "GPT-2 BPE" if spec["kind"] == "gpt2" else f"the {spec.get('name', spec['kind'])} tokenizer"
 
 
+def architecture_of(ckpt):
+    """What shapes the weights and the function, defaults resolved (an imported model states the widths a trained
+    one leaves at 0, and 'LG' on 4 layers is 'LGLG'); not context length, dropout, or training-only terms."""
+    cfg = GPTConfig(**architecture(ckpt))
+    args = dict(asdict(cfg), mlp_hidden=cfg.hidden, moe_hidden=cfg.expert_hidden if cfg.n_expert else 0,
+                attn_pattern="".join(kind for kind, _, _ in layer_plan(cfg)),
+                local_window=cfg.local_window if "L" in cfg.attn_pattern else None)
+    for name in ("block_size", "dropout", "moe_bias_gamma", "moe_aux_alpha", "zero_init_proj"):
+        args.pop(name, None)
+    return args
+
+
 def check_same_architecture(ckpts, names):
     """A ValueError naming the first difference in architecture or vocabulary from the first model."""
-    def arch(ckpt):  # what shapes the weights and the function: not context length, dropout or MoE training terms
-        args = asdict(GPTConfig(**architecture(ckpt)))
-        return {k: v for k, v in args.items() if k not in ("block_size", "dropout", "moe_bias_gamma", "moe_aux_alpha")}
-    first, first_vocab = arch(ckpts[0]), ckpts[0].get("tokenizer", {"kind": "gpt2"})
+    first, first_vocab = architecture_of(ckpts[0]), ckpts[0].get("tokenizer", {"kind": "gpt2"})
     for ckpt, name in zip(ckpts[1:], names[1:]):
-        differ = {k: (first[k], v) for k, v in arch(ckpt).items() if first[k] != v}
+        differ = {k: (first.get(k), v) for k, v in architecture_of(ckpt).items() if first.get(k) != v}
         if differ:
             listed = ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in differ.items())
             raise ValueError(f"{name} is another architecture than {names[0]}: {listed}")

@@ -103,3 +103,13 @@ def test_merge_command(tmp_path, seed):
     bad = run_script("merge.py", "--method=slerp", f"--models={tmp_path / 'a'},{tmp_path / 'b'},{tmp_path / 'base'}",
                      f"--out_dir={tmp_path / 'x'}", check=False)
     assert bad.returncode == 2 and bad.stderr.strip() == "config error: slerp merges exactly two models, got 3"
+
+
+def test_hugging_face_folders_merge_like_checkpoints(tmp_path, seed):
+    pytest.importorskip("safetensors")
+    import export_hf
+    a, b = (tiny_checkpoint(tmp_path / name, mlp="swiglu") for name in ("a", "b"))
+    export_hf.export(a, str(tmp_path / "a-hf"))
+    merged = merge.merged_checkpoint("slerp", [f"hf:{tmp_path / 'a-hf'}", str(tmp_path / "b")], t=0.25)
+    expected = merge.merged_checkpoint("slerp", [str(tmp_path / "a"), str(tmp_path / "b")], t=0.25)
+    assert all(torch.equal(merged["model"][k], v) for k, v in expected["model"].items())
