@@ -70,22 +70,29 @@ def check_zip(path, members):
 def fetch_zip(url, folder, members, check):
     """Download the zip at url once into folder (resumable), extract `members` {canonical name: path inside} there,
     check each with check(path), then mark the folder complete and delete the zip."""
-    marker = os.path.join(folder, f"complete-{os.path.basename(url)}")
+    marker = os.path.join(folder, os.path.basename(url) + ".complete")
     if os.path.exists(marker):
         return
     archive = os.path.join(folder, os.path.basename(url))
     download_file(url, archive, validate=lambda p: check_zip(p, members.values()), desc=os.path.basename(url))
-    with zipfile.ZipFile(archive) as z:
-        for name, member in members.items():
-            with z.open(member) as src, open(os.path.join(folder, name + ".tmp"), "wb") as dst:
-                shutil.copyfileobj(src, dst)
-    for name in members:
-        try:
-            check(os.path.join(folder, name + ".tmp"))
-        except ValueError as e:
-            os.remove(archive)  # intact but not what the task reads: fetching it again is the only fix
-            raise DownloadError(f"{url}: {name} in the archive is malformed ({e}); the archive was deleted") from e
-        os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
+    extracted = {name: os.path.join(folder, name + ".tmp") for name in members}
+    try:
+        with zipfile.ZipFile(archive) as z:
+            for name, member in members.items():
+                with z.open(member) as src, open(extracted[name], "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        for name, path in extracted.items():
+            try:
+                check(path)
+            except ValueError as e:  # intact, but not what the task reads: fetching it again is the only fix
+                os.remove(archive)
+                raise DownloadError(f"{url}: {name} in the archive is malformed ({e}); the archive was deleted") from e
+        for name, path in extracted.items():
+            os.replace(path, os.path.join(folder, name))
+    finally:
+        for path in extracted.values():
+            if os.path.exists(path):
+                os.remove(path)
     with open(marker, "w") as f:
         f.write(url + "\n")
     os.remove(archive)
