@@ -59,7 +59,8 @@ def load_run(out_dir):
     train = [r for r in rows if r.get("loss") is not None]
     evals = [r for r in rows if r.get("val_loss") is not None]
     require(train or evals, f"{out_dir} has no metrics ({metrics.FILE} missing or empty): is it a run folder?")
-    per_step = [r["tokens_per_s"] * r["ms_per_iter"] / 1000 for r in train if r.get("tokens_per_s") and r.get("ms_per_iter")]
+    per_step = [r["tokens_per_s"] * r["ms_per_iter"] / 1000 for r in train
+                if r.get("tokens_per_s") and r.get("ms_per_iter")]
     eval_times = cumulative_times([r.get("time", math.nan) for r in evals])
     meta = run_meta(out_dir)
     energy = [r for r in rows if r.get("energy_kwh") is not None]
@@ -97,7 +98,9 @@ def short(n):
 def duration(seconds):
     if math.isnan(seconds):
         return "n/a"
-    return f"{seconds:.0f} s" if seconds < 600 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+    if seconds < 600:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def differing_settings(runs):
@@ -157,8 +160,8 @@ def plot(runs, path):
                                     (by_time, train_times(run), run["eval_times"])):
             ax.plot(x_train, [r["loss"] for r in run["train"]], color=color, alpha=0.35, linewidth=1)
             ax.plot(x_eval, [r["val_loss"] for r in run["evals"]], "o-", color=color, markersize=3, label=label)
-        lr_ax.plot([r["iter"] for r in run["train"]], [r.get("lr") for r in run["train"]], color=color, label=label)
-        speed_ax.plot([r["iter"] for r in run["train"]], [r.get("tokens_per_s") for r in run["train"]], color=color, label=label)
+        lr_ax.plot([r["iter"] for r in run["train"]], [r.get("lr") for r in run["train"]], color=color)
+        speed_ax.plot([r["iter"] for r in run["train"]], [r.get("tokens_per_s") for r in run["train"]], color=color)
         with_energy = [r for r in run["evals"] if r.get("energy_kwh") is not None]
         energy_ax.plot([r["energy_kwh"] for r in with_energy], [r["val_loss"] for r in with_energy], "o-", color=color,
                        markersize=3, label=label)

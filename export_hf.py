@@ -22,10 +22,12 @@ import os
 import shutil
 from dataclasses import asdict
 
+import torch
+
 from checkpoint import architecture, clean_state_dict
 from configurator import configure, require
 from hf import (CAUSAL_LM_CLASS, char_tokenizer_json, expert_tensors, gpt2_vocab_and_merges,
-                hf_name, is_expert_weight, our_names)
+                hf_name, is_expert_weight, state_shapes)
 from merge import read_checkpoint
 from model import GPTConfig, layer_plan
 
@@ -97,13 +99,13 @@ def hf_config(cfg, eot):
     keep v4 readers right."""
     kind = model_type(cfg)
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if kind == "glm4_moe":
-        rope["partial_rotary_factor"] = 1.0
+    full_rotary = {"partial_rotary_factor": 1.0} if kind == "glm4_moe" else {}  # GLM's default rotates half
+    rope.update(full_rotary)
     return {"architectures": [CAUSAL_LM_CLASS[kind]], "model_type": kind, "vocab_size": cfg.vocab_size,
             "hidden_size": cfg.n_embd, "intermediate_size": cfg.hidden, "num_hidden_layers": cfg.n_layer,
             "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
             "hidden_act": "silu", "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
-            "rope_parameters": rope, "rope_theta": cfg.rope_theta, **({"partial_rotary_factor": 1.0} if kind == "glm4_moe" else {}),
+            "rope_parameters": rope, "rope_theta": cfg.rope_theta, **full_rotary,
             "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "attention_dropout": 0.0,
             "bos_token_id": eot, "eos_token_id": eot, "torch_dtype": "float32", "use_cache": True,
             **window_fields(cfg, kind), **moe_fields(cfg, kind)}
@@ -112,12 +114,16 @@ def hf_config(cfg, eot):
 def hf_tensors(state, cfg):
     """Our state_dict under Hugging Face names, each tensor its own contiguous copy (safetensors stores no views)."""
     out = {}
-    for name in our_names(cfg):
+    for name in state_shapes(cfg):
         tensor = state[name]
         if is_expert_weight(name):
             out.update(expert_tensors(name, tensor))
         elif not (name == "lm_head.weight" and cfg.tie_embeddings):  # a tied head is the embedding
             out[hf_name(name)] = tensor
+    if cfg.n_expert and not cfg.n_shared_expert:  # Dots1 and GLM-4-MoE always build shared experts: zero-width ones
+        shapes = {"gate_proj": (0, cfg.n_embd), "up_proj": (0, cfg.n_embd), "down_proj": (cfg.n_embd, 0)}
+        for i in range(cfg.n_dense_layers, cfg.n_layer):
+            out.update({f"model.layers.{i}.mlp.shared_experts.{p}.weight": torch.zeros(s) for p, s in shapes.items()})
     if model_type(cfg) == "qwen2":  # Qwen2's q/k/v always carry biases: zeros compute our function
         for i in range(cfg.n_layer):
             for proj in ("q_proj", "k_proj", "v_proj"):

@@ -97,12 +97,12 @@ def stacked_experts(name, n_expert, tensors):
     """The inverse of expert_tensors: w_up or w_down from a folder's per-expert tensors."""
     prefix = "model.layers." + name.split(".")[1] + ".mlp.experts"
     if name.endswith("w_up"):
-        return torch.stack([torch.cat((tensors[f"{prefix}.{e}.gate_proj.weight"], tensors[f"{prefix}.{e}.up_proj.weight"]))
+        return torch.stack([torch.cat([tensors[f"{prefix}.{e}.{proj}.weight"] for proj in ("gate_proj", "up_proj")])
                             for e in range(n_expert)])
     return torch.stack([tensors[f"{prefix}.{e}.down_proj.weight"] for e in range(n_expert)])
 
 
-def our_names(cfg):
+def state_shapes(cfg):
     """Our state_dict names and shapes for cfg, from a model on the meta device (no memory)."""
     with torch.device("meta"):
         return {k: v.shape for k, v in GPT(cfg).state_dict().items()}
@@ -136,7 +136,9 @@ def gpt2_vocab_and_merges():
     import tiktoken
     encoding = tiktoken.get_encoding("gpt2")
     ranks, to_char = encoding._mergeable_ranks, bytes_to_unicode()
-    text = lambda token: "".join(to_char[b] for b in token)
+
+    def text(token):
+        return "".join(to_char[b] for b in token)
     vocab = {text(token): rank for token, rank in ranks.items()}
     vocab.update(encoding._special_tokens)
     merges = [" ".join(map(text, merge_parts(ranks, token)))
@@ -163,7 +165,8 @@ class HFTokenizer:
         try:
             from tokenizers import Tokenizer
         except ImportError as e:
-            raise ValueError(f"the {spec['name']} tokenizer needs the tokenizers package: pip install tokenizers") from e
+            raise ValueError(f"the {spec['name']} tokenizer needs the tokenizers package: "
+                             "pip install tokenizers") from e
         self.spec, self.tokenizer, self.eot = spec, Tokenizer.from_str(spec["json"]), spec.get("eot")
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
 
@@ -204,9 +207,9 @@ def char_spec_of(tokenizer):
     character per token, ids in order, split into characters, joined when decoding), else None."""
     model, split = tokenizer.get("model") or {}, tokenizer.get("pre_tokenizer") or {}
     vocab = model.get("vocab") if model.get("type") == "WordLevel" else None
-    if not isinstance(vocab, dict) or tokenizer.get("added_tokens") or (tokenizer.get("decoder") or {}).get("type") != "Fuse":
-        return None
-    if split.get("type") != "Split" or split.get("pattern") != {"Regex": "(?m)."} or split.get("behavior") != "Isolated":
+    joined = (tokenizer.get("decoder") or {}).get("type") == "Fuse"
+    by_character = split == {"type": "Split", "pattern": {"Regex": "(?m)."}, "behavior": "Isolated", "invert": False}
+    if not isinstance(vocab, dict) or tokenizer.get("added_tokens") or not (joined and by_character):
         return None
     chars = sorted(vocab, key=vocab.get)
     in_order = all(len(c) == 1 for c in chars) and [vocab[c] for c in chars] == list(range(len(chars)))
@@ -257,10 +260,13 @@ def setting(config, key):
 
 def rope_settings(config):
     """(theta, rope_type, partial_rotary_factor), from transformers v5's rope_parameters or v4's top-level fields."""
-    params = config.get("rope_parameters") or {**(config.get("rope_scaling") or {}), "rope_theta": setting(config, "rope_theta")}
+    theta = setting(config, "rope_theta")
+    params = config.get("rope_parameters") or {**(config.get("rope_scaling") or {}), "rope_theta": theta}
     rope_type = params.get("rope_type", params.get("type", "default"))
-    partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor", DEFAULTS[config["model_type"]].get("partial_rotary_factor", 1.0)))
-    return params.get("rope_theta", setting(config, "rope_theta")), rope_type, partial
+    partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor"))
+    if partial is None:
+        partial = DEFAULTS[config["model_type"]].get("partial_rotary_factor", 1.0)
+    return params.get("rope_theta", theta), rope_type, partial
 
 
 def layer_kinds(config):
@@ -273,8 +279,9 @@ def layer_kinds(config):
         return ("L" if window else "G") * n_layer, window
     if kind in ("qwen2", "qwen3") and not setting(config, "use_sliding_window"):
         window = None
-    types = config.get("layer_types") or ["sliding_attention" if window is not None and i >= setting(config, "max_window_layers")
-                                          else "full_attention" for i in range(n_layer)]
+    first_sliding = setting(config, "max_window_layers") if window is not None else n_layer
+    types = config.get("layer_types") or ["sliding_attention" if i >= first_sliding else "full_attention"
+                                          for i in range(n_layer)]
     unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
     if unknown:
         raise Unsupported(f"layer_types {unknown}: only full and sliding-window attention exist here")
@@ -342,18 +349,20 @@ def read_tensors(path):
         files = ["model.safetensors"]
     else:
         found = [n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth"))]
-        raise Unsupported(f"{path} has no model.safetensors (or index)" + (
-            f"; {found[0]} is a pickle, which can run code when loaded: convert it to safetensors first" if found else ""))
+        pickled = f"; {found[0]} is a pickle, which runs code when loaded: convert it to safetensors" if found else ""
+        raise Unsupported(f"{path} has no model.safetensors (or index){pickled}")
     tensors = {}
     for name in files:
         tensors.update(load_file(os.path.join(path, name)))
     return tensors
 
 
-def ignorable(name, n_layer):
-    """Tensors transformers itself skips: cached rotary tables, GLM's multi-token-prediction layers past the last."""
+def ignorable(name, tensor, n_layer):
+    """Tensors that compute nothing here: cached rotary tables, GLM's multi-token-prediction layers past the last
+    (transformers skips both), and empty ones (the zero-width shared experts of a MoE without any)."""
     layer = re.match(r"model\.layers\.(\d+)\.", name)
-    return name.endswith("rotary_emb.inv_freq") or (layer is not None and int(layer.group(1)) >= n_layer)
+    beyond = layer is not None and int(layer.group(1)) >= n_layer
+    return name.endswith("rotary_emb.inv_freq") or beyond or tensor.numel() == 0
 
 
 def check_biases(tensors):
@@ -366,10 +375,10 @@ def check_biases(tensors):
 def state_from_hf(tensors, cfg, routed_scale=1.0):
     """Our state_dict for cfg from a folder's tensors, float32; a scaled router's factor goes into the experts'
     down projections (the same product, rounded once more)."""
-    tensors = {k: v for k, v in tensors.items() if not ignorable(k, cfg.n_layer)}
+    tensors = {k: v for k, v in tensors.items() if not ignorable(k, v, cfg.n_layer)}
     check_biases(tensors)
     state, used = {}, set()
-    for name, shape in our_names(cfg).items():
+    for name, shape in state_shapes(cfg).items():
         if is_expert_weight(name):
             tensor = stacked_experts(name, cfg.n_expert, tensors)
             used |= {k for k in tensors if k.startswith("model.layers." + name.split(".")[1] + ".mlp.experts.")}

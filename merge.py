@@ -2,7 +2,7 @@
 
     python merge.py --method=linear --models=out-a,out-b --out_dir=out-merged
     python merge.py --method=slerp --models=out-a,out-b --t=0.5 --out_dir=out-merged
-    python merge.py --method=ties --models=out-a,out-b --base=out-base --weights=0.5,0.5 --density=0.2 --out_dir=out-merged
+    python merge.py --method=ties --models=out-a,out-b --base=out-base --weights=0.5,0.5 --out_dir=out-merged
 
 A model is a run folder (its ckpt.pt, or the newest sharded step_N/), a ckpt.pt path, a step_N/ folder, or a Hugging
 Face folder as hf:PATH. Every tensor is merged on its own, in float64, and stored in the first model's dtype.
@@ -190,13 +190,14 @@ def merged_checkpoint(method, sources, base_source="", weights=None, t=0.5, dens
     """Read, check and merge; a checkpoint dict ready for save_checkpoint."""
     ckpts = [read_checkpoint(s) for s in sources]
     base_ckpt = read_checkpoint(base_source) if base_source else None
-    check_same_architecture(ckpts + ([base_ckpt] if base_ckpt else []), sources + ([base_source] if base_source else []))
+    named = list(zip(ckpts, sources)) + ([(base_ckpt, base_source)] if base_ckpt else [])
+    check_same_architecture(*zip(*named))
     weights = weights or default_weights(method, len(sources))
     state = merge_checkpoints(method, ckpts, base_ckpt, weights, t, density, seed)
     recipe = {"method": method, "models": sources, "base": base_source, "weights": weights, "t": t,
               "density": density, "seed": seed}
-    return {"model": state, "model_args": ckpts[0]["model_args"], "tokenizer": ckpts[0].get("tokenizer", {"kind": "gpt2"}),
-            "config": {"merge": recipe}, "iter_num": 0}
+    return {"model": state, "model_args": ckpts[0]["model_args"], "config": {"merge": recipe}, "iter_num": 0,
+            "tokenizer": ckpts[0].get("tokenizer", {"kind": "gpt2"})}
 
 
 def check_settings(method, sources, base_source, weights, t, density):
@@ -204,7 +205,8 @@ def check_settings(method, sources, base_source, weights, t, density):
     require(len(sources) >= 2, f"--models needs at least two models, got {len(sources)}")
     require(method != "slerp" or len(sources) == 2, f"slerp merges exactly two models, got {len(sources)}")
     require(method not in TASK_VECTOR_METHODS or base_source, f"--method={method} needs --base (the common base model)")
-    require(not weights or len(weights) == len(sources), f"--weights has {len(weights)} values for {len(sources)} models")
+    require(not weights or len(weights) == len(sources), f"--weights has {len(weights or ())} values for "
+            f"{len(sources)} models")
     require(method != "linear" or sum(weights or [1]) != 0, "--weights must not sum to zero")
     require(0 <= t <= 1, f"t must be in [0, 1], got {t}")
     require(0 < density <= 1, f"density must be in (0, 1], got {density}")
@@ -213,7 +215,8 @@ def check_settings(method, sources, base_source, weights, t, density):
 if __name__ == "__main__":
     configure(globals())
     sources = [s for s in models.split(",") if s]
-    require(all(isinstance(w, (int, float)) for w in weights), f"--weights must be numbers, e.g. 0.7,0.3; got {weights!r}")
+    require(all(isinstance(w, (int, float)) for w in weights), f"--weights must be numbers, e.g. 0.7,0.3; "
+            f"got {weights!r}")
     weight_list = [float(w) for w in weights] or None
     check_settings(method, sources, base, weight_list, t, density)
     require(overwrite or not has_checkpoint(out_dir), f"{out_dir} already holds a checkpoint: pass --overwrite=True "

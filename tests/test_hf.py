@@ -33,7 +33,8 @@ OURS = {  # our configurations, each exported to the architecture named
     "llama": dict(qk_norm=False, n_kv_head=2),
     "qwen2": dict(qk_norm=False, attn_pattern="LG", local_window=5, tie_embeddings=True),
     "qwen3": dict(attn_pattern="LLG", local_window=6, head_dim=12, n_kv_head=1, norm_eps=1e-5, rope_theta=500.0),
-    "dots1": dict(n_expert=4, n_expert_active=2, n_dense_layers=1, attn_pattern="GL", local_window=7),
+    "dots1": dict(n_expert=4, n_expert_active=2, n_dense_layers=1, n_shared_expert=0, attn_pattern="GL",
+                  local_window=7),
     "glm4_moe": dict(qk_norm=False, n_expert=4, n_expert_active=3, n_dense_layers=0, n_shared_expert=2),
 }
 EAGER = dict(attn_implementation="eager", experts_implementation="eager")  # transformers' plain loops as reference
@@ -163,7 +164,8 @@ def test_gpt2_tokenizer_files_encode_like_tiktoken(tmp_path, seed, chat):
     export_hf.export(ckpt, str(tmp_path))
     shakespeare = open(os.path.join(SHARED, "data", "tinyshakespeare", "input.txt")).read()
     start = torch.randint(0, len(shakespeare) - 3000, ()).item()
-    pieces = ["héllo wörld", "日本語", " 🎉  \n\n  x", "<|endoftext|>", "  trailing  ", "1234567 don't", *spec.get("special", {})]
+    pieces = ["héllo wörld", "日本語", " 🎉  \n\n  x", "<|endoftext|>", "  trailing  ", "1234567 don't",
+              *spec.get("special", {})]
     text = shakespeare[start:start + 3000] + "".join(pieces[i] for i in torch.randint(0, len(pieces), (40,)))
     expected = ours.encode(text)
     for tokenizer in (transformers.GPT2TokenizerFast.from_pretrained(tmp_path),

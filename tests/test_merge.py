@@ -69,9 +69,12 @@ def test_dare_keeps_the_expectation(seed):
                           merge.ties(base, [a, b], [1, 1], 1.0), atol=1e-12)
 
 
+CHARS = "abcdefghijk"
+
+
 def tiny_checkpoint(path, **overrides):
     cfg = GPTConfig(**dict(dict(block_size=16, vocab_size=11, n_layer=2, n_embd=16, n_head=2), **overrides))
-    ckpt = {"model": GPT(cfg).state_dict(), "model_args": asdict(cfg), "tokenizer": {"kind": "char", "chars": "abcdefghijk"}}
+    ckpt = {"model": GPT(cfg).state_dict(), "model_args": asdict(cfg), "tokenizer": {"kind": "char", "chars": CHARS}}
     os.makedirs(path, exist_ok=True)
     save_checkpoint(ckpt, os.path.join(path, "ckpt.pt"))
     return ckpt
@@ -86,7 +89,8 @@ def test_checkpoints_merge_and_mismatches_are_named(tmp_path, seed):
     with pytest.raises(ValueError, match="n_layer 2 vs 3"):
         merge.merged_checkpoint("linear", [str(tmp_path / "a"), str(tmp_path / "deeper")])
     other = tiny_checkpoint(tmp_path / "vocab")
-    save_checkpoint(dict(other, tokenizer={"kind": "char", "chars": "ABCDEFGHIJK"}), str(tmp_path / "vocab" / "ckpt.pt"))
+    other["tokenizer"] = {"kind": "char", "chars": CHARS.upper()}
+    save_checkpoint(other, str(tmp_path / "vocab" / "ckpt.pt"))
     with pytest.raises(ValueError, match="another vocabulary"):
         merge.merged_checkpoint("linear", [str(tmp_path / "a"), str(tmp_path / "vocab")])
 
