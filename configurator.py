@@ -19,6 +19,7 @@ import types
 import typing
 
 CONFIG_TYPES = (int, float, bool, str, dict, list, tuple, type(None))
+_given = set()  # the keys the last configure() call set from files or overrides
 SETTING_LINE = re.compile(r"^([a-z_][a-z0-9_]*)\s*(?::[^=]*)?=[^=].*?(?:#\s?(.*))?$")
 
 
@@ -78,6 +79,7 @@ def set_value(namespace, keys, key, value, source):
     if not ok:
         fail(f"{source}: {key} must be {describe(expected)}, got {value!r}")
     namespace[key] = value
+    _given.add(key)
 
 
 def parse(text):
@@ -130,6 +132,7 @@ def configure(namespace, argv=None):
     config dict. -h / --help prints the settings and exits."""
     argv = sys.argv[1:] if argv is None else argv
     keys = config_keys(namespace)
+    _given.clear()
     if "-h" in argv or "--help" in argv:
         print_help(namespace, keys)
         sys.exit(0)
@@ -145,6 +148,11 @@ def configure(namespace, argv=None):
         else:
             apply_file(namespace, keys, arg)
     return {k: namespace[k] for k in keys}
+
+
+def given():
+    """The settings the last configure() call took from config files or --key=value (not left at their default)."""
+    return set(_given)
 
 
 def at_least(config, minimum, *names):

@@ -15,25 +15,26 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import fields
+from dataclasses import asdict, fields
 from typing import Literal
 
 import torch
 
 import metrics
-from checkpoint import (check_compatible, clean_state_dict, has_checkpoint, load_checkpoint, load_sharded,
-                        remove_stale_writes, save_checkpoint, save_sharded, step_dirs, to_cpu)
-from configurator import at_least, configure, require
+from checkpoint import (architecture, check_compatible, clean_state_dict, has_checkpoint, load_checkpoint,
+                        load_sharded, read_state, remove_stale_writes, save_checkpoint, save_sharded, step_dirs, to_cpu)
+from configurator import at_least, configure, given, require
 from data.loader import BatchLoader
 from memory import advice, fits, format_plan, memory_plan, print_model_report
 from model import GPT, GPTConfig
 from optim import (OPTIMIZERS, SCHEDULES, WSD_SHAPES, build_optimizer, load_optimizer_state, scheduled_lr,
                    scheduled_momentum, set_lr, state_bytes)
-from parallel import (cut_xla_graph, describe_xla_sharding, finish, gradient_sync, init_distributed, mean_over_ranks,
-                      barrier, shard_batch, shard_fsdp2, wrap_for_training, xla_compilations)
+from parallel import (barrier, cut_xla_graph, describe_xla_sharding, finish, gradient_sync, init_distributed,
+                      mean_over_ranks, shard_batch, shard_fsdp2, sum_over_ranks, wrap_for_training, xla_compilations)
 from runtime import ATTN_IMPLS, DTYPE_SETTINGS, autocast_for, device_type as device_type_of
 from runtime import peak_flops as device_peak_flops, resolve_attn_impl, resolve_dtype
-from tokenizer import GPT2_VOCAB_SIZE, Tokenizer
+from posttrain import adapt_checkpoint, dpo_loss, pair_logprobs
+from tokenizer import GPT2_VOCAB_SIZE, VOCAB_MULTIPLE, Tokenizer, model_vocab_size, spec_extends
 
 # ----------------------------------------------------------------------------------------------------------- config
 # I/O
@@ -118,6 +119,10 @@ activation_checkpoint: Literal["none", "full", "selective"] = "none"  # selectiv
 ac_every = 2                   # activation_checkpoint='selective': checkpoint every this many blocks
 keep_checkpoints = 2           # sharded checkpoints kept in out_dir
 gpu_mem_gb = 0.0               # memory plan: GPU memory to plan for; 0 = the detected GPU
+# post-training: preference pairs (data/hh_rlhf) train with DPO against the frozen starting model
+dpo_beta = 0.1                 # DPO's beta: how far the policy may move from the reference
+dpo_label_smoothing = 0.0      # cDPO: the probability that a preference label is wrong
+dpo_ipo = False                # the IPO loss instead of DPO's
 # speedrun
 target_val_loss = 0.0          # > 0: stop at the first evaluation whose val loss is at or below this
 config = configure(globals())
@@ -127,6 +132,8 @@ at_least(config, 0, "max_iters", "warmup_iters", "lr_decay_iters", "total_batch_
          "muon_momentum_warmup", "target_val_loss", "logit_softcap")
 require(0 <= muon_momentum_start < 1 and 0 <= muon_momentum < 1, "Muon momenta must be in [0, 1)")
 require(0 <= dropout < 1, f"dropout must be in [0, 1), got {dropout}")
+require(dpo_beta > 0 and 0 <= dpo_label_smoothing < 0.5 and not (dpo_ipo and dpo_label_smoothing),
+        "need dpo_beta > 0, 0 <= dpo_label_smoothing < 0.5, and no label smoothing with dpo_ipo")
 require(0 <= wsd_decay_frac <= 1, f"wsd_decay_frac must be in [0, 1], got {wsd_decay_frac}")
 require(learning_rate > 0 and 0 <= min_lr <= learning_rate, "need 0 < learning_rate and 0 <= min_lr <= learning_rate")
 require(init_from in ("scratch", "resume") or os.path.isfile(init_from),
@@ -158,11 +165,25 @@ torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 
 
-def build_meta_model(vocab_size):
-    """The model on the meta device (shapes only, no memory), with fp8 and activation checkpointing applied."""
+def architecture_of(checkpoint):
+    """GPTConfig's fields: the settings', or when starting from a checkpoint its own (context and dropout stay the
+    settings'); a setting given explicitly that contradicts the checkpoint is an error, not silently dropped."""
     args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name in config}
+    if checkpoint is None:
+        return args
+    theirs = {k: v for k, v in asdict(GPTConfig(**architecture(checkpoint))).items() if k not in ("block_size", "dropout")}
+    clash = {k: (theirs[k], args[k]) for k in given() & theirs.keys() & args.keys() if theirs[k] != args[k]}
+    if clash:
+        raise ValueError(f"the checkpoint's model differs from these settings (checkpoint, setting): {clash}; drop "
+                         "the settings (the checkpoint's architecture is used) or start from scratch")
+    return dict(args, **theirs)
+
+
+def build_meta_model(vocab_size, checkpoint=None):
+    """The model on the meta device (shapes only, no memory), with fp8 and activation checkpointing applied."""
+    args = dict(architecture_of(checkpoint), vocab_size=vocab_size, block_size=block_size)
     with torch.device("meta"):
-        model = GPT(GPTConfig(**dict(args, vocab_size=vocab_size, block_size=block_size)), attn_impl=attn_kernel)
+        model = GPT(GPTConfig(**args), attn_impl=attn_kernel)
     if fp8:
         if device_type == "xla":
             finish("fp8 is not supported on XLA (its kernels are Triton): set fp8=False")
@@ -184,11 +205,11 @@ def plan_memory(model):
 
 
 def dry_run_vocab_size():
-    """The configured dataset's vocabulary when it is prepared, else GPT-2's (a plan needs no data)."""
+    """The model vocabulary of the configured dataset when it is prepared, else GPT-2's (a plan needs no data)."""
     try:
-        return Tokenizer.for_dataset(os.path.join(data_root, next(iter(datasets or {dataset: 1})))).vocab_size
+        return model_vocab_size(Tokenizer.for_dataset(os.path.join(data_root, next(iter(datasets or {dataset: 1})))))
     except (OSError, ValueError):
-        return GPT2_VOCAB_SIZE
+        return -(-GPT2_VOCAB_SIZE // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
 if dry_run:
@@ -222,13 +243,15 @@ def dataset_dirs():
 
 
 def dataset_tokenizer(dirs):
-    """The tokenizer every dataset of the run was written with; a mixture of two tokenizers is refused."""
+    """The tokenizer of the run's datasets: the one with the most special tokens, which every other dataset's must
+    equal or lack only special tokens of (chat data mixes with plain GPT-2 text); two tokenizers are refused."""
     tokenizers = [Tokenizer.for_dataset(d) for d in dirs]
-    for d, tok in zip(dirs[1:], tokenizers[1:]):
-        if tok.spec != tokenizers[0].spec:
-            raise ValueError(f"{dirs[0]} was written with the {tokenizers[0].describe()} tokenizer but {d} with "
-                             f"{tok.describe()}: a mixture needs datasets of one tokenizer")
-    return tokenizers[0]
+    widest = max(range(len(dirs)), key=lambda i: len(tokenizers[i].special))
+    for d, tok in zip(dirs, tokenizers):
+        if not spec_extends(tokenizers[widest].spec, tok.spec):
+            raise ValueError(f"{dirs[widest]} was written with the {tokenizers[widest].describe()} tokenizer but {d} "
+                             f"with {tok.describe()}: a mixture needs datasets of one tokenizer")
+    return tokenizers[widest]
 
 
 if init_from != "resume" and has_checkpoint(out_dir) and not overwrite:
@@ -260,9 +283,10 @@ def get_batch(loader):
 
 
 def build_model(vocab_size, checkpoint=None):
-    """Build on the meta device, check the memory plan, shard with FSDP2 if asked, then materialise and initialise
-    on `device` (each rank only its shard), and load `checkpoint`'s weights if given."""
-    model = build_meta_model(vocab_size)
+    """Build on the meta device (the architecture of `checkpoint` when given), check the memory plan, shard with
+    FSDP2 if asked, then materialise and initialise on `device` (each rank only its shard), and load the
+    checkpoint's weights if it has them."""
+    model = build_meta_model(vocab_size, checkpoint)
     plan, gpu = plan_memory(model)
     if gpu and not fits(plan, gpu):
         print(format_plan(plan, gpu))
@@ -275,7 +299,7 @@ def build_model(vocab_size, checkpoint=None):
         model.lm_head.weight = model.wte.weight  # materialising gave the two modules separate tensors
     torch.manual_seed(seed)  # the same initial weights on every rank
     model.init_weights()
-    if checkpoint is not None:
+    if checkpoint is not None and "model" in checkpoint:  # (a sharded run's weights load later, with its optimizer)
         check_compatible(checkpoint, model.config)
         state = clean_state_dict(checkpoint["model"])
         if mode == "fsdp":
@@ -292,16 +316,31 @@ if init_from == "resume":
     resume_from = (step_dirs(out_dir) or [None])[-1] if mode == "fsdp" else os.path.join(out_dir, "ckpt.pt")
     if resume_from is None:
         finish(f"init_from='resume' but {out_dir} holds no complete sharded checkpoint (step_*/)")
+def load_start(path):
+    """A checkpoint to start a new phase from (weights only), adapted to the data's tokenizer: rows for special
+    tokens new to it (chat fine-tuning of a base model) start at the mean embedding, and the run says so."""
+    checkpoint, note = adapt_checkpoint(load_checkpoint(path), tokenizer.spec, model_vocab_size(tokenizer))
+    if note and master:
+        print(f"{path}: {note}")
+    return checkpoint
+
+
 checkpoint = None  # a whole ckpt.pt: weights, optimizer and loader state, RNG, config
 try:
     if init_from not in ("scratch", "resume"):  # weights only: a new phase with a fresh optimizer and data stream
-        checkpoint = load_checkpoint(init_from)
-    elif resume_from and mode != "fsdp":
-        checkpoint = load_checkpoint(resume_from)
-    if checkpoint is not None and checkpoint.get("tokenizer", tokenizer.spec) != tokenizer.spec:
-        raise ValueError(f"the checkpoint was trained with the {Tokenizer(checkpoint['tokenizer']).describe()} "
-                         f"tokenizer but the data is {tokenizer.describe()}: use data of the checkpoint's tokenizer")
-    model = build_model(tokenizer.vocab_size, checkpoint)
+        checkpoint = load_start(init_from)
+    elif resume_from:  # a sharded run's meta.pt holds all but the weights and optimizer
+        checkpoint = read_state(os.path.join(resume_from, "meta.pt")) if mode == "fsdp" else load_checkpoint(resume_from)
+        if checkpoint.get("tokenizer", tokenizer.spec) != tokenizer.spec:
+            raise ValueError(f"the checkpoint was trained with the {Tokenizer(checkpoint['tokenizer']).describe()} "
+                             f"tokenizer but the data is {tokenizer.describe()}: use the data it was trained on")
+    vocab_size = checkpoint["model_args"]["vocab_size"] if checkpoint else model_vocab_size(tokenizer)
+    model = build_model(vocab_size, checkpoint)
+    # DPO's frozen model is the phase's starting point (for a resumed run: the one its checkpoint names)
+    reference_from = checkpoint.get("reference_from", "scratch") if init_from == "resume" else init_from
+    if train_loader.pairs:
+        start = load_start(reference_from) if reference_from not in ("scratch", "resume") else None
+        reference = build_model(vocab_size, start).eval().requires_grad_(False)
 except (OSError, RuntimeError, ValueError) as e:  # the message says which file and what to do
     finish(str(e))
 if master:
@@ -316,7 +355,7 @@ opt = build_optimizer(optimizer, model, learning_rate, weight_decay, (beta1, bet
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16" and device_type == "cuda" and mode != "fsdp")
 iter_num, best_val_loss, train_seconds = 0, float("inf"), 0.0
 if init_from == "resume":
-    state = load_sharded(resume_from, model, opt) if mode == "fsdp" else checkpoint
+    state = dict(checkpoint, **load_sharded(resume_from, model, opt)) if mode == "fsdp" else checkpoint
     needed = {"loader", "iter_num", "best_val_loss", "rng"} | ({"optimizer"} if mode != "fsdp" else set())
     missing = sorted(needed - set(state))
     if missing:
@@ -347,21 +386,47 @@ flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
 peak = (peak_flops or device_peak_flops(device)) * world_size
 
 
+def objective(batch):
+    """(loss of one micro-batch, its metrics as tensors): the summed cross-entropy over its counted targets, or for
+    preference pairs the DPO loss (mean over its pairs) with rewards, margin and accuracies."""
+    if not train_loader.pairs:
+        _, loss = model(*batch, reduction="sum")
+        return loss, {"loss": loss.detach().float()}
+    policy = pair_logprobs(model, *batch)
+    with torch.no_grad():
+        frozen = pair_logprobs(reference, *batch)
+    stats = dpo_loss(*policy, *frozen, dpo_beta, dpo_label_smoothing, dpo_ipo)
+    return stats.loss, {k: v.detach().float() for k, v in stats._asdict().items()}
+
+
+def batch_weight(batches):
+    """(weight of each micro-batch's loss, trained tokens): W / (targets counted over the global batch), so the
+    step's gradient, averaged over ranks by DDP and FSDP, is the mean over every counted target whatever the masks;
+    for pairs 1 / micro-batches (each holds batch_size pairs)."""
+    if train_loader.pairs:
+        return 1 / len(batches), None
+    counted = sum_over_ranks(sum((y >= 0).sum() for _, y in batches).float())
+    return world_size / counted.clamp(min=1), counted
+
+
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss over eval_iters fixed batches of each split (loaders rewound: the same batches every eval)."""
+    """{split: metrics} over eval_iters fixed batches of each split (loaders rewound: the same batches every eval):
+    the mean loss over the counted targets, or for pairs the mean DPO metrics."""
     model.eval()
     out = {}
     for split, loader in eval_loaders.items():
         loader.load_state_dict(eval_starts[split])
-        total = torch.zeros((), device=device)
-        for _ in range(eval_iters):
-            x, y = get_batch(loader)
+        batches = [get_batch(loader) for _ in range(eval_iters)]
+        weight, _ = batch_weight(batches)
+        totals = {}
+        for batch in batches:
             with autocast:
-                _, loss = model(x, y)
-            total += loss.float()  # summed on the device: one host sync per split
+                _, batch_metrics = objective(batch)
+            for k, v in batch_metrics.items():
+                totals[k] = totals.get(k, 0.0) + v * weight  # summed on the device: one host sync per split
             cut_xla_graph(device)
-        out[split] = mean_over_ranks(total / eval_iters).item()
+        out[split] = {k: mean_over_ranks(v).item() for k, v in totals.items()}
     model.train()
     return out
 
@@ -370,6 +435,7 @@ def save(val_loss):
     """ckpt.pt (temp file + rename) from rank 0, or under FSDP a sharded step folder written by every rank."""
     meta = {"model_args": {f.name: getattr(raw_model.config, f.name) for f in fields(GPTConfig)}, "config": config,
             "iter_num": iter_num, "best_val_loss": best_val_loss, "val_loss": val_loss, "train_seconds": train_seconds,
+            "reference_from": reference_from,
             "loader": train_loader.state_dict(), "tokenizer": tokenizer.spec,
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}}
     if mode == "fsdp":
@@ -393,11 +459,14 @@ while True:
     if iter_num % eval_interval == 0 or iter_num == max_iters:
         t_eval = time.time()
         train_seconds += t_eval - t_train
-        losses = estimate_loss()
+        evaluated = estimate_loss()
+        losses = {split: m["loss"] for split, m in evaluated.items()}
         if master:
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            more = {f"val_{k}": v for k, v in evaluated["val"].items() if k != "loss"}  # DPO: rewards, accuracies
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                  + "".join(f", {k} {v:.4f}" for k, v in more.items()))
             metrics.append(out_dir, {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                                     "lr": lr, "time": time.time() - t_start})
+                                     **more, "lr": lr, "time": time.time() - t_start})
             metrics.plot(out_dir)
         if not math.isfinite(losses["val"]):  # the same on every rank: losses are all-reduced
             kept = "the last good checkpoint is kept" if has_checkpoint(out_dir) else "no checkpoint was written yet"
@@ -417,12 +486,15 @@ while True:
     if iter_num >= max_iters:
         break
 
-    for micro_step in range(gradient_accumulation_steps):
-        x, y = get_batch(train_loader)
+    batches = [get_batch(train_loader) for _ in range(gradient_accumulation_steps)]
+    weight, trained_tokens = batch_weight(batches)
+    step_metrics = {}
+    for micro_step, batch in enumerate(batches):
         with gradient_sync(model, micro_step == gradient_accumulation_steps - 1), autocast:
-            _, loss = model(x, y)
-            loss = loss / gradient_accumulation_steps
-        scaler.scale(loss).backward()
+            loss, batch_metrics = objective(batch)
+        scaler.scale(loss * weight).backward()
+        for k, v in batch_metrics.items():
+            step_metrics[k] = step_metrics.get(k, 0.0) + v * weight
     if grad_clip:
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -434,8 +506,9 @@ while True:
     iter_num += 1
 
     if iter_num % log_interval == 0:
-        # the mean over ranks is the loss of the whole global micro-batch; .item() is the step's only host sync
-        loss_value = mean_over_ranks(loss.detach() * gradient_accumulation_steps).item()
+        # means over ranks: the metrics of the whole global batch; .item() is the step's only host sync
+        logged = {k: mean_over_ranks(v).item() for k, v in step_metrics.items()}
+        loss_value = logged.pop("loss")
         if not math.isfinite(loss_value):  # the same on every rank (all-reduced), so every rank stops here
             kept = "the last good checkpoint is kept" if has_checkpoint(out_dir) else "no checkpoint was written yet"
             finish(f"loss is not finite ({loss_value}) at iter {iter_num}: stopping, {kept}; "
@@ -449,11 +522,14 @@ while True:
         compilations = xla_compilations() if device_type == "xla" else None
         xla = f", {compilations} XLA compilations" if compilations is not None and iter_num <= 10 * log_interval else ""
         mixture = f", mixture {[round(f, 3) for f in train_loader.mixture()]}" if len(data_dirs) > 1 else ""
+        if trained_tokens is not None and trained_tokens.item() < tokens_per_iter:  # masked (SFT) data
+            logged["trained_tokens"] = int(trained_tokens.item())
+        extra = "".join(f", {k} {v:.4f}" if isinstance(v, float) else f", {k} {v:,}" for k, v in logged.items())
         print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-              f"{tokens_per_iter / dt:,.0f} tok/s, mfu {f'{100 * mfu:.1f}%' if mfu else 'n/a'}{moe}{mixture}{xla}")
+              f"{tokens_per_iter / dt:,.0f} tok/s, mfu {f'{100 * mfu:.1f}%' if mfu else 'n/a'}{extra}{moe}{mixture}{xla}")
         metrics.append(out_dir, {"iter": iter_num, "loss": loss_value, "lr": lr, "ms_per_iter": dt * 1000,
                                  "tokens_per_s": tokens_per_iter / dt, "mfu": mfu, "expert_imbalance": imbalance,
-                                 "mixture": train_loader.mixture(), "xla_compilations": compilations})
+                                 **logged, "mixture": train_loader.mixture(), "xla_compilations": compilations})
 
 if master and losses:
     print(f"final val loss {losses['val']:.4f} at iter {iter_num} ({time.time() - t_start:.1f} s)")

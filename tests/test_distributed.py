@@ -99,7 +99,7 @@ def test_sharded_checkpoint_resume_on_2_and_1_processes(setup, tmp_path, optimiz
     run_script("sample.py", f"--out_dir={split}", "--max_new_tokens=20", "--num_samples=1", "--device=cpu")
 
 
-def analytic_7b_params(V=50257, d=4096, L=32, H=32, hd=128, hidden=14336, pattern="LLLLLG", kv_share=2):
+def analytic_7b_params(V=50304, d=4096, L=32, H=32, hd=128, hidden=14336, pattern="LLLLLG", kv_share=2):
     kinds = [pattern[i % len(pattern)] for i in range(L)]
     runs, start = [], 0  # lengths of runs of adjacent local layers
     for i in range(1, L + 1):

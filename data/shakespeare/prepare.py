@@ -9,19 +9,21 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
 import numpy as np  # noqa: E402
-import tiktoken  # noqa: E402
 
 from data.download import run_main  # noqa: E402
 from data.shakespeare_char.prepare import get_text, parse_args  # noqa: E402
 from data.shards import write_shard  # noqa: E402
-from tokenizer import save_dataset_spec  # noqa: E402
+from tokenizer import Tokenizer, save_dataset_spec  # noqa: E402
 
 
 def main(argv=None):
     args = parse_args(argv, __doc__, HERE)
     text = get_text(args.input, args.out_dir, args.url)
     split = int(0.9 * len(text))
-    enc = tiktoken.get_encoding("gpt2")
+    try:
+        enc = Tokenizer({"kind": "gpt2"}).enc
+    except ValueError as e:  # offline without tiktoken's cached files: say so in one line
+        sys.exit(f"error: {e}")
     for name, part in (("train", text[:split]), ("val", text[split:])):
         ids = np.array(enc.encode_ordinary(part), dtype=np.uint16)
         write_shard(os.path.join(args.out_dir, f"{name}_000000.bin"), ids, enc.n_vocab)
