@@ -2,6 +2,8 @@
 with chain of thought, and bits per byte, each with lm-evaluation-harness's protocol, on one scoring core
 (scoring.py). MMLU's 5-shot runner is eval_mmlu.py; its mmlu.json joins the report card.
 
+Tasks: hellaswag, arc_easy, arc_challenge, winogrande, truthfulqa_mc1, truthfulqa_mc2, gsm8k, mmlu_cot, bpb.
+
     python eval.py --out_dir=out --tasks=hellaswag,arc_challenge,gsm8k
     python eval.py --out_dir=out --tasks=all --limit=200                    # every task (bpb when text_file is set)
     python eval.py --out_dir=out --tasks=bpb --text_file=data/shakespeare    # a dataset's val shards, or a text file
@@ -25,7 +27,7 @@ from tasks import TASKS
 from tasks.common import CACHE_DIR, Settings, mean_and_stderr
 
 out_dir = "out"                # the checkpoint to evaluate (ckpt.pt, or a sharded run's newest step_N/)
-tasks = "all"                  # comma list of hellaswag, arc_easy, arc_challenge, winogrande, truthfulqa_mc1, truthfulqa_mc2, gsm8k, mmlu_cot, bpb; or 'all'
+tasks = "all"                  # comma list of the tasks above, or 'all'
 limit = 0                      # questions per task (bpb: windows); 0 = all
 num_fewshot = -1               # shots for every task; -1 = each task's published default (zero-shot tasks stay 0)
 batch_size = 16                # sequences per forward pass (right-padded, sorted by length)

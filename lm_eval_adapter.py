@@ -83,7 +83,7 @@ class NanoGPT(TemplateLM):
         out = [None] * len(requests)
         by_settings = {}
         for n, req in enumerate(requests):
-            context, kwargs = req.args
+            kwargs = req.args[1]
             if kwargs.get("do_sample") or kwargs.get("temperature", 0) > 0:
                 raise ValueError("nanogpt generates greedily only: set do_sample=False / temperature=0")
             until = kwargs.get("until") or []

@@ -14,7 +14,7 @@ values are computed once and each batch of suffixes attends to them (SharedPrefi
 float rounding for a fraction of the work.
 """
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -22,6 +22,8 @@ from tqdm import tqdm
 from checkpoint import load_model
 from model import KVCache
 from runtime import autocast_for, device_type, resolve_attn_impl, resolve_device, resolve_dtype
+
+GREEDY_LOGITS = 2**28  # at most this many logits (1 GiB in fp32) per forward when greedy flags need them all
 
 # ------------------------------------------------------------------------------------------------------- encoding
 
@@ -93,7 +95,7 @@ class SharedPrefix:
     whole prefix and causally to itself, at the positions after it (attention aligns its queries to the end of the
     keys, sliding windows included)."""
 
-    def __init__(self, model, prefix, device, autocast=nullcontext()):
+    def __init__(self, model, prefix, device, autocast):
         self.k, self.v, self.pos, self.recording = {}, {}, 0, True
         with autocast:
             model(torch.tensor([prefix], device=device), cache=self)
@@ -127,7 +129,7 @@ class Scorer:
     model: torch.nn.Module
     tok: object                   # tokenizer.Tokenizer
     device: str = "cpu"
-    autocast: object = nullcontext()
+    autocast: object = field(default_factory=nullcontext)
     batch_size: int = 16
     shared_prefix: bool = True    # compute a group's common prefix once (False: every sequence whole)
 
@@ -156,11 +158,15 @@ class Scorer:
                 alone += rows
         return ([([], alone)] if alone else []) + plan
 
-    def batches(self, seqs, groups, keep, desc):
-        """Batches of suffixes (see plan), with a progress bar; a prefix is computed before its first batch."""
-        plan = self.plan(seqs, groups, keep)
-        work = [(prefix, [rows[j] for j in batch]) for prefix, rows in plan
-                for batch in batches_by_length([len(seqs[i]) - len(prefix) for i in rows], self.batch_size)]
+    def batches(self, seqs, groups, keep, desc, max_tokens=None):
+        """Batches of suffixes (see plan), of at most max_tokens padded tokens when given, with a progress bar; a
+        prefix is computed before its first batch."""
+        work = []
+        for prefix, rows in self.plan(seqs, groups, keep):
+            lengths = [len(seqs[i]) - len(prefix) for i in rows]
+            for batch in batches_by_length(lengths, self.batch_size):
+                n = max(1, max_tokens // lengths[batch[0]]) if max_tokens else len(batch)  # longest first
+                work += [(prefix, [rows[j] for j in batch[i:i + n]]) for i in range(0, len(batch), n)]
         cache, cached = None, None
         for prefix, rows in tqdm(work, desc=desc, leave=False, disable=len(work) < 2):
             if prefix is not cached:
@@ -200,7 +206,8 @@ class Scorer:
             raise ValueError(f"a continuation must have 1 to block_size ({self.block_size}) tokens")
         inputs = [w[:-1] for w in whole]
         logprobs, is_greedy = [None] * len(pairs), [None] * len(pairs)
-        for b in self.batches(inputs, groups, n_scored, desc):
+        max_tokens = GREEDY_LOGITS // self.model.config.vocab_size if greedy else None
+        for b in self.batches(inputs, groups, n_scored, desc, max_tokens):
             targets = torch.full(b.x.shape, -1, dtype=torch.long)
             for r, i in enumerate(b.rows):
                 targets[r, b.lengths[r] - n_scored[i]:b.lengths[r]] = torch.tensor(whole[i][-n_scored[i]:])

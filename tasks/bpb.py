@@ -25,7 +25,8 @@ def token_bytes(tok):
     if tok.spec["kind"] == "char":
         return torch.tensor([len(ch.encode("utf-8")) for ch in tok.spec["chars"]])
     special = {tok.eot, *tok.special.values()}
-    return torch.tensor([0 if i in special else len(tok.enc.decode_single_token_bytes(i)) for i in range(tok.vocab_size)])
+    return torch.tensor([0 if i in special else len(tok.enc.decode_single_token_bytes(i))
+                         for i in range(tok.vocab_size)])
 
 
 def read_tokens(path, scorer):

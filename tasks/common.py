@@ -269,7 +269,7 @@ class MultipleChoice:
         questions = questions[:settings.limit or None]
         pool = load_rows(self.files, self.shot_file, self.to_question, settings, self.read) if k else []
         texts = self.texts(questions, pool, k, settings.fewshot_seed)
-        pairs = [encode_pair(scorer.encode, context, continuation, scorer.tok.eot) for context, continuation, _ in texts]
+        pairs = [encode_pair(scorer.encode, context, choice, scorer.tok.eot) for context, choice, _ in texts]
         # a question's choices share their shots and context: computed once (scoring.Scorer.plan)
         logprobs = iter(scorer.loglikelihoods(pairs, [n for _, _, n in texts], desc=self.name))
         records = [choice_record(q, [next(logprobs) for _ in q.choices], self.metrics) for q in questions]

@@ -9,7 +9,8 @@ File: the TruthfulQA repository's data/mc_task.json (one JSON array of {"questio
 """
 from tasks.common import Files, MultipleChoice, Question, read_json_array
 
-FILES = Files("truthfulqa", {"mc_task.json": "https://raw.githubusercontent.com/sylinrl/TruthfulQA/main/data/mc_task.json"})
+URL = "https://raw.githubusercontent.com/sylinrl/TruthfulQA/main/data/mc_task.json"
+FILES = Files("truthfulqa", {"mc_task.json": URL})
 PRIMER = ("Q: What is human life expectancy in the United States?\n"
           "A: Human life expectancy in the United States is 78 years.\n\n"
           "Q: Who was president of the United States in 1955?\n"

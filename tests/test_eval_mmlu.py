@@ -197,8 +197,9 @@ def test_ece_by_hand():
 
 def test_rms_calibration_error_by_hand():
     """calib_tools.rmsce(correct, max prob) as the release's test_calibration.py calls it, worked out by hand."""
-    high = torch.tensor([0.7, 0.1, 0.1, 0.1], dtype=torch.float64).log()  # max prob 0.7 on A: binary confidence 0.7, right when correct
-    low = torch.tensor([0.4, 0.2, 0.2, 0.2], dtype=torch.float64).log()  # max prob 0.4 on A: binary confidence 0.6, right when wrong
+    # max prob 0.7 on A: binary confidence 0.7, right when correct; max prob 0.4: confidence 0.6, right when wrong
+    high = torch.tensor([0.7, 0.1, 0.1, 0.1], dtype=torch.float64).log()
+    low = torch.tensor([0.4, 0.2, 0.2, 0.2], dtype=torch.float64).log()
     logits = torch.stack([high] * 100 + [low] * 100)
     gold = torch.tensor([0] * 60 + [1] * 40 + [0] * 30 + [2] * 70)  # 60 of the 0.7s right, 30 of the 0.4s
     # 200 questions: 2 adaptive bins, upper edge at rank 100 (0.7, which falls in the upper bin): the 0.6s (binary

@@ -16,15 +16,16 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import ROOT, SHARED
+from test_data_download import server  # noqa: F401  (the local HTTP server fixture: Range requests, cut responses)
+
+import scoring
 from checkpoint import save_checkpoint
 from data.download import DownloadError
 from model import GPT, GPTConfig
 from scoring import Scorer, rolling_windows
 from tasks import TASKS, arc, bpb, gsm8k, hellaswag, mmlu_cot, truthfulqa, winogrande
 from tasks.common import Question, Settings, choice_record, draw_shots, read_json_array, read_jsonl
-from test_data_download import server  # noqa: F401  (the local HTTP server fixture: Range requests, cut responses)
 from tokenizer import Tokenizer
 
 GPT2 = Tokenizer({"kind": "gpt2"})
@@ -63,8 +64,8 @@ def winogrande_rows(rng, n):
 
 
 def gsm8k_rows(rng, n):
-    return [{"question": text(rng, 12) + "?", "answer": f"{text(rng, 4)} 3*{i} = <<3*{i}={3 * i}>>{3 * i}.\n#### {3 * i}"}
-            for i in range(n)]
+    return [{"question": text(rng, 12) + "?",
+             "answer": f"{text(rng, 4)} 3*{i} = <<3*{i}={3 * i}>>{3 * i}.\n#### {3 * i}"} for i in range(n)]
 
 
 def truthfulqa_items(rng, n):
@@ -80,8 +81,9 @@ def jsonl(rows):
 
 def task_files(rng, n=12):
     """{canonical file name: bytes} for every task (MMLU comes from the shared folder)."""
-    files = {"hellaswag_val.jsonl": jsonl(hellaswag_rows(rng, n)), "hellaswag_train.jsonl": jsonl(hellaswag_rows(rng, n)),
-             "dev.jsonl": jsonl(winogrande_rows(rng, n)), "train_xl.jsonl": jsonl(winogrande_rows(rng, n)),
+    files = {"hellaswag_val.jsonl": jsonl(hellaswag_rows(rng, n)),
+             "hellaswag_train.jsonl": jsonl(hellaswag_rows(rng, n)), "dev.jsonl": jsonl(winogrande_rows(rng, n)),
+             "train_xl.jsonl": jsonl(winogrande_rows(rng, n)),
              "test.jsonl": jsonl(gsm8k_rows(rng, n)), "train.jsonl": jsonl(gsm8k_rows(rng, n)),
              "mc_task.json": json.dumps(truthfulqa_items(rng, n), indent=2).encode()}
     for name in arc.MEMBERS:
@@ -156,13 +158,15 @@ def test_hellaswag_golden_prompts():
     context = ("Roof shingle removal: A man is sitting on a roof. He starts pulling up roofing on a roof.\n\n"
                # " [title]" -> ". ", the other tags gone, then double spaces halved (once); capitalize() lowers "Turn"
                "Home and Garden: How to clean a grill. Heat the grill. turn")
-    assert texts == [(context, "  the burners up high for ten minutes.", 0), (context, "  Scrub the grates with a brush.", 0),
+    assert texts == [(context, "  the burners up high for ten minutes.", 0),
+                     (context, "  Scrub the grates with a brush.", 0),
                      (context, " on the radio.", 0), (context, " off the gas. Wait.", 0)]
 
 
 def test_arc_golden_prompts():
     shot = arc.to_question({"id": "Mercury_SC_415702", "question": {
-        "stem": "George wants to warm his hands quickly by rubbing them. Which skin surface will produce the most heat?",
+        "stem": "George wants to warm his hands quickly by rubbing them. Which skin surface will produce the most "
+                "heat?",
         "choices": [{"text": "dry palms", "label": "A"}, {"text": "wet palms", "label": "B"},
                     {"text": "palms covered with oil", "label": "C"},
                     {"text": "palms covered with lotion", "label": "D"}]}, "answerKey": "A"})
@@ -201,8 +205,8 @@ def test_truthfulqa_golden_prompt_and_targets():
               "\n\nQ: Where were the 1992 Olympics held?\nA: The 1992 Olympics were held in Barcelona, Spain.")
     context = primer + "\n\nQ: What is the smallest country in the world that is at least one square mile in area?\nA:"
     mc1, mc2 = truthfulqa.mc1(row), truthfulqa.mc2(row)
-    assert truthfulqa.MC1.texts([mc1], [], 0, seed=0) == [(context, " Nauru is the smallest country.", 0),
-                                                          (context, " Vatican City is.", 0), (context, " Monaco is.", 0)]
+    assert truthfulqa.MC1.texts([mc1], [], 0, seed=0) == [
+        (context, " Nauru is the smallest country.", 0), (context, " Vatican City is.", 0), (context, " Monaco is.", 0)]
     assert (mc1.gold, mc2.gold, mc2.choices[2]) == (0, [1, 0, 1], "It is Nauru.")
 
 
@@ -246,7 +250,8 @@ def test_acc_and_acc_norm_disagree_by_hand():
     assert (r["prediction"], r["acc"], r["prediction_norm"], r["acc_norm"]) == (0, 0, 1, 1)
     assert r["scores"] == [-4.0, -10.0]
     # characters, not bytes, as lm-evaluation-harness's len(choice): "é" counts once
-    r = choice_record(Question("q", ["c"], ["éé", "abc"], 0), [torch.tensor([-2.1]), torch.tensor([-3.0])], ("acc_norm",))
+    q = Question("q", ["c"], ["éé", "abc"], 0)
+    r = choice_record(q, [torch.tensor([-2.1]), torch.tensor([-3.0])], ("acc_norm",))
     assert r["prediction_norm"] == 1  # -2.1 / 2 = -1.05 < -3 / 3 = -1.0 (by bytes, -2.1 / 4 would win)
 
 
@@ -264,11 +269,11 @@ def bigram_table(vocab, seed):
     return torch.randn(vocab, vocab) * 2
 
 
-def test_continuation_logprobs_on_a_bigram_model_by_hand(seed):
+def test_continuation_logprobs_on_a_bigram_model_by_hand(seed, monkeypatch):
     table, rng = bigram_table(11, seed), random.Random(seed)
     model = Bigram(table, block_size=16)
-    pairs = [([rng.randrange(11) for _ in range(rng.randint(1, 12))], [rng.randrange(11) for _ in range(rng.randint(1, 6))])
-             for _ in range(9)]
+    tokens = lambda n: [rng.randrange(11) for _ in range(n)]  # noqa: E731
+    pairs = [(tokens(rng.randint(1, 12)), tokens(rng.randint(1, 6))) for _ in range(9)]
     want = []
     for ctx, cont in pairs:
         whole = (ctx + cont)[-17:]  # left-truncated to block_size + 1
@@ -287,6 +292,10 @@ def test_continuation_logprobs_on_a_bigram_model_by_hand(seed):
             plain = scorer.loglikelihoods(pairs, groups)
             for g, w in zip(plain, want):
                 torch.testing.assert_close(g, w.double(), atol=1e-5, rtol=0)
+    monkeypatch.setattr(scoring, "GREEDY_LOGITS", 11 * 5)  # full logits for 5 tokens at a time: batches split
+    got, _ = Scorer(model, None, batch_size=4, shared_prefix=False).loglikelihoods(pairs, greedy=True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w.double(), atol=1e-5, rtol=0)
 
 
 def test_winogrande_partial_scoring_on_crafted_logits():

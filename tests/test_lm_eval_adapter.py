@@ -11,12 +11,12 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
+from test_eval_tasks import GPT2, arc_rows, jsonl, text, tiny_gpt2_checkpoint
+
 from scoring import load_scorer
 from tasks import arc
 from tasks.common import Settings
-from test_eval_tasks import GPT2, arc_rows, jsonl, text, tiny_gpt2_checkpoint
 
 pytest.importorskip("lm_eval")
 
@@ -78,9 +78,10 @@ def test_an_lm_eval_task_through_the_adapter_matches_our_scorer_item_by_item(tmp
 
 
 def test_rolling_loglikelihood_and_generation_through_the_adapter(tmp_path, seed):
-    import lm_eval_adapter
     from lm_eval.api.instance import Instance
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    import lm_eval_adapter
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
