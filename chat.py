@@ -16,11 +16,9 @@ from typing import Literal
 import torch
 
 from chat_format import chat_tokens, render_prompt
-from checkpoint import load_model
 from configurator import at_least, configure, require
 from model import KVCache, sample_next
-from runtime import (ATTN_IMPLS, DTYPE_SETTINGS, autocast_for, device_type, resolve_attn_impl, resolve_device,
-                     resolve_dtype)
+from runtime import ATTN_IMPLS, DTYPE_SETTINGS, load_for_inference
 
 out_dir = "out-sft"            # the chat model (ckpt.pt, or a sharded run's newest step_N/)
 prompt = ""                    # answer this one message and exit; '' = an interactive chat
@@ -38,18 +36,8 @@ at_least(config, 1, "max_new_tokens")
 at_least(config, 0, "temperature", "top_k")
 require(0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}")
 
-try:
-    device = resolve_device(device)
-    dtype, ptdtype = resolve_dtype(dtype, device_type(device))
-except ValueError as e:
-    require(False, str(e))
-autocast = autocast_for(device_type(device), ptdtype)
+model, tokenizer, _, device, _, autocast = load_for_inference(out_dir, device, dtype, attn_impl)
 torch.manual_seed(seed)
-
-try:
-    model, tokenizer, _ = load_model(out_dir, device, resolve_attn_impl(attn_impl, device_type(device)))
-except (FileNotFoundError, ValueError, RuntimeError) as e:
-    raise SystemExit(str(e))
 try:
     end_of_reply = chat_tokens(tokenizer)["assistant"][1]
 except ValueError as e:  # a base or character-level model

@@ -604,8 +604,9 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------------------------------------- generation
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
-        """Sample continuations with the KV cache. Past block_size, the cache is rebuilt from the last 3/4 block."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, vocab_limit=None):
+        """Sample continuations with the KV cache. Past block_size, the cache is rebuilt from the last 3/4 block.
+        vocab_limit: ids from here on (a padded vocabulary's spare rows) are never sampled."""
         block = self.config.block_size
         cache = None
         for _ in range(max_new_tokens):
@@ -615,6 +616,8 @@ class GPT(nn.Module):
                 logits, _ = self(idx[:, max(0, idx.size(1) - keep):], cache=cache)
             else:
                 logits, _ = self(idx[:, -1:], cache=cache)
+            if vocab_limit is not None:
+                logits[:, vocab_limit:] = float("-inf")
             idx = torch.cat((idx, sample_next(logits, temperature, top_k, top_p, generator)), dim=1)
         return idx
 

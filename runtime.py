@@ -67,3 +67,20 @@ def peak_flops(device):
         return 0.0
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), 0.0)
+
+
+def load_for_inference(out_dir, device, dtype, attn_impl):
+    """(model in eval mode, tokenizer, checkpoint dict, device, compute dtype, autocast context) for the settings of
+    a script that samples or evaluates; a bad setting or an unreadable checkpoint ends it with one line."""
+    from checkpoint import load_model  # (checkpoint.py does not need this module; importing it here keeps it so)
+    try:
+        device = resolve_device(device)
+        _, ptdtype = resolve_dtype(dtype, device_type(device))
+        kernel = resolve_attn_impl(attn_impl, device_type(device))
+    except ValueError as e:
+        raise SystemExit(f"config error: {e}")
+    try:
+        model, tokenizer, ckpt = load_model(out_dir, device, kernel)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SystemExit(str(e))
+    return model, tokenizer, ckpt, device, ptdtype, autocast_for(device_type(device), ptdtype)

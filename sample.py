@@ -9,11 +9,9 @@ from typing import Literal
 
 import torch
 
-from checkpoint import load_model
 from configurator import at_least, configure, require
 from model import KVCache
-from runtime import (ATTN_IMPLS, DTYPE_SETTINGS, autocast_for, device_type, resolve_attn_impl, resolve_device,
-                     resolve_dtype)
+from runtime import ATTN_IMPLS, DTYPE_SETTINGS, load_for_inference
 
 out_dir = "out"                # the checkpoint to sample (ckpt.pt, or a sharded run's newest step_N/)
 start = "\n"                   # prompt text, or FILE:path to read it from a file
@@ -31,18 +29,8 @@ at_least(config, 1, "num_samples", "max_new_tokens")
 at_least(config, 0, "temperature", "top_k")
 require(0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}")
 
-try:
-    device = resolve_device(device)
-    dtype, ptdtype = resolve_dtype(dtype, device_type(device))
-except ValueError as e:
-    require(False, str(e))
-autocast = autocast_for(device_type(device), ptdtype)
+model, tokenizer, ckpt, device, ptdtype, autocast = load_for_inference(out_dir, device, dtype, attn_impl)
 torch.manual_seed(seed)
-
-try:
-    model, tokenizer, ckpt = load_model(out_dir, device, resolve_attn_impl(attn_impl, device_type(device)))
-except (FileNotFoundError, ValueError, RuntimeError) as e:
-    raise SystemExit(str(e))
 if start.startswith("FILE:"):
     try:
         with open(start[5:], encoding="utf-8") as f:
@@ -60,7 +48,8 @@ x = torch.tensor(ids, dtype=torch.long, device=device)[None].repeat(num_samples,
 cfg = model.config
 with torch.no_grad(), autocast:  # (inference_mode tensors are refused by XLA)
     t0 = time.time()
-    y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p)
+    y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
+                       vocab_limit=tokenizer.vocab_size)
     dt = time.time() - t0
 for row in y.tolist():
     print(tokenizer.decode(row))

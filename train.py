@@ -24,7 +24,7 @@ import metrics
 from checkpoint import (architecture, check_compatible, clean_state_dict, has_checkpoint, load_checkpoint,
                         load_sharded, read_state, remove_stale_writes, save_checkpoint, save_sharded, step_dirs, to_cpu)
 from configurator import at_least, configure, given, require
-from data.loader import BatchLoader
+from data.loader import BatchLoader, PrefixLoader
 from memory import advice, fits, format_plan, memory_plan, print_model_report
 from model import GPT, GPTConfig
 from optim import (OPTIMIZERS, SCHEDULES, WSD_SHAPES, build_optimizer, load_optimizer_state, scheduled_lr,
@@ -125,11 +125,12 @@ dpo_label_smoothing = 0.0      # cDPO: the probability that a preference label i
 dpo_ipo = False                # the IPO loss instead of DPO's
 # speedrun
 target_val_loss = 0.0          # > 0: stop at the first evaluation whose val loss is at or below this
+val_tokens = 0                 # > 0: val loss over exactly the first val_tokens tokens of the val split, in order
 config = configure(globals())
 at_least(config, 1, "batch_size", "block_size", "eval_interval", "log_interval", "eval_iters",
          "gradient_accumulation_steps", "n_layer", "n_embd", "n_head", "ac_every", "keep_checkpoints", "muon_ns_steps")
 at_least(config, 0, "max_iters", "warmup_iters", "lr_decay_iters", "total_batch_size", "grad_clip", "weight_decay",
-         "muon_momentum_warmup", "target_val_loss", "logit_softcap")
+         "muon_momentum_warmup", "target_val_loss", "logit_softcap", "val_tokens")
 require(0 <= muon_momentum_start < 1 and 0 <= muon_momentum < 1, "Muon momenta must be in [0, 1)")
 require(0 <= dropout < 1, f"dropout must be in [0, 1), got {dropout}")
 require(dpo_beta > 0 and 0 <= dpo_label_smoothing < 0.5 and not (dpo_ipo and dpo_label_smoothing),
@@ -267,6 +268,8 @@ try:
     train_loader = BatchLoader(data_dirs, "train", batch_size, block_size, rank, world_size, seed, mix_weights)
     eval_loaders = {split: BatchLoader(data_dirs, split, batch_size, block_size, rank, world_size, seed + 7,
                                        mix_weights) for split in ("train", "val")}
+    if val_tokens:  # a fixed protocol: exactly the first val_tokens of the val split, every one predicted once
+        eval_loaders["val"] = PrefixLoader(data_dirs[0], "val", val_tokens, batch_size, block_size, rank, world_size)
     tokenizer = dataset_tokenizer(data_dirs)
 except (OSError, ValueError) as e:  # missing or corrupt shards, no tokenizer record: the message says what to do
     finish(str(e))
@@ -417,7 +420,7 @@ def estimate_loss():
     out = {}
     for split, loader in eval_loaders.items():
         loader.load_state_dict(eval_starts[split])
-        batches = [get_batch(loader) for _ in range(eval_iters)]
+        batches = [get_batch(loader) for _ in range(getattr(loader, "batches", eval_iters))]
         weight, _ = batch_weight(batches)
         totals = {}
         for batch in batches:

@@ -163,3 +163,39 @@ class BatchLoader:
         self.step, self.drawn = state["step"], np.array(state["drawn"], dtype=np.int64)
         for stream, (epoch, pos) in zip(self.streams, state["streams"]):
             stream.epoch, stream.pos = epoch, pos
+
+
+class PrefixLoader:
+    """The first n_tokens tokens of a split's first shard, in order, as windows of block_size + 1 tokens that overlap
+    by one, so every token after the first is predicted exactly once: the evaluation protocols that fix their tokens
+    (modded-nanogpt's FineWeb val: the first 10,485,760 tokens of fineweb_val_000000.bin). Batch i holds windows
+    [i B W, (i + 1) B W) of which rank r reads rows [r B, (r + 1) B); rows past the last window have no targets (-1)."""
+
+    def __init__(self, data_dir, split, n_tokens, batch_size, block_size, rank=0, world_size=1):
+        path = shard_paths(data_dir, split)[0]
+        self.tokens = read_shard(path)
+        if len(self.tokens) < n_tokens + 1:
+            raise ValueError(f"{path} holds {len(self.tokens):,} tokens, fewer than the {n_tokens:,} (+1) to evaluate")
+        self.n_tokens, self.block_size, self.batch_size, self.rank, self.world_size = (
+            n_tokens, block_size, batch_size, rank, world_size)
+        self.windows = -(-n_tokens // block_size)
+        self.batches = -(-self.windows // (batch_size * world_size))  # evaluation steps that cover every window
+        self.batch = 0
+
+    def next_batch(self, device="cpu"):
+        x = torch.zeros(self.batch_size, self.block_size, dtype=torch.int64)
+        y = torch.full_like(x, -1)
+        first = (self.batch * self.world_size + self.rank) * self.batch_size
+        for row, window in enumerate(range(first, min(first + self.batch_size, self.windows))):
+            start = window * self.block_size
+            end = min(start + self.block_size, self.n_tokens)  # the last window may predict fewer tokens
+            chunk = torch.from_numpy(self.tokens[start:end + 1].astype(np.int64))
+            x[row, :end - start], y[row, :end - start] = chunk[:-1], chunk[1:]
+        self.batch += 1
+        return x.to(device), y.to(device)
+
+    def state_dict(self):
+        return {"batch": self.batch}
+
+    def load_state_dict(self, state):
+        self.batch = state["batch"]

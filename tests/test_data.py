@@ -1,18 +1,15 @@
 """Token shards (format, corrupt headers) and the batch loader (disjoint ranks, exact resume, mixtures)."""
 import os
-import random
 
 import numpy as np
 import pytest
 
-from data.loader import BatchLoader
+from data.loader import BatchLoader, PrefixLoader
 from data.shards import HEADER_BYTES, ShardError, ShardWriter, read_shard, shard_paths, write_shard
 
 
 @pytest.fixture
-def rng():
-    seed = random.SystemRandom().randrange(2**31)
-    print(f"seed {seed}")
+def rng(seed):
     return np.random.default_rng(seed)
 
 
@@ -118,3 +115,22 @@ def test_mixture_proportions(tmp_path):
         from_b += int((loader.next_batch()[0][:, 0] >= 30000).sum())
     # 3200 draws at p=0.1: std 0.0053, so 0.025 is over 4 sigma
     assert abs(from_b / 3200 - 0.1) < 0.025 and loader.mixture()[1] == pytest.approx(from_b / 3200)
+
+
+@pytest.mark.parametrize("n_tokens, block, batch, world", [(1000, 32, 4, 2), (992, 32, 3, 1), (64, 64, 1, 3)])
+def test_prefix_loader_predicts_each_of_the_first_tokens_once(tmp_path, rng, n_tokens, block, batch, world):
+    tokens = rng.integers(0, 50257, 1500)
+    write_shard(tmp_path / "val_000000.bin", tokens, 50257)
+    write_shard(tmp_path / "val_000001.bin", tokens[:100], 50257)  # only the first shard is read
+    ranks = [PrefixLoader(str(tmp_path), "val", n_tokens, batch, block, r, world) for r in range(world)]
+    inputs, predicted = [], []
+    for _ in range(ranks[0].batches):
+        for loader in ranks:
+            x, y = loader.next_batch()
+            assert x.shape == y.shape == (batch, block)
+            inputs += x[y >= 0].tolist()
+            predicted += y[y >= 0].tolist()
+    assert predicted == tokens[1:n_tokens + 1].tolist()  # in order, each once, nothing past the prefix
+    assert inputs == tokens[:n_tokens].tolist()  # each predicted from the token before it
+    ranks[0].load_state_dict({"batch": 0})
+    assert ranks[0].next_batch()[0][0].tolist() == tokens[:block].tolist()

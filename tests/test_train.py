@@ -126,3 +126,26 @@ def test_speedrun_stops_at_the_first_evaluation_that_reaches_the_target(tmp_path
     assert f"<= 3.3 at step {step} after " in line and f", {step * 4 * 32:,} tokens, world 1" in line
     seconds = float(line.split(" after ")[1].split(" s ")[0])
     assert 0 < seconds < evals[-1]["time"]  # training time only: the evaluations are not in it
+
+
+def test_speedrun_config_plans_and_runs_shrunk_on_the_cpu(tmp_path, seed):
+    import numpy as np
+
+    from data.shards import write_shard
+    from tokenizer import save_dataset_spec
+    plan = run_script("train.py", "config/speedrun_gpt2.py", "--dry_run=True", f"--data_root={tmp_path}")
+    assert "parameters:" in plan.stdout and "total per GPU" in plan.stdout
+    fineweb = tmp_path / "fineweb10B"  # FineWeb-format shards of random GPT-2 ids
+    fineweb.mkdir()
+    rng = np.random.default_rng(seed)
+    for name in ("train_000000.bin", "val_000000.bin"):
+        write_shard(str(fineweb / name), rng.integers(0, 50257, 20_000), 50257)
+    save_dataset_spec(str(fineweb), {"kind": "gpt2"})
+    out = tmp_path / "out"
+    shrunk = ["--n_layer=2", "--n_embd=64", "--n_head=1", "--mlp_hidden=128", "--block_size=64", "--batch_size=4",
+              "--total_batch_size=512", "--val_tokens=1000", "--max_iters=6", "--eval_interval=3", "--compile=False",
+              "--device=cpu", "--log_interval=1", "--muon_momentum_warmup=3"]
+    result = run_script("train.py", "config/speedrun_gpt2.py", *shrunk, f"--data_root={tmp_path}", f"--out_dir={out}")
+    assert "final val loss" in result.stdout
+    evals = [json.loads(line) for line in open(out / "metrics.jsonl") if "val_loss" in line]
+    assert [r["iter"] for r in evals] == [0, 3, 6] and evals[-1]["val_loss"] < evals[0]["val_loss"]
