@@ -41,7 +41,7 @@ def adapt_checkpoint(checkpoint, spec, vocab_size):
     """(checkpoint ready to train with tokenizer `spec` and `vocab_size` embedding rows, a message saying what was
     initialised or None when nothing was). The input is not changed. A ValueError when the data's tokenizer is not
     the checkpoint's (possibly plus special tokens), or the checkpoint has more rows than vocab_size."""
-    base = checkpoint.get("tokenizer", {"kind": "gpt2"})
+    base = checkpoint.get("tokenizer", spec)  # a checkpoint that names no tokenizer is taken to be the data's
     if not spec_extends(spec, base):
         raise ValueError(f"the checkpoint was trained with the {Tokenizer(base).describe()} tokenizer but the data is "
                          f"{Tokenizer(spec).describe()}: use data of the checkpoint's tokenizer")
