@@ -104,9 +104,11 @@ def duration(seconds):
 
 
 def differing_settings(runs):
-    """Settings whose values are not the same in every run (a run without a checkpoint shows '-')."""
-    keys = sorted({k for run in runs for k in run["config"]} - set(IGNORED_SETTINGS))
-    return [k for k in keys if len({repr(run["config"].get(k, "-")) for run in runs}) > 1]
+    """Settings whose values are not the same in every run that has a checkpoint; a setting some runs lack (added to
+    train.py after they ran) is left out. A run without a checkpoint shows '-'."""
+    configs = [set(run["config"]) for run in runs if run["config"]]
+    keys = sorted(set.intersection(*configs) - set(IGNORED_SETTINGS)) if configs else []
+    return [k for k in keys if len({repr(run["config"].get(k, "-")) for run in runs if run["config"]}) > 1]
 
 
 def table_row(run, settings):
