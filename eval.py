@@ -82,22 +82,23 @@ def mmlu_rows(path):
     return rows
 
 
-def cell(value):
-    if value is None:
-        return "-"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+def cells(row):
+    """A report-card row as text: values to 4 decimals, seconds to 1, '-' for no value."""
+    *values, seconds = row
+    return [f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v) for v in values] + [f"{seconds:.1f}"]
 
 
 def print_table(rows):
-    widths = [max(len(c), *(len(cell(r[i])) for r in rows)) for i, c in enumerate(COLUMNS)]
-    for row in [COLUMNS, *rows]:
-        print("  ".join(cell(v).ljust(w) if i < 2 else cell(v).rjust(w) for i, (v, w) in enumerate(zip(row, widths))))
+    table = [list(COLUMNS)] + [cells(r) for r in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
+    for row in table:
+        print("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))))
 
 
 def report_card(rows, ckpt, notes):
     lines = [f"# Report card: {out_dir} (iter {ckpt.get('iter_num')}, block_size {ckpt['model_args']['block_size']})",
              "", "| " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * 5]
-    lines += ["| " + " | ".join(cell(v) if i != 6 else f"{v:.1f}" for i, v in enumerate(row)) + " |" for row in rows]
+    lines += ["| " + " | ".join(cells(row)) + " |" for row in rows]
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
 
 
@@ -114,6 +115,8 @@ def save(results, ckpt, config):
     if os.path.exists(mmlu_json):
         rows += mmlu_rows(mmlu_json)
     notes = [f"{name}: {note}" for name, r in results.items() for note in r["notes"]]
+    if ckpt.get("tokenizer", {}).get("kind") == "char":
+        notes.append("char-level vocabulary: characters outside it are dropped from the prompts")
     write_atomic(os.path.join(out_dir, "eval.json"), json.dumps(
         {"out_dir": out_dir, "iter_num": ckpt.get("iter_num"), "settings": config, "results": results}, indent=1))
     write_atomic(os.path.join(out_dir, "eval.md"), report_card(rows, ckpt, notes))
@@ -138,7 +141,7 @@ def main(config):
             raise SystemExit(f"{name}: {e}")
         r = results[name]
         print(f"{name}: {r['n']} questions in {r['seconds']:.1f} s ({r['n'] / r['seconds']:.2f}/s), "
-              + ", ".join(f"{m} {v:.4f}" for m, v in r["metrics"].items()))
+              + ", ".join(f"{m} {v:.4g}" for m, v in r["metrics"].items()))
     rows, notes = save(results, ckpt, config)
     print()
     print_table(rows)
