@@ -76,10 +76,12 @@ def _autotune(shapes, key=("HEAD_DIM", "USE_TMA", "TUNE_TQ", "TUNE_SPAN")):
     largest = {(m, n, w, s): (d, d_plain) for m, n, w, s, d, d_plain in shapes}
 
     def fits(configs, named_args, **kwargs):
-        """Configs that compile without spilling at this head dim (kernels/check_compile.py); fp32 keeps all."""
-        fp32 = named_args["Q"].dtype == torch.float32
+        """Configs that compile without spilling at this head dim (kernels/check_compile.py). fp32 (a correctness
+        path, no wgmma) keeps those of at most 128 x 64 tiles: larger ones cannot fit its shared memory."""
+        if named_args["Q"].dtype == torch.float32:
+            return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64]
         path = 0 if kwargs["USE_TMA"] else 1
-        return [c for c in configs if fp32 or kwargs["HEAD_DIM"] <= largest[
+        return [c for c in configs if kwargs["HEAD_DIM"] <= largest[
             c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages][path]]
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s, _, _ in shapes]
     return triton.autotune(configs, key=list(key), prune_configs_by={"early_config_prune": fits})
@@ -91,8 +93,8 @@ def _autotune(shapes, key=("HEAD_DIM", "USE_TMA", "TUNE_TQ", "TUNE_SPAN")):
 # none whose wgmma are narrower than N = 64 when a wider one is spill-free (bench/RESULTS.md, "Kernels v2"). At
 # D = 128 the dK/dV kernel holds two 128 x 128 fp32 accumulators and has no spill-free config with BLOCK_M >= 64,
 # TMA or not, nor any with the atomic dQ (hence _ATOMIC_DQ_MAX_HEAD_DIM); with Triton 3.6 BLOCK_M = 64 spills at
-# every head dim. fp32 (a correctness path, no wgmma) tries every config: those over the shared memory limit are
-# dropped by the autotuner.
+# every head dim. fp32 tries every config up to 128 x 64 tiles: those over the shared memory limit are dropped by
+# the autotuner.
 _FWD_SHAPES = [(128, 128, 8, 3, 128, 64), (128, 64, 8, 2, 128, 128), (128, 64, 8, 3, 128, 128),
                (128, 32, 8, 4, 64, 64), (64, 64, 4, 3, 128, 128), (64, 128, 8, 3, 128, 128),
                (128, 64, 4, 3, 64, 64)]
@@ -536,9 +538,10 @@ def _sm_count(device):
 
 
 def _use_tma(*tensors):
-    """TMA loads: on Hopper or newer (or in the interpreter), for (B, H, T, D) tensors with unit stride along D and
-    16-byte aligned rows and heads (the kernels build a descriptor per (batch, head))."""
-    if not TMA_LOADS:
+    """TMA loads: on Hopper or newer (or in the interpreter), for bf16 / fp16 (B, H, T, D) tensors with unit stride
+    along D and 16-byte aligned rows and heads (the kernels build a descriptor per (batch, head)). fp32, a
+    correctness path without wgmma, keeps plain loads (and compiles in a fraction of the time)."""
+    if not TMA_LOADS or tensors[0].dtype == torch.float32:
         return False
     if not _INTERPRET:
         target = triton.runtime.driver.active.get_current_target()

@@ -108,16 +108,17 @@ CASES = [  # B, Hq, Hkv, Tq, Tk, D, window, dtype, layout
 
 @pytest.mark.parametrize("B,Hq,Hkv,Tq,Tk,D,window,dtype,layout", CASES)
 def test_matches_reference(seed, B, Hq, Hkv, Tq, Tk, D, window, dtype, layout):
-    """The default path: TMA loads where the layout allows (all but "strided"), dQ added with atomics, and the
-    backward split over the group's query heads wherever Hq > Hkv (the interpreter plans for 132 SMs)."""
+    """The default path: TMA loads where the layout and dtype allow (bf16 / fp16, all but "strided"), dQ added with
+    atomics at D <= 64, and the backward split over the group's query heads wherever Hq > Hkv (the interpreter
+    plans for 132 SMs)."""
     q = make(B, Hq, Tq, D, dtype, layout)
     k, v = make(B, Hkv, Tk, D, dtype, layout), make(B, Hkv, Tk, D, dtype, layout)
-    assert attention._use_tma(q, k, v) == (layout != "strided")
+    assert attention._use_tma(q, k, v) == (layout != "strided" and dtype != f32)
     check_against_reference(q, k, v, window)
 
 
 PATH_CASES = [  # B, Hq, Hkv, Tq, Tk, D, window, dtype
-    (1, 4, 1, 50, 50, 32, None, f32),  # MQA
+    (1, 4, 1, 50, 50, 32, None, bf16),  # MQA
     (2, 6, 2, 37, 45, 64, 12, bf16),  # GQA with 3 query heads per K/V head, prefill with a window, batch 2
     (1, 2, 2, 40, 40, 16, 100, f16),  # MHA, window > T
 ]
@@ -135,7 +136,7 @@ def test_every_path_matches_reference(seed, monkeypatch, tma, deterministic, sm_
     monkeypatch.setattr(attention, "_sm_count", lambda device: sm_count)
     q = make(B, Hq, Tq, D, dtype, "bthd")
     k, v = make(B, Hkv, Tk, D, dtype, "bthd"), make(B, Hkv, Tk, D, dtype, "bthd")
-    assert attention._use_tma(q, k, v) == tma
+    assert attention._use_tma(q, k, v) == (tma and dtype != f32)
     assert attention._kv_split(B, Hkv, Tk, Hq // Hkv, q.device) == (1 if sm_count == 0 else Hq // Hkv)
     check_against_reference(q, k, v, window, deterministic)
 
