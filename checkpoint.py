@@ -111,16 +111,27 @@ def model_from_checkpoint(ckpt, path="checkpoint", attn_impl="sdpa"):
     return model
 
 
+def read_checkpoint(source):
+    """The checkpoint dict of a run folder (its ckpt.pt, else its newest sharded step_N/), a step_N/ folder, a
+    ckpt.pt path, or hf:FOLDER (a Hugging Face model, converted by hf.py): every place that takes a model takes these."""
+    if source.startswith("hf:"):
+        import hf
+        return hf.load(source[3:])
+    if os.path.isdir(source) and os.path.exists(os.path.join(source, "meta.pt")):
+        return consolidate(source)
+    if os.path.isdir(source):
+        sharded = step_dirs(source)
+        if not os.path.exists(os.path.join(source, "ckpt.pt")) and sharded:
+            return consolidate(sharded[-1])
+        source = os.path.join(source, "ckpt.pt")
+    return load_checkpoint(source)
+
+
 def load_model(out_dir, device="cpu", attn_impl="sdpa"):
     """(model in eval mode on `device` with the given attention kernel, its Tokenizer, the raw checkpoint dict) from
-    out_dir/ckpt.pt, or from the newest sharded step_N/ folder of an FSDP run."""
-    path, sharded = os.path.join(out_dir, "ckpt.pt"), step_dirs(out_dir)
-    if not os.path.exists(path) and sharded:  # an FSDP run: read its newest sharded checkpoint
-        path = sharded[-1]
-        ckpt = consolidate(path)
-    else:
-        ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt, path, attn_impl).to(device).eval()
+    any source read_checkpoint takes: a run folder, a step_N/ folder, a ckpt.pt, or hf:FOLDER."""
+    ckpt = read_checkpoint(out_dir)
+    model = model_from_checkpoint(ckpt, out_dir, attn_impl).to(device).eval()
     return model, Tokenizer(ckpt.get("tokenizer", {"kind": "gpt2"})), ckpt
 
 

@@ -24,11 +24,10 @@ from dataclasses import asdict
 
 import torch
 
-from checkpoint import architecture, clean_state_dict
+from checkpoint import architecture, clean_state_dict, read_checkpoint
 from configurator import configure, require
 from hf import (CAUSAL_LM_CLASS, char_tokenizer_json, expert_tensors, gpt2_vocab_and_merges,
                 hf_name, is_expert_weight, state_shapes)
-from merge import read_checkpoint
 from model import GPTConfig, layer_plan
 
 out_dir = "out"                # the run to export: out_dir/ckpt.pt or its newest step_N/ (or a ckpt.pt path)

@@ -26,8 +26,7 @@ from typing import Literal
 
 import torch
 
-from checkpoint import (architecture, clean_state_dict, consolidate, has_checkpoint, load_checkpoint,
-                        save_checkpoint, step_dirs)
+from checkpoint import architecture, clean_state_dict, has_checkpoint, read_checkpoint, save_checkpoint
 from configurator import configure, require
 from model import GPTConfig, layer_plan
 
@@ -117,22 +116,6 @@ def merge_tensor(method, tensors, base_tensor, weights, t, density, generator):
     return dare(b, tensors, weights, density, generator, with_ties=method == "dare_ties")
 
 # ------------------------------------------------------------------------------------------------ checkpoints
-
-
-def read_checkpoint(source):
-    """The checkpoint dict of a run folder (ckpt.pt, else its newest step_N/), a step_N/ folder, a ckpt.pt path or
-    hf:PATH (a Hugging Face folder, through hf.py)."""
-    if source.startswith("hf:"):
-        import hf
-        return hf.load(source[3:])
-    if os.path.isdir(source) and os.path.exists(os.path.join(source, "meta.pt")):
-        return consolidate(source)
-    if os.path.isdir(source):
-        sharded = step_dirs(source)
-        if not os.path.exists(os.path.join(source, "ckpt.pt")) and sharded:
-            return consolidate(sharded[-1])
-        source = os.path.join(source, "ckpt.pt")
-    return load_checkpoint(source)
 
 
 def describe_vocabulary(spec):

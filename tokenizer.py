@@ -1,8 +1,9 @@
 """The tokenizers a checkpoint or a dataset can name: GPT-2 BPE (tiktoken), optionally with special tokens, or a
 character vocabulary.
 
-A tokenizer is described by its `spec`, a small dict: {"kind": "gpt2"}, {"kind": "gpt2", "special": {name: id}} or
-{"kind": "char", "chars": "..."}. A prepare script records the spec of the tokenizer that wrote a dataset's shards in
+A tokenizer is described by its `spec`, a small dict: {"kind": "gpt2"}, {"kind": "gpt2", "special": {name: id}},
+{"kind": "char", "chars": "..."}, or for a model imported from Hugging Face with another vocabulary
+{"kind": "hf", "name": ..., "json": <its tokenizer.json>, "eot": id} (run by hf.HFTokenizer, `tokenizers` needed). A prepare script records the spec of the tokenizer that wrote a dataset's shards in
 the dataset folder (tokenizer.json), and every checkpoint stores the spec it was trained with, so sampling and
 evaluation never need the dataset folder and a run never trains on ids of a tokenizer it does not know.
 
@@ -59,8 +60,12 @@ class Tokenizer:
                 raise ValueError("a character vocabulary has no special tokens")
             self.stoi = {ch: i for i, ch in enumerate(spec["chars"])}
             self.vocab_size, self.eot = len(spec["chars"]), None
+        elif spec["kind"] == "hf":  # a Hugging Face `tokenizers` vocabulary (hf.py)
+            from hf import HFTokenizer
+            self.enc = HFTokenizer(spec)
+            self.vocab_size, self.eot = self.enc.vocab_size, self.enc.eot
         else:
-            raise ValueError(f"unknown tokenizer kind {spec['kind']!r} (expected 'gpt2' or 'char')")
+            raise ValueError(f"unknown tokenizer kind {spec['kind']!r} (expected 'gpt2', 'char' or 'hf')")
 
     @classmethod
     def for_dataset(cls, data_dir):
@@ -69,12 +74,16 @@ class Tokenizer:
     def describe(self):
         if self.spec["kind"] == "char":
             return f"character-level ({self.vocab_size} characters)"
+        if self.spec["kind"] == "hf":
+            return f"Hugging Face {self.spec['name']} ({self.vocab_size:,} tokens)"
         return "GPT-2 BPE" + (f" + {len(self.special)} special tokens" if self.special else "")
 
     def encode(self, text):
         """Token ids of text; the text of a special token (<|endoftext|>, the chat markers) becomes its id."""
         if self.spec["kind"] == "gpt2":
             return self.enc.encode(text, allowed_special="all")
+        if self.spec["kind"] == "hf":
+            return self.enc.encode(text)
         unknown = sorted(set(text) - self.stoi.keys())
         if unknown:
             raise ValueError(f"characters not in this model's vocabulary: {''.join(unknown)!r}")
@@ -82,7 +91,7 @@ class Tokenizer:
 
     def encode_ordinary(self, text):
         """Token ids of text, special tokens' text included as plain text (for message contents)."""
-        return self.enc.encode_ordinary(text) if self.spec["kind"] == "gpt2" else self.encode(text)
+        return self.enc.encode_ordinary(text) if self.spec["kind"] in ("gpt2", "hf") else self.encode(text)
 
     def decode(self, ids):
         """The text of ids; an id past the vocabulary (a padding row of the model) becomes U+FFFD."""

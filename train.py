@@ -20,9 +20,11 @@ from typing import Literal
 
 import torch
 
+import energy
 import metrics
 from checkpoint import (architecture, check_compatible, clean_state_dict, has_checkpoint, load_checkpoint,
-                        load_sharded, read_state, remove_stale_writes, save_checkpoint, save_sharded, step_dirs, to_cpu)
+                        load_sharded, read_checkpoint, read_state, remove_stale_writes, save_checkpoint, save_sharded,
+                        step_dirs, to_cpu)
 from configurator import at_least, configure, given, require
 from data.loader import BatchLoader, PrefixLoader
 from memory import advice, fits, format_plan, memory_plan, print_model_report
@@ -44,7 +46,7 @@ eval_iters = 12                # batches per split in each evaluation
 log_interval = 25              # a log line (loss, lr, tokens/s, MFU) every this many iterations
 eval_only = False              # evaluate once and stop
 always_save_checkpoint = True  # save at every evaluation, not only when val loss improves
-init_from = "scratch"          # 'scratch', 'resume' (continue out_dir's run), or a ckpt.pt path (weights: a new phase)
+init_from = "scratch"          # 'scratch', 'resume' (out_dir's run), or new-phase weights: a run, ckpt.pt or hf:FOLDER
 overwrite = False              # let a scratch run replace the checkpoint already in out_dir
 dry_run = False                # print parameters, FLOPs, KV cache and the memory plan for this config, then exit
 kv_context = 8192              # context length of the dry run's KV-cache report
@@ -123,6 +125,12 @@ gpu_mem_gb = 0.0               # memory plan: GPU memory to plan for; 0 = the de
 dpo_beta = 0.1                 # DPO's beta: how far the policy may move from the reference
 dpo_label_smoothing = 0.0      # cDPO: the probability that a preference label is wrong
 dpo_ipo = False                # the IPO loss instead of DPO's
+# energy and CO2e (energy.py)
+pue = energy.DEFAULT_PUE       # data-centre overhead (1.56: Uptime Institute Global Data Center Survey 2024)
+carbon_intensity_g_per_kwh = energy.DEFAULT_G_PER_KWH  # grid (366 g CO2/kWh: US utility-scale average 2023, EIA)
+power_estimate_w = 0.0         # watts per node when power cannot be measured; 0 = the GPUs' TDP, or 3.75 W per core
+projection_gpu = "H100"        # dry run: the GPU of the energy projection (peak FLOPs and TDP from energy.py's table)
+projection_mfu = 0.4           # dry run: the MFU of the energy projection
 # speedrun
 target_val_loss = 0.0          # > 0: stop at the first evaluation whose val loss is at or below this
 val_tokens = 0                 # > 0: val loss over exactly the first val_tokens tokens of the val split, in order
@@ -130,15 +138,19 @@ config = configure(globals())
 at_least(config, 1, "batch_size", "block_size", "eval_interval", "log_interval", "eval_iters",
          "gradient_accumulation_steps", "n_layer", "n_embd", "n_head", "ac_every", "keep_checkpoints", "muon_ns_steps")
 at_least(config, 0, "max_iters", "warmup_iters", "lr_decay_iters", "total_batch_size", "grad_clip", "weight_decay",
-         "muon_momentum_warmup", "target_val_loss", "logit_softcap", "val_tokens")
+         "muon_momentum_warmup", "target_val_loss", "logit_softcap", "val_tokens", "carbon_intensity_g_per_kwh",
+         "power_estimate_w")
+at_least(config, 1, "pue")
+require(0 < projection_mfu <= 1, f"projection_mfu must be in (0, 1], got {projection_mfu}")
 require(0 <= muon_momentum_start < 1 and 0 <= muon_momentum < 1, "Muon momenta must be in [0, 1)")
 require(0 <= dropout < 1, f"dropout must be in [0, 1), got {dropout}")
 require(dpo_beta > 0 and 0 <= dpo_label_smoothing < 0.5 and not (dpo_ipo and dpo_label_smoothing),
         "need dpo_beta > 0, 0 <= dpo_label_smoothing < 0.5, and no label smoothing with dpo_ipo")
 require(0 <= wsd_decay_frac <= 1, f"wsd_decay_frac must be in [0, 1], got {wsd_decay_frac}")
 require(learning_rate > 0 and 0 <= min_lr <= learning_rate, "need 0 < learning_rate and 0 <= min_lr <= learning_rate")
-require(init_from in ("scratch", "resume") or os.path.isfile(init_from),
-        f"init_from must be 'scratch', 'resume' or the path of a ckpt.pt; {init_from!r} is none of them")
+require(init_from in ("scratch", "resume") or os.path.exists(init_from.removeprefix("hf:")),
+        f"init_from must be 'scratch', 'resume', a run folder or ckpt.pt, or hf:FOLDER (a Hugging Face model); "
+        f"{init_from!r} is none of them")
 require(not os.path.exists(out_dir) or os.path.isdir(out_dir), f"out_dir {out_dir!r} is a file: name a folder")
 for name in datasets or [dataset]:  # a name, not a path: nothing outside data_root is read or run
     require(re.fullmatch(r"[\w.-]+", name) and name.strip(".") != "", f"dataset names are folder names in data_root "
@@ -213,6 +225,10 @@ def dry_run_vocab_size():
         return -(-GPT2_VOCAB_SIZE // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
+if total_batch_size:  # the accumulation that comes closest to the requested tokens per step
+    gradient_accumulation_steps = max(1, round(total_batch_size / (batch_size * block_size * world_size)))
+tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
+
 if dry_run:
     meta_model = build_meta_model(dry_run_vocab_size())
     if master:
@@ -220,7 +236,14 @@ if dry_run:
         print(f"memory per GPU, world size {world_size}, batch_size {batch_size}, fsdp={fsdp}, "
               f"activation_checkpoint={activation_checkpoint!r}:")
         print(format_plan(*plan_memory(meta_model)))
+        try:
+            run_flops = meta_model.flops_per_token(block_size) * tokens_per_iter * max_iters
+            print(energy.describe_projection(run_flops, world_size, projection_gpu, projection_mfu, pue,
+                                             carbon_intensity_g_per_kwh))
+        except ValueError as e:  # an unknown projection_gpu
+            finish(str(e))
     finish()
+meter = energy.Meter(energy.power_source(device_type, local_rank, power_estimate_w))  # this node, from now on
 
 # ------------------------------------------------------------------------------------------------------------- data
 
@@ -274,9 +297,6 @@ try:
 except (OSError, ValueError) as e:  # missing or corrupt shards, no tokenizer record: the message says what to do
     finish(str(e))
 eval_starts = {split: loader.state_dict() for split, loader in eval_loaders.items()}  # rewound to at every eval
-if total_batch_size:  # the accumulation that comes closest to the requested tokens per step
-    gradient_accumulation_steps = max(1, round(total_batch_size / (batch_size * block_size * world_size)))
-tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
 
 
 def get_batch(loader):
@@ -322,7 +342,7 @@ if init_from == "resume":
 def load_start(path):
     """A checkpoint to start a new phase from (weights only), adapted to the data's tokenizer: rows for special
     tokens new to it (chat fine-tuning of a base model) start at the mean embedding, and the run says so."""
-    checkpoint, note = adapt_checkpoint(load_checkpoint(path), tokenizer.spec, model_vocab_size(tokenizer))
+    checkpoint, note = adapt_checkpoint(read_checkpoint(path), tokenizer.spec, model_vocab_size(tokenizer))
     if note and master:
         print(f"{path}: {note}")
     return checkpoint
@@ -356,7 +376,7 @@ opt = build_optimizer(optimizer, model, learning_rate, weight_decay, (beta1, bet
                       muon=dict(momentum=muon_momentum, nesterov=muon_nesterov, ns_steps=muon_ns_steps,
                                 coefficients=muon_coefficients, normalize=muon_normalize, normalize_beta2=beta2))
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16" and device_type == "cuda" and mode != "fsdp")
-iter_num, best_val_loss, train_seconds = 0, float("inf"), 0.0
+iter_num, best_val_loss, train_seconds, joules_before = 0, float("inf"), 0.0, 0.0  # joules: earlier phases
 if init_from == "resume":
     state = dict(checkpoint, **load_sharded(resume_from, model, opt)) if mode == "fsdp" else checkpoint
     needed = {"loader", "iter_num", "best_val_loss", "rng"} | ({"optimizer"} if mode != "fsdp" else set())
@@ -371,6 +391,7 @@ if init_from == "resume":
     except (KeyError, ValueError) as e:
         finish(f"{resume_from}: cannot resume from it ({e})")
     iter_num, best_val_loss, train_seconds = state["iter_num"], state["best_val_loss"], state.get("train_seconds", 0.0)
+    joules_before = state.get("energy_joules", 0.0)
     torch.set_rng_state(state["rng"]["torch"])
     if device_type == "cuda" and state["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state(state["rng"]["cuda"].cpu())
@@ -387,6 +408,11 @@ if mode == "xla_spmd" and master:
     print(describe_xla_sharding(model))
 flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
 peak = (peak_flops or device_peak_flops(device)) * world_size
+
+
+def run_joules():
+    """Energy of the whole run so far: every node, earlier phases of a resumed run included (a collective)."""
+    return joules_before + energy.sum_over_ranks(meter.joules(), device if device_type == "cuda" else "cpu")
 
 
 def objective(batch):
@@ -438,7 +464,7 @@ def save(val_loss):
     """ckpt.pt (temp file + rename) from rank 0, or under FSDP a sharded step folder written by every rank."""
     meta = {"model_args": {f.name: getattr(raw_model.config, f.name) for f in fields(GPTConfig)}, "config": config,
             "iter_num": iter_num, "best_val_loss": best_val_loss, "val_loss": val_loss, "train_seconds": train_seconds,
-            "reference_from": reference_from,
+            "reference_from": reference_from, "energy_joules": joules,
             "loader": train_loader.state_dict(), "tokenizer": tokenizer.spec,
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}}
     if mode == "fsdp":
@@ -462,14 +488,16 @@ while True:
     if iter_num % eval_interval == 0 or iter_num == max_iters:
         t_eval = time.time()
         train_seconds += t_eval - t_train
-        evaluated = estimate_loss()
+        evaluated, joules = estimate_loss(), run_joules()
         losses = {split: m["loss"] for split, m in evaluated.items()}
         if master:
             more = {f"val_{k}": v for k, v in evaluated["val"].items() if k != "loss"}  # DPO: rewards, accuracies
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                  + "".join(f", {k} {v:.4f}" for k, v in more.items()))
+                  + "".join(f", {k} {v:.4f}" for k, v in more.items())
+                  + f", {energy.describe(joules, meter.source.label, pue, carbon_intensity_g_per_kwh)}")
             metrics.append(out_dir, {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                                     **more, "lr": lr, "time": time.time() - t_start})
+                                     **more, "lr": lr, "time": time.time() - t_start, "energy_kwh": energy.kwh(joules),
+                                     "co2_kg": energy.co2_kg(joules, pue, carbon_intensity_g_per_kwh)})
             metrics.plot(out_dir)
         if not math.isfinite(losses["val"]):  # the same on every rank: losses are all-reduced
             kept = "the last good checkpoint is kept" if has_checkpoint(out_dir) else "no checkpoint was written yet"
@@ -511,7 +539,7 @@ while True:
     if iter_num % log_interval == 0:
         # means over ranks: the metrics of the whole global batch; .item() is the step's only host sync
         logged = {k: mean_over_ranks(v).item() for k, v in step_metrics.items()}
-        loss_value = logged.pop("loss")
+        loss_value, joules = logged.pop("loss"), run_joules()
         if not math.isfinite(loss_value):  # the same on every rank (all-reduced), so every rank stops here
             kept = "the last good checkpoint is kept" if has_checkpoint(out_dir) else "no checkpoint was written yet"
             finish(f"loss is not finite ({loss_value}) at iter {iter_num}: stopping, {kept}; "
@@ -529,11 +557,17 @@ while True:
             logged["trained_tokens"] = int(trained_tokens.item())
         extra = "".join(f", {k} {v:.4f}" if isinstance(v, float) else f", {k} {v:,}" for k, v in logged.items())
         print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-              f"{tokens_per_iter / dt:,.0f} tok/s, mfu {f'{100 * mfu:.1f}%' if mfu else 'n/a'}{extra}{moe}{mixture}{xla}")
+              f"{tokens_per_iter / dt:,.0f} tok/s, mfu {f'{100 * mfu:.1f}%' if mfu else 'n/a'}{extra}, "
+              f"{energy.kwh(joules):.4g} kWh{moe}{mixture}{xla}")
         metrics.append(out_dir, {"iter": iter_num, "loss": loss_value, "lr": lr, "ms_per_iter": dt * 1000,
                                  "tokens_per_s": tokens_per_iter / dt, "mfu": mfu, "expert_imbalance": imbalance,
+                                 "energy_kwh": energy.kwh(joules),
+                                 "co2_kg": energy.co2_kg(joules, pue, carbon_intensity_g_per_kwh),
                                  **logged, "mixture": train_loader.mixture(), "xla_compilations": compilations})
 
+joules = run_joules()
+meter.stop()
 if master and losses:
-    print(f"final val loss {losses['val']:.4f} at iter {iter_num} ({time.time() - t_start:.1f} s)")
+    print(f"final val loss {losses['val']:.4f} at iter {iter_num} ({time.time() - t_start:.1f} s, "
+          f"{energy.describe(joules, meter.source.label, pue, carbon_intensity_g_per_kwh)})")
 finish()

@@ -10,6 +10,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import energy
+import metrics
+from tests.conftest import TINY, run_script
+from checkpoint import load_checkpoint
 
 
 class Trace:
@@ -130,3 +133,14 @@ def test_co2_and_projection_arithmetic(seed):
     assert f"{kwh:,.1f} kWh" in line and f"{n_gpus} x H100" in line
     with pytest.raises(ValueError, match="unknown GPU"):
         energy.describe_projection(flops, 1, "Z9000", mfu)
+
+
+def test_training_reports_energy_and_a_resume_continues_it(tmp_path, data_root):
+    out = str(tmp_path / "out")
+    common = [*TINY, f"--data_root={data_root}", "--eval_interval=4", f"--out_dir={out}", "--power_estimate_w=100"]
+    first = run_script("train.py", *common, "--max_iters=4")
+    saved = load_checkpoint(os.path.join(out, "ckpt.pt"))["energy_joules"]
+    run_script("train.py", *common, "--max_iters=8", "--init_from=resume")
+    evals = [r for r in metrics.read(out) if "val_loss" in r]
+    assert first.stdout.splitlines()[-1].startswith("final val loss") and "kg CO2e (" in first.stdout.splitlines()[-1]
+    assert [r["iter"] for r in evals] == [0, 4, 8] and evals[-1]["energy_kwh"] > energy.kwh(saved) > evals[0]["energy_kwh"]

@@ -7,8 +7,9 @@ from dataclasses import asdict
 import pytest
 import torch
 
+from checkpoint import load_checkpoint
 from model import GPT, GPTConfig
-from tests.conftest import SHARED, run_script
+from tests.conftest import SHARED, TINY, run_script
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -209,3 +210,20 @@ def test_export_command(tmp_path, seed):
     refused = run_script("export_hf.py", f"--out_dir={tmp_path / 'relu2'}", f"--hf_dir={tmp_path / 'no'}", check=False)
     assert refused.returncode != 0 and "mlp='relu2'" in refused.stderr and len(refused.stderr.splitlines()) == 1
     assert not (tmp_path / "no").exists()
+
+
+def test_train_and_sample_take_a_hugging_face_folder(tmp_path, data_root):
+    from tokenizer import dataset_spec
+    spec = dataset_spec(os.path.join(data_root, "shakespeare_char"))
+    cfg = GPTConfig(block_size=32, vocab_size=len(spec["chars"]), n_layer=2, n_embd=32, n_head=2, mlp="swiglu")
+    export_hf.export({"model": GPT(cfg).state_dict(), "model_args": asdict(cfg), "tokenizer": spec}, str(tmp_path / "hf"))
+    sample = run_script("sample.py", f"--out_dir=hf:{tmp_path / 'hf'}", "--start=ROMEO:", "--num_samples=1",
+                        "--max_new_tokens=10", "--device=cpu")
+    assert sample.stdout.startswith("ROMEO:")
+    out = str(tmp_path / "out")  # the architecture comes from the folder (its SwiGLU MLP, not train.py's ReLU^2)
+    run_script("train.py", *TINY, f"--data_root={data_root}", "--max_iters=2", "--eval_interval=2",
+               f"--out_dir={out}", f"--init_from=hf:{tmp_path / 'hf'}")
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["model_args"]["mlp"] == "swiglu"
+    refused = run_script("train.py", *TINY, "--n_layer=6", f"--data_root={data_root}", f"--out_dir={out}-6",
+                         f"--init_from=hf:{tmp_path / 'hf'}", check=False)  # a setting that contradicts the folder
+    assert refused.returncode != 0 and "'n_layer': (2, 6)" in refused.stderr and "Traceback" not in refused.stderr
