@@ -88,6 +88,21 @@ def architecture(ckpt):
     return {k: v for k, v in ckpt["model_args"].items() if k not in NOT_ARCHITECTURE}
 
 
+def architecture_for(settings, explicit, ckpt=None):
+    """GPTConfig's fields for a run: its settings, or when it starts from a checkpoint the checkpoint's own (context
+    and dropout stay the settings'). A setting given explicitly (`explicit`: names) that contradicts the checkpoint
+    is an error, never silently dropped."""
+    if ckpt is None:
+        return settings
+    theirs = {k: v for k, v in asdict(GPTConfig(**architecture(ckpt))).items() if k not in ("block_size", "dropout")}
+    clash = {k: (theirs[k], settings[k]) for k in explicit & theirs.keys() & settings.keys()
+             if theirs[k] != settings[k]}
+    if clash:
+        raise ValueError(f"the checkpoint's model differs from these settings (checkpoint, setting): {clash}; drop "
+                         "the settings (the checkpoint's architecture is used) or start from scratch")
+    return dict(settings, **theirs)
+
+
 def check_compatible(ckpt, cfg):
     """A ValueError unless a checkpoint's weights fit the model of `cfg`: context and dropout may change."""
     theirs = asdict(GPTConfig(**architecture(ckpt)))  # defaults filled in as they were when it was written
@@ -103,7 +118,8 @@ def model_from_checkpoint(ckpt, path="checkpoint", attn_impl="sdpa"):
     try:
         model = GPT(GPTConfig(**architecture(ckpt)), attn_impl=attn_impl)
     except TypeError as e:
-        raise ValueError(f"{path}: its model_args do not fit this model.py ({e}); it comes from another model version") from e
+        raise ValueError(f"{path}: its model_args do not fit this model.py ({e}); it comes from another model "
+                         "version") from e
     result = model.load_state_dict(clean_state_dict(ckpt["model"]), strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"{path}: weights do not match the model it describes "

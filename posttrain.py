@@ -110,3 +110,13 @@ def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejecte
     return DPOStats(losses.mean(), chosen_reward.mean(), rejected_reward.mean(),
                     (chosen_reward - rejected_reward).mean(), (chosen_reward > rejected_reward).float().mean(),
                     (policy_chosen.detach() > policy_rejected.detach()).float().mean())
+
+
+def dpo_objective(model, reference, batch, beta, label_smoothing=0.0, ipo=False):
+    """(DPO loss of a micro-batch of pairs (x_chosen, y_chosen, x_rejected, y_rejected), its statistics as detached
+    fp32 tensors) with `reference` frozen: the training loop's objective for preference data."""
+    policy = pair_logprobs(model, *batch)
+    with torch.no_grad():
+        frozen = pair_logprobs(reference, *batch)
+    stats = dpo_loss(*policy, *frozen, beta, label_smoothing, ipo)
+    return stats.loss, {k: v.detach().float() for k, v in stats._asdict().items()}

@@ -124,6 +124,18 @@ def spec_extends(spec, base):
     return all(new.get(name) == i for name, i in old.items())
 
 
+def dataset_tokenizer(dirs):
+    """The tokenizer of the run's datasets: the one with the most special tokens, which every other dataset's must
+    equal or lack only special tokens of (chat data mixes with plain GPT-2 text); two tokenizers are refused."""
+    tokenizers = [Tokenizer.for_dataset(d) for d in dirs]
+    widest = max(range(len(dirs)), key=lambda i: len(tokenizers[i].special))
+    for d, tok in zip(dirs, tokenizers):
+        if not spec_extends(tokenizers[widest].spec, tok.spec):
+            raise ValueError(f"{dirs[widest]} was written with the {tokenizers[widest].describe()} tokenizer but {d} "
+                             f"with {tok.describe()}: a mixture needs datasets of one tokenizer")
+    return tokenizers[widest]
+
+
 def save_dataset_spec(data_dir, spec):
     """Record which tokenizer wrote data_dir's shards (temp file + rename)."""
     path = os.path.join(data_dir, SPEC_FILE)

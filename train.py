@@ -22,7 +22,7 @@ import torch
 
 import energy
 import metrics
-from checkpoint import (architecture, check_compatible, clean_state_dict, has_checkpoint, load_checkpoint,
+from checkpoint import (architecture_for, check_compatible, clean_state_dict, has_checkpoint, load_checkpoint,
                         load_sharded, read_checkpoint, read_state, remove_stale_writes, save_checkpoint, save_sharded,
                         step_dirs, to_cpu)
 from configurator import at_least, configure, given, require
@@ -35,8 +35,8 @@ from parallel import (barrier, cut_xla_graph, describe_xla_sharding, finish, gra
                       mean_over_ranks, shard_batch, shard_fsdp2, sum_over_ranks, wrap_for_training, xla_compilations)
 from runtime import ATTN_IMPLS, DTYPE_SETTINGS, autocast_for, device_type as device_type_of
 from runtime import peak_flops as device_peak_flops, resolve_attn_impl, resolve_dtype
-from posttrain import adapt_checkpoint, dpo_loss, pair_logprobs
-from tokenizer import GPT2_VOCAB_SIZE, VOCAB_MULTIPLE, Tokenizer, model_vocab_size, spec_extends
+from posttrain import adapt_checkpoint, dpo_objective
+from tokenizer import GPT2_VOCAB_SIZE, VOCAB_MULTIPLE, Tokenizer, dataset_tokenizer, model_vocab_size
 
 # ----------------------------------------------------------------------------------------------------------- config
 # I/O
@@ -178,23 +178,10 @@ torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 
 
-def architecture_of(checkpoint):
-    """GPTConfig's fields: the settings', or when starting from a checkpoint its own (context and dropout stay the
-    settings'); a setting given explicitly that contradicts the checkpoint is an error, not silently dropped."""
-    args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name in config}
-    if checkpoint is None:
-        return args
-    theirs = {k: v for k, v in asdict(GPTConfig(**architecture(checkpoint))).items() if k not in ("block_size", "dropout")}
-    clash = {k: (theirs[k], args[k]) for k in given() & theirs.keys() & args.keys() if theirs[k] != args[k]}
-    if clash:
-        raise ValueError(f"the checkpoint's model differs from these settings (checkpoint, setting): {clash}; drop "
-                         "the settings (the checkpoint's architecture is used) or start from scratch")
-    return dict(args, **theirs)
-
-
 def build_meta_model(vocab_size, checkpoint=None):
     """The model on the meta device (shapes only, no memory), with fp8 and activation checkpointing applied."""
-    args = dict(architecture_of(checkpoint), vocab_size=vocab_size, block_size=block_size)
+    settings = {f.name: config[f.name] for f in fields(GPTConfig) if f.name in config}
+    args = dict(architecture_for(settings, given(), checkpoint), vocab_size=vocab_size, block_size=block_size)
     with torch.device("meta"):
         model = GPT(GPTConfig(**args), attn_impl=attn_kernel)
     if fp8:
@@ -266,18 +253,6 @@ def dataset_dirs():
     return dirs, list(mix.values())
 
 
-def dataset_tokenizer(dirs):
-    """The tokenizer of the run's datasets: the one with the most special tokens, which every other dataset's must
-    equal or lack only special tokens of (chat data mixes with plain GPT-2 text); two tokenizers are refused."""
-    tokenizers = [Tokenizer.for_dataset(d) for d in dirs]
-    widest = max(range(len(dirs)), key=lambda i: len(tokenizers[i].special))
-    for d, tok in zip(dirs, tokenizers):
-        if not spec_extends(tokenizers[widest].spec, tok.spec):
-            raise ValueError(f"{dirs[widest]} was written with the {tokenizers[widest].describe()} tokenizer but {d} "
-                             f"with {tok.describe()}: a mixture needs datasets of one tokenizer")
-    return tokenizers[widest]
-
-
 if init_from != "resume" and has_checkpoint(out_dir) and not overwrite:
     finish(f"{out_dir} already holds a trained checkpoint: continue it with --init_from=resume, train into another "
            "--out_dir, or pass --overwrite=True to replace it")
@@ -339,6 +314,8 @@ if init_from == "resume":
     resume_from = (step_dirs(out_dir) or [None])[-1] if mode == "fsdp" else os.path.join(out_dir, "ckpt.pt")
     if resume_from is None:
         finish(f"init_from='resume' but {out_dir} holds no complete sharded checkpoint (step_*/)")
+
+
 def load_start(path):
     """A checkpoint to start a new phase from (weights only), adapted to the data's tokenizer: rows for special
     tokens new to it (chat fine-tuning of a base model) start at the mean embedding, and the run says so."""
@@ -418,14 +395,10 @@ def run_joules():
 def objective(batch):
     """(loss of one micro-batch, its metrics as tensors): the summed cross-entropy over its counted targets, or for
     preference pairs the DPO loss (mean over its pairs) with rewards, margin and accuracies."""
-    if not train_loader.pairs:
-        _, loss = model(*batch, reduction="sum")
-        return loss, {"loss": loss.detach().float()}
-    policy = pair_logprobs(model, *batch)
-    with torch.no_grad():
-        frozen = pair_logprobs(reference, *batch)
-    stats = dpo_loss(*policy, *frozen, dpo_beta, dpo_label_smoothing, dpo_ipo)
-    return stats.loss, {k: v.detach().float() for k, v in stats._asdict().items()}
+    if train_loader.pairs:
+        return dpo_objective(model, reference, batch, dpo_beta, dpo_label_smoothing, dpo_ipo)
+    _, loss = model(*batch, reduction="sum")
+    return loss, {"loss": loss.detach().float()}
 
 
 def batch_weight(batches):
