@@ -23,7 +23,7 @@ from checkpoint import load_model
 from model import KVCache
 from runtime import autocast_for, device_type, resolve_attn_impl, resolve_device, resolve_dtype
 
-GREEDY_LOGITS = 2**28  # at most this many logits (1 GiB in fp32) per forward when greedy flags need them all
+HEAD_CHUNK = 2**26  # logits per call of the output head when scoring continuations (256 MiB in fp32)
 
 # ------------------------------------------------------------------------------------------------------- encoding
 
@@ -158,15 +158,11 @@ class Scorer:
                 alone += rows
         return ([([], alone)] if alone else []) + plan
 
-    def batches(self, seqs, groups, keep, desc, max_tokens=None):
-        """Batches of suffixes (see plan), of at most max_tokens padded tokens when given, with a progress bar; a
-        prefix is computed before its first batch."""
-        work = []
-        for prefix, rows in self.plan(seqs, groups, keep):
-            lengths = [len(seqs[i]) - len(prefix) for i in rows]
-            for batch in batches_by_length(lengths, self.batch_size):
-                n = max(1, max_tokens // lengths[batch[0]]) if max_tokens else len(batch)  # longest first
-                work += [(prefix, [rows[j] for j in batch[i:i + n]]) for i in range(0, len(batch), n)]
+    def batches(self, seqs, groups, keep, desc):
+        """Batches of suffixes (see plan), with a progress bar; a prefix is computed before its first batch."""
+        plan = self.plan(seqs, groups, keep)
+        work = [(prefix, [rows[j] for j in batch]) for prefix, rows in plan
+                for batch in batches_by_length([len(seqs[i]) - len(prefix) for i in rows], self.batch_size)]
         cache, cached = None, None
         for prefix, rows in tqdm(work, desc=desc, leave=False, disable=len(work) < 2):
             if prefix is not cached:
@@ -194,39 +190,47 @@ class Scorer:
             out[b.rows] = logits[:, wanted].float().cpu()
         return out
 
+    def scored(self, batch, rows, positions, targets):
+        """(log-probability of each target, whether it is the argmax) at (row, position) pairs of a batch. The head
+        runs at those positions only: a hook keeps the final norm's output while the model computes its cheapest
+        head (one position a row), and the head is then applied HEAD_CHUNK logits at a time."""
+        kept = []
+        hook = self.model.norm.register_forward_hook(lambda module, args, out: kept.append(out))
+        try:
+            self.forward(batch, last_pos=torch.zeros(len(batch.rows), dtype=torch.long, device=self.device))
+        finally:
+            hook.remove()
+        hidden, chunk = kept[0][rows, positions], max(1, HEAD_CHUNK // self.model.config.vocab_size)
+        token_lp, best = [], []
+        for i in range(0, len(hidden), chunk):
+            lp = self.model.lm_head(hidden[i:i + chunk], softcap=self.model.config.logit_softcap).float()
+            lp = lp.log_softmax(-1)
+            token_lp.append(lp.gather(1, targets[i:i + chunk, None])[:, 0])
+            best.append(lp.argmax(-1) == targets[i:i + chunk])
+        return torch.cat(token_lp).double().cpu(), torch.cat(best).cpu()
+
     @torch.inference_mode()
     def loglikelihoods(self, pairs, groups=None, greedy=False, desc="continuations"):
         """For each (context ids, continuation ids): a float64 tensor of the log-probability of every continuation
-        token, and with greedy=True a list of whether each continuation is the greedy one (every token the argmax;
-        costs the full logits). Contexts are left-truncated so that context + continuation fits in block_size + 1
-        tokens (the last token is only a target)."""
+        token (their sum, mean and sum per byte are the summed, per-token and per-byte scores), and with
+        greedy=True a list of whether each continuation is the greedy one (every token the argmax). Contexts are
+        left-truncated so that context + continuation fits in block_size + 1 tokens (the last token is only a
+        target)."""
         whole = [(ctx + cont)[-(self.block_size + 1):] for ctx, cont in pairs]
         n_scored = [len(cont) for _, cont in pairs]
         if any(n > self.block_size or n == 0 for n in n_scored):
             raise ValueError(f"a continuation must have 1 to block_size ({self.block_size}) tokens")
-        inputs = [w[:-1] for w in whole]
         logprobs, is_greedy = [None] * len(pairs), [None] * len(pairs)
-        max_tokens = GREEDY_LOGITS // self.model.config.vocab_size if greedy else None
-        for b in self.batches(inputs, groups, n_scored, desc, max_tokens):
-            targets = torch.full(b.x.shape, -1, dtype=torch.long)
-            for r, i in enumerate(b.rows):
-                targets[r, b.lengths[r] - n_scored[i]:b.lengths[r]] = torch.tensor(whole[i][-n_scored[i]:])
-            targets = targets.to(self.device)
+        for b in self.batches([w[:-1] for w in whole], groups, n_scored, desc):
+            spans = [range(b.lengths[r] - n_scored[i], b.lengths[r]) for r, i in enumerate(b.rows)]
+            rows = torch.tensor([r for r, span in enumerate(spans) for _ in span], device=self.device)
+            positions = torch.tensor([p for span in spans for p in span], device=self.device)
+            targets = torch.tensor([t for i in b.rows for t in whole[i][-n_scored[i]:]], device=self.device)
             with self.autocast:
-                if greedy:
-                    logits, _ = self.forward(b, all_logits=True)
-                    lp = logits.float().log_softmax(-1)
-                    token_lp = lp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-                    hits = (lp.argmax(-1) == targets).cpu()
-                else:
-                    _, ce = self.forward(b, targets=targets, reduction="none")
-                    token_lp = -ce
-            token_lp = token_lp.double().cpu()
-            for r, i in enumerate(b.rows):
-                span = slice(b.lengths[r] - n_scored[i], b.lengths[r])
-                logprobs[i] = token_lp[r, span]
-                if greedy:
-                    is_greedy[i] = bool(hits[r, span].all())
+                token_lp, hits = self.scored(b, rows, positions, targets)
+            for i, lp, hit in zip(b.rows, token_lp.split([n_scored[i] for i in b.rows]),
+                                  hits.split([n_scored[i] for i in b.rows])):
+                logprobs[i], is_greedy[i] = lp, bool(hit.all())
         return (logprobs, is_greedy) if greedy else logprobs
 
     @torch.inference_mode()

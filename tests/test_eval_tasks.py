@@ -101,24 +101,30 @@ def write_data_dir(folder, rng, n=12):
 # ------------------------------------------------------------------------------------------------- crafted models
 
 
+class TableHead(torch.nn.Module):
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def forward(self, x, softcap=0.0):
+        return x @ self.table
+
+
 class Bigram(torch.nn.Module):
-    """A stand-in GPT whose next-token logits depend on the current token only (table[token]), with the forward
-    the scorer calls; a cache only has its position advanced, as the model advances it."""
+    """A stand-in GPT whose next-token logits depend on the current token only (table[token]): one-hot inputs, an
+    identity final norm and the table as the head, with the forward the scorer calls; a cache only has its position
+    advanced, as the model advances it."""
 
     def __init__(self, table, block_size=64):
         super().__init__()
-        self.table, self.config = table, GPTConfig(block_size=block_size, vocab_size=table.size(0))
+        self.config = GPTConfig(block_size=block_size, vocab_size=table.size(0))
+        self.norm, self.lm_head = torch.nn.Identity(), TableHead(table)
 
-    def forward(self, idx, targets=None, cache=None, last_pos=None, reduction="mean", all_logits=False):
-        logits = self.table[idx]
+    def forward(self, idx, cache=None, last_pos=None):
+        x = self.norm(F.one_hot(idx, self.config.vocab_size).float())
         if cache is not None:
             cache.pos += idx.size(1)
-        if targets is not None:
-            ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten().clamp(min=0), reduction="none")
-            return None, ce.view(targets.shape) * (targets >= 0)
-        if all_logits:
-            return logits, None
-        return logits[torch.arange(idx.size(0)), last_pos if last_pos is not None else -1], None
+        return self.lm_head(x[torch.arange(idx.size(0)), last_pos if last_pos is not None else -1]), None
 
 
 def char_tokenizer(chars):
@@ -292,7 +298,7 @@ def test_continuation_logprobs_on_a_bigram_model_by_hand(seed, monkeypatch):
             plain = scorer.loglikelihoods(pairs, groups)
             for g, w in zip(plain, want):
                 torch.testing.assert_close(g, w.double(), atol=1e-5, rtol=0)
-    monkeypatch.setattr(scoring, "GREEDY_LOGITS", 11 * 5)  # full logits for 5 tokens at a time: batches split
+    monkeypatch.setattr(scoring, "HEAD_CHUNK", 11 * 5)  # the head on 5 positions at a time
     got, _ = Scorer(model, None, batch_size=4, shared_prefix=False).loglikelihoods(pairs, greedy=True)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w.double(), atol=1e-5, rtol=0)
