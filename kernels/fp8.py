@@ -236,7 +236,8 @@ def quantize_triton(x, scaling, dtype=E4M3, with_t=False):
         _amax_kernel[grid](x, amax.view(torch.int32), R, C, *x.stride(), BR=GROUP, BC=GROUP)
     if x.numel():
         _quant_tiles_kernel[grid](x, amax, q.view(torch.uint8), s, qt.view(torch.uint8), st, R, C, *x.stride(),
-                                  _tune_size(R), _tune_size(C), scaling, with_t, mant, bias, fmax, B=GROUP)
+                                  _tune_size(R), _tune_size(C), SCALING=scaling, WRITE_T=with_t, MANT=mant, BIAS=bias,
+                                  FP8_MAX=fmax, B=GROUP)  # by name: check_compile reads the specialisation
     elif scaling == "tensor":  # empty input: the scale of an all-zero tensor
         s.fill_(EPS).div_(fmax), st.fill_(EPS).div_(fmax)
     return (q, s, qt, st) if with_t else (q, s)
