@@ -165,7 +165,9 @@ def attend(q, k, v, window, impl, dropout=0.0):
     if window is not None and window >= t_k:
         window = None  # a window covering every key is plain causal attention
     if impl == "triton" and dropout == 0.0:
-        from kernels.attention import flash_attention
+        from kernels.attention import flash_attention, flash_decode
+        if t_q == 1 and not torch.is_grad_enabled():  # a decode step: query heads of a K/V group share each K/V read
+            return flash_decode(q, k, v, window=window)
         return flash_attention(q, k, v, window=window)
     gqa = q.size(1) != k.size(1)
     if t_q == 1:  # one query at the end sees every key it is given

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels.attention import flash_decode
 from model import GPT, GPTConfig, KVCache, MoE, attention_mask, layer_plan
 from optim import build_optimizer
 
@@ -288,8 +289,12 @@ def test_kv_cache_bytes_for_the_7b_shape():
     assert KVCache.bytes_at(gqa8, 8192) / KVCache.bytes_at(ours, 8192) > 50
 
 
-def test_triton_attention_trains_and_generates_like_sdpa():
-    """The hybrid / shared-KV / GQA model through the Triton kernel (interpreter on CPU) against PyTorch SDPA."""
+def test_triton_attention_trains_and_generates_like_sdpa(monkeypatch):
+    """The hybrid / shared-KV / GQA model through the Triton kernel (interpreter on CPU) against PyTorch SDPA; the
+    cached decode steps go through the decode kernel."""
+    from kernels import attention
+    decode_calls = []
+    monkeypatch.setattr(attention, "flash_decode", lambda *a, **kw: decode_calls.append(1) or flash_decode(*a, **kw))
     cfg = tiny(n_layer=3, n_head=2, n_kv_head=1, attn_pattern="LLG", local_window=5, kv_share=2, block_size=24)
     ref = GPT(cfg)
     tri = GPT(cfg, attn_impl="triton")
@@ -303,6 +308,7 @@ def test_triton_attention_trains_and_generates_like_sdpa():
         assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
     prompt = idx[:, :8]  # longer than the window: the decode steps read the ring buffer
     assert torch.equal(ref.eval().generate(prompt, 10, temperature=0), tri.eval().generate(prompt, 10, temperature=0))
+    assert len(decode_calls) == 9 * 3  # 9 decode steps after the prefill, 3 layers
 
 
 def test_checkpointed_moe_leaves_no_aux_loss_for_eval():
