@@ -143,6 +143,15 @@ def read_checkpoint(source):
     return load_checkpoint(source)
 
 
+def results_dir(source):
+    """The folder an evaluation of `source` writes its results into: the run folder, the folder of a ckpt.pt or a
+    step_N/ folder's run, or an hf: folder."""
+    path = source[3:] if source.startswith("hf:") else source
+    if os.path.isfile(path) or (os.path.isdir(path) and os.path.exists(os.path.join(path, "meta.pt"))):
+        return os.path.dirname(os.path.abspath(path))
+    return path
+
+
 def load_model(out_dir, device="cpu", attn_impl="sdpa"):
     """(model in eval mode on `device` with the given attention kernel, its Tokenizer, the raw checkpoint dict) from
     any source read_checkpoint takes: a run folder, a step_N/ folder, a ckpt.pt, or hf:FOLDER."""

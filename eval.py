@@ -19,6 +19,7 @@ from typing import Literal
 
 import requests
 
+from checkpoint import results_dir
 from configurator import at_least, configure, require
 from data.download import DownloadError
 from runtime import ATTN_IMPLS, DTYPE_SETTINGS
@@ -26,7 +27,7 @@ from scoring import load_scorer
 from tasks import TASKS
 from tasks.common import CACHE_DIR, Settings, mean_and_stderr
 
-out_dir = "out"                # the checkpoint to evaluate (ckpt.pt, or a sharded run's newest step_N/)
+out_dir = "out"                # the model: a run folder, ckpt.pt, step_N/ or hf:FOLDER (results go beside it)
 tasks = "all"                  # comma list of the tasks above, or 'all'
 limit = 0                      # questions per task (bpb: windows); 0 = all
 num_fewshot = -1               # shots for every task; -1 = each task's published default (zero-shot tasks stay 0)
@@ -111,15 +112,16 @@ def write_atomic(path, text):
 def save(results, ckpt, config):
     """eval.json and eval.md in out_dir; returns the report card's rows."""
     rows = [row for r in results.values() for row in result_rows(r)]
-    mmlu_json = os.path.join(out_dir, "mmlu.json")
+    folder = results_dir(out_dir)
+    mmlu_json = os.path.join(folder, "mmlu.json")
     if os.path.exists(mmlu_json):
         rows += mmlu_rows(mmlu_json)
     notes = [f"{name}: {note}" for name, r in results.items() for note in r["notes"]]
     if ckpt.get("tokenizer", {}).get("kind") == "char":
         notes.append("char-level vocabulary: characters outside it are dropped from the prompts")
-    write_atomic(os.path.join(out_dir, "eval.json"), json.dumps(
+    write_atomic(os.path.join(folder, "eval.json"), json.dumps(
         {"out_dir": out_dir, "iter_num": ckpt.get("iter_num"), "settings": config, "results": results}, indent=1))
-    write_atomic(os.path.join(out_dir, "eval.md"), report_card(rows, ckpt, notes))
+    write_atomic(os.path.join(folder, "eval.md"), report_card(rows, ckpt, notes))
     return rows, notes
 
 
@@ -147,7 +149,8 @@ def main(config):
     print_table(rows)
     for note in notes:
         print(f"note: {note}")
-    print(f"wrote {os.path.join(out_dir, 'eval.json')} and {os.path.join(out_dir, 'eval.md')}")
+    folder = results_dir(out_dir)
+    print(f"wrote {os.path.join(folder, 'eval.json')} and {os.path.join(folder, 'eval.md')}")
 
 
 if __name__ == "__main__":

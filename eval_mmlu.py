@@ -20,6 +20,7 @@ from typing import Literal
 import requests
 import torch
 
+from checkpoint import results_dir
 from configurator import at_least, configure
 from data.download import DownloadError
 from runtime import ATTN_IMPLS, DTYPE_SETTINGS
@@ -27,7 +28,7 @@ from scoring import load_scorer
 from tasks import mmlu
 from tasks.mmlu import LETTERS
 
-out_dir = "out"                # the checkpoint to evaluate (ckpt.pt, or a sharded run's newest step_N/)
+out_dir = "out"                # the model: a run folder, ckpt.pt, step_N/ or hf:FOLDER (results go beside it)
 ntrain = 5                     # shots (the subject's first ntrain dev questions)
 split: Literal["test", "val"] = "test"
 subjects = ""                  # comma list; '' = every subject the split holds (57 in the release)
@@ -124,7 +125,7 @@ def main():
               "fewer_shots": sum(k < ntrain for k in shots_used), "wall_s": time.time() - t0, "score_s": score_s,
               "questions_per_s": len(items) / score_s, "notes": notes, "questions": question_records(items, logits)}
     print_report(report)
-    path = os.path.join(out_dir, "mmlu.json")
+    path = os.path.join(results_dir(out_dir), "mmlu.json")
     with open(path + ".tmp", "w") as f:
         json.dump(report, f, indent=1)
     os.replace(path + ".tmp", path)  # a reader never sees half a file

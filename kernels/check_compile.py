@@ -2,6 +2,7 @@
 
     python -m kernels.check_compile          # one line per compiled kernel; exit status 1 if any check fails
     python -m kernels.check_compile -k fp8   # only the cases whose title contains "fp8"
+    python -m kernels.check_compile -j 2     # cases compiled in 2 processes (the report is the same, in order)
 
 Why: the tests run the kernels in Triton's interpreter, which accepts programs the compiler rejects (and knows
 nothing of registers or shared memory). This drives the kernels through their own launch code, so arguments are
@@ -20,6 +21,8 @@ check results or speed: that needs the GPU (tests and bench/). It drives Triton 
 Autotuner.warmup, the active driver), checked with Triton 3.6 and 3.9; a newer Triton may need it adjusted.
 """
 import argparse
+import contextlib
+import multiprocessing
 import os
 import re
 import subprocess
@@ -123,8 +126,8 @@ def attention_case(dtype, D, Hq, Hkv, Tq, Tk, window=1024, tma=True):
     k, v = torch.empty(1, Hkv, Tk, D, dtype=dtype), torch.empty(1, Hkv, Tk, D, dtype=dtype)
     attention.TMA_LOADS = tma
     try:
-        if Tq == 1:
-            attention._decode(q, k, v, window)
+        if Tq == 1:  # as model.attend decodes: every cached key visible (a local layer's ring holds its window)
+            attention._decode(q, k, v, Tk)
             return
         o, lse = attention._forward(q, k, v, window)
         for deterministic in (False, True):
@@ -221,33 +224,47 @@ def check_case(results, fp32, wide):
     return failures
 
 
+def compile_case(index):
+    """Compile case `index` of cases(): ([(kernel hash, measurement)] in launch order, the traceback of a compile
+    error or None). Runs in a worker process under -j (the patched driver and Triton functions are inherited)."""
+    start = len(compiled)
+    try:
+        cases()[index][1]()
+        error = None
+    except Exception:  # a compile error (or a Triton this script does not fit): reported, the rest go on
+        error = traceback.format_exc()
+    return [(kernel.hash, measure(name, options, kernel)) for name, options, kernel in compiled[start:]], error
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-k", default="", help="only the cases whose title contains this")
+    parser.add_argument("-j", type=int, default=1, help="compile the cases in this many processes")
     args = parser.parse_args()
     triton.runtime.driver.set_active(_OfflineDriver())
     JITFunction.run = _compile_only(JITFunction.run)
     Autotuner.run = _all_configs
+    chosen = [i for i, c in enumerate(cases()) if args.k in c[0]]
     failures, measured, t0 = 0, {}, time.time()
-    for title, launch, fp32, wide in [c for c in cases() if args.k in c[0]]:
-        print(title, flush=True)
-        start = len(compiled)
-        try:
-            launch()
-        except Exception:  # a compile error (or a Triton this script does not fit): report it, go on with the rest
-            failures += 1
-            print("  FAILED (traceback on stderr)", flush=True)
-            traceback.print_exc()
-        results = {}
-        for kernel_name, options, kernel in compiled[start:]:
-            if kernel.hash in results:  # this case launched it twice
-                continue
-            if kernel.hash not in measured:  # else Triton's cache handed back a kernel an earlier case compiled
-                measured[kernel.hash] = measure(kernel_name, options, kernel)
-                results[kernel.hash] = dict(measured[kernel.hash])
-            else:
-                results[kernel.hash] = dict(measured[kernel.hash], shown=True)
-        failures += check_case(results, fp32, wide)
+    with multiprocessing.get_context("fork").Pool(args.j) if args.j > 1 else contextlib.nullcontext() as pool:
+        outcomes = pool.imap(compile_case, chosen) if pool else map(compile_case, chosen)
+        for index, (kernels, error) in zip(chosen, outcomes):
+            title, _, fp32, wide = cases()[index]
+            print(title, flush=True)
+            if error:
+                failures += 1
+                print("  FAILED (traceback on stderr)", flush=True)
+                print(error, file=sys.stderr)
+            results = {}
+            for kernel_hash, m in kernels:
+                if kernel_hash in results:  # this case launched it twice
+                    continue
+                if kernel_hash not in measured:  # else an earlier case compiled it (Triton's cache handed it back)
+                    measured[kernel_hash] = m
+                    results[kernel_hash] = dict(m)
+                else:
+                    results[kernel_hash] = dict(measured[kernel_hash], shown=True)
+            failures += check_case(results, fp32, wide)
     print(f"{len(measured)} kernels compiled for sm_90a in {time.time() - t0:.0f} s; {failures} failed checks")
     return 1 if failures else 0
 

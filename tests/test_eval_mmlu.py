@@ -21,7 +21,7 @@ from conftest import ROOT, SHARED
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))  # GPT-2 BPE files, offline
 
 from tasks import mmlu as E  # noqa: E402
-from checkpoint import save_checkpoint  # noqa: E402
+from checkpoint import results_dir, save_checkpoint  # noqa: E402
 from data import download  # noqa: E402
 from data.download import DownloadError  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -436,14 +436,26 @@ def test_end_to_end_test_split(tiny_ckpt):
     r = check_report(tiny_ckpt, TEST_SUBJECTS, 10, "test")
     assert set(r["categories"]) == {"STEM", "humanities", "social sciences", "other"}
     assert "questions/s" in stdout and "marketing" in stdout and "RMS calibration error" in stdout
-    # every prompt whole, one at a time (the path before the shared prefix): the same predictions
-    run_eval(f"--out_dir={tiny_ckpt}", f"--data_dir={MMLU}", "--limit=10", "--batch_size=1", "--shared_prefix=False")
+    # every prompt whole, one at a time (the path before the shared prefix): the same predictions; the model named
+    # by its ckpt.pt, so the report lands in that file's folder
+    run_eval(f"--out_dir={tiny_ckpt}/ckpt.pt", f"--data_dir={MMLU}", "--limit=10", "--batch_size=1",
+             "--shared_prefix=False")
     plain = check_report(tiny_ckpt, TEST_SUBJECTS, 10, "test")
     assert [q["id"] for q in plain["questions"]] == [q["id"] for q in r["questions"]]
     for p, q in zip(plain["questions"], r["questions"]):
         assert p["scores"] == pytest.approx(q["scores"], abs=1e-4)
         margin = sorted(q["scores"])[-1] - sorted(q["scores"])[-2]
         assert p["prediction"] == q["prediction"] or margin < 1e-3, (p, q)
+
+
+def test_results_go_beside_the_model(tmp_path):
+    run, step = tmp_path / "run", tmp_path / "run" / "step_000010"
+    step.mkdir(parents=True)
+    (run / "ckpt.pt").write_bytes(b"")
+    (step / "meta.pt").write_bytes(b"")
+    for source in (str(run), str(run / "ckpt.pt"), str(step)):
+        assert os.path.abspath(results_dir(source)) == str(run), source
+    assert results_dir(f"hf:{tmp_path / 'hf-model'}") == str(tmp_path / "hf-model")
 
 
 def test_end_to_end_val_split_from_a_download(tiny_ckpt, server, tmp_path):

@@ -182,8 +182,8 @@ def write_dataset(out_dir, kind, splits, block_size, open_rows=8):
     tokenizer = Tokenizer(chat_spec())
     counts = {split: write_split(out_dir, split, kind, tokenizer, items, block_size, open_rows)
               for split, items in splits.items()}
-    info = {"kind": kind, "row_tokens": block_size + 1, "pad_id": tokenizer.eot, "open_rows": open_rows,
-            "splits": counts}
+    packed = open_rows if kind == "conversations" else None  # a preference pair always fills one row
+    info = {"kind": kind, "row_tokens": block_size + 1, "pad_id": tokenizer.eot, "open_rows": packed, "splits": counts}
     save_dataset_spec(out_dir, tokenizer.spec)
     write_rows_info(out_dir, info)
     return info
