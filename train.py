@@ -1,4 +1,4 @@
-"""Train a GPT. The defaults are the quick run: character-level tiny Shakespeare, about two minutes on a 2-core CPU.
+"""Train a GPT. The defaults are the quick run: character-level tiny Shakespeare, under two minutes on a 2-core CPU.
 
     python train.py                                          # the quick run (prepares its data when missing)
     python train.py config/train_shakespeare_char.py --max_iters=500
@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import fields
 from typing import Literal
 
 import torch
@@ -41,7 +41,7 @@ from tokenizer import GPT2_VOCAB_SIZE, VOCAB_MULTIPLE, Tokenizer, dataset_tokeni
 # ----------------------------------------------------------------------------------------------------------- config
 # I/O
 out_dir = "out"                # ckpt.pt (or step_N/ under FSDP), metrics.jsonl and loss.png go here
-eval_interval = 125            # evaluate (and checkpoint) every this many iterations
+eval_interval = 140            # evaluate (and checkpoint) every this many iterations
 eval_iters = 12                # batches per split in each evaluation
 log_interval = 25              # a log line (loss, lr, tokens/s, MFU) every this many iterations
 eval_only = False              # evaluate once and stop
@@ -85,10 +85,10 @@ value_embeds = 0               # > 0: k extra token embeddings mixed into V of t
 zero_init_proj = False         # residual-stream writers (o_proj, down_proj) start at zero (modded-nanogpt)
 attn_impl: Literal[ATTN_IMPLS] = "auto"  # 'auto' (triton on CUDA, sdpa elsewhere): this process's kernel, not saved
 # optimizer and schedule (optim.py)
-optimizer: Literal[OPTIMIZERS] = "adamw"  # 'muon': Muon for hidden matrices and experts, AdamW for the rest
+optimizer: Literal[OPTIMIZERS] = "muon"  # Muon for hidden matrices and experts, AdamW for the rest; or 'adamw'
 learning_rate = 4e-3           # peak lr (each parameter group runs at its lr_scales multiple of it)
 min_lr = 4e-4                  # the schedule ends here
-max_iters = 500                # optimizer steps
+max_iters = 280                # optimizer steps
 lr_schedule: Literal[SCHEDULES] = "cosine"  # 'cosine', 'linear', 'constant' or 'wsd' (warmup-stable-decay)
 warmup_iters = 50              # linear warmup steps
 lr_decay_iters = 0             # the schedule reaches min_lr here; 0 = max_iters

@@ -87,7 +87,7 @@ step tests-backward 45 text "$pytest tests/test_attention_kernel.py -k gradients
 step window 55 md "python bench/attention.py --seq-lens 8192 --head-dims 128 --kv-heads 8 --windows 1024 \
 --providers triton,flex,sdpa-cudnn"
 step fp8-quantize-mlp 45 md "python bench/fp8.py --sections quantize,linear --layers none"
-step train 105 md "python bench/train.py --models 1b --steps 5 --warmup 2 --no-fp8"
+step train 105 md "python bench/train.py --models 1b --steps 5 --warmup 2 --no-fp8 --optimizers adamw"
 step decode 40 md "python bench/decode.py --contexts 1024,8192 --steps 16"
 
 if [ $total -gt 530 ]; then

@@ -23,6 +23,7 @@ learning_rate = 3e-4
 min_lr = 3e-5
 warmup_iters = 2000
 max_iters = 20000               # ~84B tokens
+optimizer = "adamw"            # the memory plan and README figures are AdamW's; --optimizer=muon halves the state
 lr_schedule = "wsd"
 weight_decay = 0.1
 eval_interval = 500

@@ -17,3 +17,4 @@ lr_decay_iters = 5000
 min_lr = 1e-4
 beta2 = 0.99
 warmup_iters = 100
+optimizer = "adamw"            # as nanoGPT trains it

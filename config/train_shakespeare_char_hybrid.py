@@ -7,3 +7,7 @@ attn_pattern = "LLG"
 local_window = 32
 kv_share = 2
 share_global_kv = True
+# the schedule its README numbers were measured with (the default run before it moved to Muon)
+optimizer = "adamw"
+max_iters = 500
+eval_interval = 125

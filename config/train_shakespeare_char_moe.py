@@ -6,3 +6,7 @@ n_expert_active = 2
 n_shared_expert = 1
 moe_hidden = 256
 n_dense_layers = 1
+# the schedule its README numbers were measured with (the default run before it moved to Muon)
+optimizer = "adamw"
+max_iters = 500
+eval_interval = 125

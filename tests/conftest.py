@@ -29,7 +29,8 @@ def pytest_configure(config):
 
 def run_script(script, *args, env=None, check=True, timeout=600):
     """Run a repo script (or `-m module` when script starts with '-m ') in a subprocess from the repo root."""
-    cmd = [sys.executable, *script.split()] if script.startswith("-m ") else [sys.executable, os.path.join(ROOT, script)]
+    module_run = script.startswith("-m ")
+    cmd = [sys.executable, *script.split()] if module_run else [sys.executable, os.path.join(ROOT, script)]
     env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}  # None unsets a variable
     result = subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                             env=env)

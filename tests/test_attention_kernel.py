@@ -16,8 +16,8 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-
 from conftest import ROOT
+
 from kernels import attention
 from kernels.attention import _key_ranges, _query_ranges, attention_reference, flash_attention, flash_decode
 

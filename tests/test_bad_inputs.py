@@ -14,7 +14,7 @@ import torch
 
 from checkpoint import load_checkpoint, save_checkpoint
 from data.shards import write_shard
-from tests.conftest import ROOT, SHARED, TINY, run_script
+from tests.conftest import SHARED, TINY, run_script
 from tokenizer import save_dataset_spec
 
 OFFLINE = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": None,

@@ -7,10 +7,10 @@ import sys
 from dataclasses import asdict
 
 import torch
+from conftest import ROOT, run_script
 
 from chat_format import render_prompt
 from checkpoint import save_checkpoint
-from conftest import ROOT, run_script
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer, chat_spec
 

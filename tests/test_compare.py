@@ -13,7 +13,8 @@ def test_two_runs_give_a_figure_and_the_right_table(tmp_path, data_root, seed):
                    f"--seed={seed % 10000}", f"--out_dir={tmp_path / name}", *extra)
     for name, kwh_per_iter in (("a", None), ("b", 0.001)):  # a: a run from before the meter; b: known figures
         metrics = tmp_path / name / "metrics.jsonl"
-        rows = [{k: v for k, v in json.loads(line).items() if k not in ("energy_kwh", "co2_kg")} for line in open(metrics)]
+        rows = [{k: v for k, v in json.loads(line).items() if k not in ("energy_kwh", "co2_kg")}
+                for line in open(metrics)]
         if kwh_per_iter:
             rows = [dict(r, energy_kwh=kwh_per_iter * r["iter"], co2_kg=kwh_per_iter / 2 * r["iter"])
                     if "val_loss" in r else r for r in rows]

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import triton
-
 from conftest import ROOT
 
 KERNELS = ["_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_decode_kernel",

@@ -80,7 +80,8 @@ def test_a_boolean_from_a_config_file_must_be_a_boolean(tmp_path, capsys):
 
 def test_help_lists_settings_with_defaults_and_comments(tmp_path, capsys):
     script = tmp_path / "script.py"
-    script.write_text('"""A script."""\n# data\nbatch_size = 12            # rows per step\nmode = "cosine"  # schedule\n')
+    script.write_text('"""A script."""\n# data\nbatch_size = 12            # rows per step\n'
+                      'mode = "cosine"  # schedule\n')
     ns = dict(namespace(), __file__=str(script), __doc__="A script.")
     with pytest.raises(SystemExit) as exit_info:
         configure(ns, ["--help"])

@@ -11,8 +11,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, SHARED
+
 from data import download
 from data.download import DownloadError, download_file
 from data.fineweb10B import prepare as fineweb

@@ -15,17 +15,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-
 from conftest import ROOT, SHARED
 
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))  # GPT-2 BPE files, offline
 
-from tasks import mmlu as E  # noqa: E402
 from checkpoint import results_dir, save_checkpoint  # noqa: E402
 from data import download  # noqa: E402
 from data.download import DownloadError  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from scoring import Scorer, make_encoder  # noqa: E402
+from tasks import mmlu as E  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 MMLU = os.path.join(SHARED, "data", "mmlu")

@@ -492,7 +492,7 @@ def zip_bytes(members, filler=0):
     return buf.getvalue()
 
 
-def publish(files, data, server):
+def publish(files, data, server):  # noqa: F811  (the fixture's value, passed on)
     """Put a task's files on the server the way their canonical sources hold them (an archive with a corpus over one
     1 MiB download chunk); returns the task's Files pointing there."""
     if files.archive:

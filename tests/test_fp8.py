@@ -9,10 +9,24 @@ import time
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import ROOT
-from kernels.fp8 import (E4M3, E5M2, EPS, FORMATS, Float8Linear, convert_to_fp8, dequantize, fp8_linear,
-                         quantize, quantize_ref, quantize_triton, scaled_mm, scaled_mm_ref, scaled_mm_triton)
+
+from kernels.fp8 import (
+    E4M3,
+    E5M2,
+    EPS,
+    FORMATS,
+    Float8Linear,
+    convert_to_fp8,
+    dequantize,
+    fp8_linear,
+    quantize,
+    quantize_ref,
+    quantize_triton,
+    scaled_mm,
+    scaled_mm_ref,
+    scaled_mm_triton,
+)
 
 SCALINGS = ["tensor", "row", "tile", "block"]
 U32 = 2.0 ** -24  # fp32 unit roundoff

@@ -216,7 +216,8 @@ def test_train_and_sample_take_a_hugging_face_folder(tmp_path, data_root):
     from tokenizer import dataset_spec
     spec = dataset_spec(os.path.join(data_root, "shakespeare_char"))
     cfg = GPTConfig(block_size=32, vocab_size=len(spec["chars"]), n_layer=2, n_embd=32, n_head=2, mlp="swiglu")
-    export_hf.export({"model": GPT(cfg).state_dict(), "model_args": asdict(cfg), "tokenizer": spec}, str(tmp_path / "hf"))
+    checkpoint = {"model": GPT(cfg).state_dict(), "model_args": asdict(cfg), "tokenizer": spec}
+    export_hf.export(checkpoint, str(tmp_path / "hf"))
     sample = run_script("sample.py", f"--out_dir=hf:{tmp_path / 'hf'}", "--start=ROMEO:", "--num_samples=1",
                         "--max_new_tokens=10", "--device=cpu")
     assert sample.stdout.startswith("ROMEO:")

@@ -11,7 +11,6 @@ from kernels.attention import flash_decode
 from model import GPT, GPTConfig, KVCache, MoE, attention_mask, layer_plan
 from optim import build_optimizer
 
-
 pytestmark = pytest.mark.usefixtures("seed")  # every test: a fresh printed seed (tests/conftest.py)
 
 
@@ -136,7 +135,8 @@ def test_hybrid_mask_matches_per_position_rule(window):
     dict(n_kv_head=1, attn_pattern="LLG", local_window=5, kv_share=2),
     dict(n_kv_head=2, attn_pattern="LG", local_window=3, kv_share=2, share_global_kv=True, n_layer=6),
     dict(n_kv_head=1, attn_pattern="L", local_window=40, qk_norm=False, tie_embeddings=True),
-    dict(n_kv_head=2, n_expert=4, n_expert_active=2, n_shared_expert=1, n_dense_layers=1, attn_pattern="LG", local_window=4),
+    dict(n_kv_head=2, n_expert=4, n_expert_active=2, n_shared_expert=1, n_dense_layers=1, attn_pattern="LG",
+         local_window=4),
     dict(n_kv_head=2, value_embeds=1, logit_softcap=3.0, n_layer=5),  # the speedrun flags
     dict(n_kv_head=1, value_embeds=2, attn_pattern="LLG", local_window=4, kv_share=2, n_layer=6),
 ])
@@ -177,7 +177,8 @@ def test_shared_kv_consumers_own_no_kv_and_gradients_reach_producer():
 @pytest.mark.parametrize("bad, message", [
     (dict(attn_pattern="LLX"), "may only contain L"), (dict(attn_pattern=""), "may only contain L"),
     (dict(n_kv_head=3), "multiple of n_kv_head"), (dict(n_expert=4, n_expert_active=5), "between 1 and n_expert"),
-    (dict(kv_share=0), "kv_share must be >= 1"), (dict(mlp="gelu"), "mlp must be"), (dict(local_window=0), "local_window"),
+    (dict(kv_share=0), "kv_share must be >= 1"), (dict(mlp="gelu"), "mlp must be"),
+    (dict(local_window=0), "local_window"),
 ])
 def test_bad_configs_fail_at_construction(bad, message):
     with pytest.raises(ValueError, match=message):

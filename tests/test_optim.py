@@ -7,8 +7,18 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from optim import (MUON_GROUPS, NEWTON_SCHULZ, Muon, build_optimizer, group_of, orthogonalize, scheduled_lr,
-                   scheduled_momentum, set_lr, state_bytes)
+from optim import (
+    MUON_GROUPS,
+    NEWTON_SCHULZ,
+    Muon,
+    build_optimizer,
+    group_of,
+    orthogonalize,
+    scheduled_lr,
+    scheduled_momentum,
+    set_lr,
+    state_bytes,
+)
 
 pytestmark = pytest.mark.usefixtures("seed")
 # Measured over 200 random matrices per table (shapes 32x64 to 16x200, singular values spanning 50x, scales 1e-3 to

@@ -11,7 +11,7 @@ import torch
 from checkpoint import load_checkpoint, save_checkpoint
 from model import GPT, GPTConfig
 from posttrain import pair_logprobs
-from tests.conftest import TINY, run_script
+from tests.conftest import run_script
 from tokenizer import chat_spec
 
 pytestmark = pytest.mark.usefixtures("seed")
@@ -49,7 +49,8 @@ def losses(out_dir):
 
 def test_masked_loss_is_the_global_batch_mean_under_accumulation_and_ddp(tmp_path):
     # conversations of very different lengths: micro-batches count very different numbers of trained tokens
-    records = [{"messages": [{"role": "user", "content": q * (1 + i % 3)}, {"role": "assistant", "content": a * (i % 4 + 1)}]}
+    records = [{"messages": [{"role": "user", "content": q * (1 + i % 3)},
+                             {"role": "assistant", "content": a * (i % 4 + 1)}]}
                for i, (q, a) in enumerate(QA * 6)]
     data = prepare(tmp_path, "chat", records, "--open_rows", "0")
     init = init_checkpoint(tmp_path / "init.pt", chat_spec())

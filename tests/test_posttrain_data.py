@@ -10,9 +10,10 @@ from collections import Counter
 import numpy as np
 import pytest
 import tiktoken
+from conftest import SHARED, run_script
+from test_data_download import server  # noqa: F401  (the local HTTP server fixture)
 
 from chat_format import render
-from conftest import SHARED, run_script
 from data.chat import prepare as chat_prepare
 from data.chat.prepare import pack, pair_rows, read_items, split_val
 from data.download import DownloadError
@@ -21,7 +22,6 @@ from data.hh_rlhf import prepare as hh_rlhf
 from data.hh_rlhf.prepare import pair, read_pairs
 from data.loader import BatchLoader
 from data.shards import write_shard
-from test_data_download import server  # noqa: F401  (the local HTTP server fixture)
 from tokenizer import Tokenizer, chat_spec, save_dataset_spec
 
 GSM8K_TRAIN = os.path.join(SHARED, "data", "gsm8k", "train.jsonl")

@@ -52,7 +52,8 @@ def test_sample_without_checkpoint_says_how_to_make_one(tmp_path):
 def test_unknown_key_and_missing_dataset_fail_clearly(tmp_path):
     result = run_script("train.py", "--learning_rat=1", check=False)
     assert result.returncode == 2 and "did you mean learning_rate" in result.stderr
-    result = run_script("train.py", *TINY, f"--data_root={tmp_path}", "--dataset=nothing", f"--out_dir={tmp_path}", check=False)
+    result = run_script("train.py", *TINY, f"--data_root={tmp_path}", "--dataset=nothing", f"--out_dir={tmp_path}",
+                        check=False)
     assert result.returncode != 0 and "python data/nothing/prepare.py" in result.stderr
 
 
