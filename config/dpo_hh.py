@@ -1,6 +1,8 @@
-# DPO on Anthropic HH-RLHF preference pairs (harmless-base and helpful-base by default) from an SFT checkpoint; the frozen reference is that
-# checkpoint. Logs and evaluations report loss, chosen and rejected rewards, margin and preference accuracy.
-#   python data/hh_rlhf/prepare.py --block_size 256        # or --input ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz
+# DPO on Anthropic HH-RLHF preference pairs (harmless-base and helpful-base by default) from an SFT checkpoint;
+# the frozen reference is that checkpoint. Logs and evaluations report loss, chosen and rejected rewards, margin
+# and preference accuracy.
+#   python data/hh_rlhf/prepare.py --block_size 256
+#   (offline: --input ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz)
 #   python train.py config/dpo_hh.py --init_from=out-sft/ckpt.pt
 out_dir = "out-dpo"
 dataset = "hh_rlhf"
