@@ -170,7 +170,9 @@ def attend(q, k, v, window, impl, dropout=0.0):
             return flash_decode(q, k, v, window=window)
         return flash_attention(q, k, v, window=window)
     gqa = q.size(1) != k.size(1)
-    if t_q == 1:  # one query at the end sees every key it is given
+    if t_q == 1:  # one query at the end sees the last `window` keys it is given (all of them without a window)
+        if window is not None:
+            k, v = k[:, :, -window:], v[:, :, -window:]
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=gqa)
     if window is None and t_q == t_k:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)

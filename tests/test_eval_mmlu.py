@@ -155,6 +155,7 @@ def test_batched_scoring_with_and_without_the_shared_prefix_matches_one_prompt_a
     rng = random.Random(seed)
     model = GPT(GPTConfig(block_size=64, vocab_size=97, n_embd=32, **{"n_layer": 2, "n_head": 2, **cfg})).eval()
     prompts = random_prompts(rng, 7, shared=30) + random_prompts(rng, 4)  # a group sharing 30 tokens, 4 others
+    prompts[6] = prompts[6][:31]  # a one-token suffix: one query over the prefix's keys, windows included
     groups = ["s"] * 7 + [1, 2, 3, 4]
     letters = [3, 17, 42, 96]
     with torch.no_grad():

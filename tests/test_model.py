@@ -130,6 +130,22 @@ def test_hybrid_mask_matches_per_position_rule(window):
     assert torch.equal(tail, mask[-3:])
 
 
+@pytest.mark.parametrize("t_q", [1, 2, 7])
+@pytest.mark.parametrize("window", [None, 1, 3, 9, 30])
+def test_attend_queries_at_the_end_of_a_longer_key_span_follow_the_window(t_q, window):
+    """The shape of a suffix scored after a shared prefix (scoring.SharedPrefix): a few queries over all the keys."""
+    from model import attend
+    t_k, H, Hkv, D = 9, 4, 2, 8
+    q, k, v = torch.randn(2, H, t_q, D), torch.randn(2, Hkv, t_k, D), torch.randn(2, Hkv, t_k, D)
+    want = torch.empty(2, H, t_q, D, dtype=torch.float64)
+    for i, h in itertools.product(range(t_q), range(H)):  # query i sits at key position t_k - t_q + i
+        pos = t_k - t_q + i
+        keys = [j for j in range(t_k) if j <= pos and (window is None or j > pos - window)]
+        s = torch.einsum("bd,bjd->bj", q[:, h, i].double(), k[:, h // 2, keys].double()) / math.sqrt(D)
+        want[:, h, i] = torch.einsum("bj,bjd->bd", s.softmax(-1), v[:, h // 2, keys].double())
+    torch.testing.assert_close(attend(q, k, v, window, "sdpa").double(), want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kw", [
     dict(n_kv_head=4), dict(n_kv_head=2, mlp="swiglu"), dict(n_kv_head=1),
     dict(n_kv_head=1, attn_pattern="LLG", local_window=5, kv_share=2),
