@@ -129,7 +129,8 @@ def model_from_checkpoint(ckpt, path="checkpoint", attn_impl="sdpa"):
 
 def read_checkpoint(source):
     """The checkpoint dict of a run folder (its ckpt.pt, else its newest sharded step_N/), a step_N/ folder, a
-    ckpt.pt path, or hf:FOLDER (a Hugging Face model, converted by hf.py): every place that takes a model takes these."""
+    ckpt.pt path, or hf:FOLDER (a Hugging Face model, converted by hf.py): every place that takes a model takes
+    these."""
     if source.startswith("hf:"):
         import hf
         return hf.load(source[3:])
@@ -197,7 +198,8 @@ def step_dirs(out_dir):
     """Complete sharded checkpoints, oldest first: out_dir/step_NNNNNN (a .tmp folder is an unfinished write)."""
     if not os.path.isdir(out_dir):
         return []
-    names = sorted((n for n in os.listdir(out_dir) if n.startswith("step_") and n[5:].isdigit()), key=lambda n: int(n[5:]))
+    names = sorted((n for n in os.listdir(out_dir) if n.startswith("step_") and n[5:].isdigit()),
+                   key=lambda n: int(n[5:]))
     return [os.path.join(out_dir, n) for n in names if os.path.exists(os.path.join(out_dir, n, "meta.pt"))]
 
 

@@ -110,7 +110,7 @@ def write_atomic(path, text):
 
 
 def save(results, ckpt, config):
-    """eval.json and eval.md in out_dir; returns the report card's rows."""
+    """eval.json and eval.md beside the model (checkpoint.results_dir), said; returns the report card's rows."""
     rows = [row for r in results.values() for row in result_rows(r)]
     folder = results_dir(out_dir)
     mmlu_json = os.path.join(folder, "mmlu.json")
@@ -122,6 +122,7 @@ def save(results, ckpt, config):
     write_atomic(os.path.join(folder, "eval.json"), json.dumps(
         {"out_dir": out_dir, "iter_num": ckpt.get("iter_num"), "settings": config, "results": results}, indent=1))
     write_atomic(os.path.join(folder, "eval.md"), report_card(rows, ckpt, notes))
+    print(f"wrote {os.path.join(folder, 'eval.json')} and {os.path.join(folder, 'eval.md')}")
     return rows, notes
 
 
@@ -149,8 +150,6 @@ def main(config):
     print_table(rows)
     for note in notes:
         print(f"note: {note}")
-    folder = results_dir(out_dir)
-    print(f"wrote {os.path.join(folder, 'eval.json')} and {os.path.join(folder, 'eval.md')}")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ class GPTConfig:
             self.head_dim = self.n_embd // self.n_head
         check(self.attn_pattern and set(self.attn_pattern) <= {"L", "G"},
               f"attn_pattern {self.attn_pattern!r} may only contain L (local) and G (global), e.g. 'LLLLLG'")
-        check(self.n_head % self.n_kv_head == 0, f"n_head {self.n_head} must be a multiple of n_kv_head {self.n_kv_head}")
+        check(self.n_head % self.n_kv_head == 0,
+              f"n_head {self.n_head} must be a multiple of n_kv_head {self.n_kv_head}")
         check(self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even for RoPE")
         check(self.kv_share >= 1, f"kv_share must be >= 1, got {self.kv_share}")
         check(self.local_window >= 1, f"local_window must be >= 1, got {self.local_window}")
@@ -127,7 +128,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(start, length, head_dim, theta, device):
-    """cos and sin (length, head_dim/2) for positions start..start+length-1; computed per call (cheap, compile-friendly)."""
+    """cos and sin (length, head_dim/2) for positions start..start+length-1; computed per call (cheap,
+    compile-friendly)."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     freqs = torch.outer(torch.arange(start, start + length, device=device, dtype=torch.float32), inv_freq)
     return freqs.cos(), freqs.sin()
@@ -515,11 +517,12 @@ class GPT(nn.Module):
             if hasattr(module, name):
                 nn.init.normal_(getattr(module, name).weight, std=writer_std)
 
-    def forward(self, idx, targets=None, cache=None, last_pos=None, reduction="mean", all_logits=False):
+    def forward(self, idx, targets=None, cache=None, last_pos=None, reduction="mean", all_logits=False, hidden=False):
         """With targets (-1 = no loss there): (None, loss), the logits never materialised whole. reduction 'mean'
         averages the cross-entropy over the counted targets, 'sum' adds it up (both plus the MoE balance losses
         while training); 'none' gives the (B, T) cross-entropy per position, 0 where ignored.
-        Without targets: (logits at last_pos (B,) or at the last position, None); all_logits: (B, T, V) logits."""
+        Without targets: (logits at last_pos (B,) or at the last position, None); all_logits: (B, T, V) logits;
+        hidden: the (B, T, n_embd) final-norm states instead of logits (the caller applies lm_head where it needs)."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size and cache is None:
@@ -536,6 +539,8 @@ class GPT(nn.Module):
         x = self.norm(x)
         if cache is not None:
             cache.pos += T
+        if hidden:
+            return x, None
         if targets is None:
             if not all_logits:
                 rows = torch.arange(B, device=idx.device)

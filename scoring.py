@@ -181,6 +181,8 @@ class Scorer:
     def next_token_logits(self, prompts, token_ids, groups=None, desc="prompts"):
         """(N, len(token_ids)) float32 logits of the candidate tokens after each prompt (left-truncated to
         block_size), each row read at its own last token."""
+        if not all(prompts):
+            raise ValueError("next_token_logits needs a prompt of at least one token")
         prompts = [p[-self.block_size:] for p in prompts]
         out = torch.empty(len(prompts), len(token_ids))
         wanted = torch.tensor(token_ids, device=self.device)
@@ -192,15 +194,9 @@ class Scorer:
 
     def scored(self, batch, rows, positions, targets):
         """(log-probability of each target, whether it is the argmax) at (row, position) pairs of a batch. The head
-        runs at those positions only: a hook keeps the final norm's output while the model computes its cheapest
-        head (one position a row), and the head is then applied HEAD_CHUNK logits at a time."""
-        kept = []
-        hook = self.model.norm.register_forward_hook(lambda module, args, out: kept.append(out))
-        try:
-            self.forward(batch, last_pos=torch.zeros(len(batch.rows), dtype=torch.long, device=self.device))
-        finally:
-            hook.remove()
-        hidden, chunk = kept[0][rows, positions], max(1, HEAD_CHUNK // self.model.config.vocab_size)
+        runs at those positions only (the model returns its final-norm states), HEAD_CHUNK logits at a time."""
+        hidden, _ = self.forward(batch, hidden=True)
+        hidden, chunk = hidden[rows, positions], max(1, HEAD_CHUNK // self.model.config.vocab_size)
         token_lp, best = [], []
         for i in range(0, len(hidden), chunk):
             lp = self.model.lm_head(hidden[i:i + chunk], softcap=self.model.config.logit_softcap).float()
@@ -216,6 +212,8 @@ class Scorer:
         greedy=True a list of whether each continuation is the greedy one (every token the argmax). Contexts are
         left-truncated so that context + continuation fits in block_size + 1 tokens (the last token is only a
         target)."""
+        if not all(ctx for ctx, _ in pairs):  # the first target needs a token before it (the harness gives EOT)
+            raise ValueError("a context must have at least one token (encode_pair puts EOT before an empty one)")
         whole = [(ctx + cont)[-(self.block_size + 1):] for ctx, cont in pairs]
         n_scored = [len(cont) for _, cont in pairs]
         if any(n > self.block_size or n == 0 for n in n_scored):

@@ -3,9 +3,10 @@ character vocabulary.
 
 A tokenizer is described by its `spec`, a small dict: {"kind": "gpt2"}, {"kind": "gpt2", "special": {name: id}},
 {"kind": "char", "chars": "..."}, or for a model imported from Hugging Face with another vocabulary
-{"kind": "hf", "name": ..., "json": <its tokenizer.json>, "eot": id} (run by hf.HFTokenizer, `tokenizers` needed). A prepare script records the spec of the tokenizer that wrote a dataset's shards in
-the dataset folder (tokenizer.json), and every checkpoint stores the spec it was trained with, so sampling and
-evaluation never need the dataset folder and a run never trains on ids of a tokenizer it does not know.
+{"kind": "hf", "name": ..., "json": <its tokenizer.json>, "eot": id} (run by hf.HFTokenizer, `tokenizers`
+needed). A prepare script records the spec of the tokenizer that wrote a dataset's shards in the dataset folder
+(tokenizer.json), and every checkpoint stores the spec it was trained with, so sampling and evaluation never need
+the dataset folder and a run never trains on ids of a tokenizer it does not know.
 
 Special tokens (the chat format's turn markers, chat_format.py) take the ids right after GPT-2's 50,257, in order:
 {"<|system_start|>": 50257, ...}. `encode` turns their text into their ids (as it does <|endoftext|>), so a
@@ -170,4 +171,5 @@ def dataset_spec(data_dir):
                              f"rerun the dataset's prepare.py") from e
     name = os.path.basename(os.path.normpath(data_dir))
     raise ValueError(f"{data_dir} does not say which tokenizer wrote its shards (no {SPEC_FILE}): rerun "
-                     f"`python data/{name}/prepare.py`, or write {{\"kind\": \"gpt2\"}} to {path} if they are GPT-2 BPE")
+                     f"`python data/{name}/prepare.py`, or write {{\"kind\": \"gpt2\"}} to {path} if they are "
+                     "GPT-2 BPE")

@@ -191,7 +191,8 @@ def build_meta_model(vocab_size, checkpoint=None):
         if skipped and master:
             print(f"fp8: kept in higher precision for their dims (not multiples of 16): {', '.join(skipped)}")
     for i, block in enumerate(model.blocks):
-        block.checkpoint = activation_checkpoint == "full" or (activation_checkpoint == "selective" and i % ac_every == 0)
+        selected = activation_checkpoint == "selective" and i % ac_every == 0
+        block.checkpoint = activation_checkpoint == "full" or selected
     return model
 
 
@@ -200,7 +201,8 @@ def plan_memory(model):
     plan = memory_plan(model, batch_size, block_size, world_size, fsdp, activation_checkpoint, ac_every,
                        act_bytes=4 if dtype == "float32" and device_type == "cuda" else 2,
                        optimizer_bytes=state_bytes(optimizer, model, muon_normalize))
-    gpu = gpu_mem_gb or (torch.cuda.get_device_properties(device).total_memory / 2**30 if device_type == "cuda" else None)
+    detected = torch.cuda.get_device_properties(device).total_memory / 2**30 if device_type == "cuda" else None
+    gpu = gpu_mem_gb or detected
     return plan, gpu
 
 
@@ -330,7 +332,8 @@ try:
     if init_from not in ("scratch", "resume"):  # weights only: a new phase with a fresh optimizer and data stream
         checkpoint = load_start(init_from)
     elif resume_from:  # a sharded run's meta.pt holds all but the weights and optimizer
-        checkpoint = read_state(os.path.join(resume_from, "meta.pt")) if mode == "fsdp" else load_checkpoint(resume_from)
+        checkpoint = (read_state(os.path.join(resume_from, "meta.pt")) if mode == "fsdp"
+                      else load_checkpoint(resume_from))
         if checkpoint.get("tokenizer", tokenizer.spec) != tokenizer.spec:
             raise ValueError(f"the checkpoint was trained with the {Tokenizer(checkpoint['tokenizer']).describe()} "
                              f"tokenizer but the data is {tokenizer.describe()}: use the data it was trained on")
@@ -439,7 +442,8 @@ def save(val_loss):
             "iter_num": iter_num, "best_val_loss": best_val_loss, "val_loss": val_loss, "train_seconds": train_seconds,
             "reference_from": reference_from, "energy_joules": joules,
             "loader": train_loader.state_dict(), "tokenizer": tokenizer.spec,
-            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}}
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}}
     if mode == "fsdp":
         save_sharded(out_dir, iter_num, model, opt, meta, keep=keep_checkpoints)
     elif master:

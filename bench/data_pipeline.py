@@ -64,7 +64,8 @@ def main():
     parser.add_argument("--block_size", type=int, default=4096)
     parser.add_argument("--peak_flops", type=float, default=989e12, help="H100 SXM dense bf16")
     parser.add_argument("--mfu", type=float, default=0.5)
-    parser.add_argument("--flops_per_token", type=float, default=43.3e9, help="from train.py config/train_7b.py --dry_run=True")
+    parser.add_argument("--flops_per_token", type=float, default=43.3e9,
+                        help="from train.py config/train_7b.py --dry_run=True")
     args = parser.parse_args()
 
     source, docs = load_documents(args.input, args.mb)
@@ -72,7 +73,8 @@ def main():
     print(f"# Data pipeline benchmark\n\n{datetime.datetime.now():%Y-%m-%d %H:%M}, {os.cpu_count()} CPUs "
           f"(load average {os.getloadavg()[0]:.1f}), {platform.processor() or platform.machine()}, "
           f"Python {platform.python_version()}, numpy {np.__version__}, tiktoken {tiktoken.__version__}\n")
-    print(f"## Tokenization, GPT-2 BPE\n\n{mb:.1f} MB in {len(docs):,} documents from {os.path.relpath(source, ROOT)}\n")
+    print(f"## Tokenization, GPT-2 BPE\n\n{mb:.1f} MB in {len(docs):,} documents from "
+          f"{os.path.relpath(source, ROOT)}\n")
     print("| method | processes | s | MB/s | tokens/s |\n|---|---|---|---|---|")
     count, dt = timed(lambda: encode_each(docs))
     print(f"| `enc.encode_ordinary` per document | 1 | {dt:.2f} | {mb / dt:.2f} | {count / dt:,.0f} |")

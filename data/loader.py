@@ -131,7 +131,8 @@ class BatchLoader:
         if len(self.streams) == 1:
             source = np.zeros(global_rows, dtype=np.int64)
         else:
-            source = np.random.default_rng((self.seed, self.step)).choice(len(self.streams), global_rows, p=self.weights)
+            rng = np.random.default_rng((self.seed, self.step))
+            source = rng.choice(len(self.streams), global_rows, p=self.weights)
         windows = [None] * global_rows
         for d, stream in enumerate(self.streams):
             rows = np.flatnonzero(source == d)

@@ -48,7 +48,8 @@ def read_header(path):
     """Validate a shard's header against its size; return (token dtype, token count)."""
     size = os.path.getsize(path)
     if size < HEADER_BYTES:
-        raise ShardError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte shard header (truncated download?)")
+        raise ShardError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte shard header "
+                         "(truncated download?)")
     header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
     magic, version, count = (int(v) for v in header[:3])
     if magic not in FORMATS:

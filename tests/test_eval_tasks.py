@@ -112,18 +112,20 @@ class TableHead(torch.nn.Module):
 
 class Bigram(torch.nn.Module):
     """A stand-in GPT whose next-token logits depend on the current token only (table[token]): one-hot inputs, an
-    identity final norm and the table as the head, with the forward the scorer calls; a cache only has its position
-    advanced, as the model advances it."""
+    identity final norm and the table as the head, with the forward the scorer calls (hidden=True: the one-hot
+    states); a cache only has its position advanced, as the model advances it."""
 
     def __init__(self, table, block_size=64):
         super().__init__()
         self.config = GPTConfig(block_size=block_size, vocab_size=table.size(0))
         self.norm, self.lm_head = torch.nn.Identity(), TableHead(table)
 
-    def forward(self, idx, cache=None, last_pos=None):
+    def forward(self, idx, cache=None, last_pos=None, hidden=False):
         x = self.norm(F.one_hot(idx, self.config.vocab_size).float())
         if cache is not None:
             cache.pos += idx.size(1)
+        if hidden:
+            return x, None
         return self.lm_head(x[torch.arange(idx.size(0)), last_pos if last_pos is not None else -1]), None
 
 
@@ -417,6 +419,33 @@ def test_batched_generation_matches_one_prompt_at_a_time(seed):
     batched = Scorer(model, tok, batch_size=4).generate(prompts, 12)
     alone = [tok.decode(model.generate(torch.tensor([p]), 12, temperature=0)[0, len(p):].tolist()) for p in prompts]
     assert batched == alone == Scorer(model, tok, batch_size=1).generate(prompts, 12)
+
+
+
+def test_a_compiled_scorer_gives_the_eager_scores_in_any_order_of_calls(seed):
+    """torch.compile reuses a graph across calls: the scorer must not depend on hooks added after compiling (it did:
+    next_token_logits then loglikelihoods on one compiled model raised IndexError)."""
+    rng = random.Random(seed)
+    model = GPT(GPTConfig(block_size=24, vocab_size=40, n_layer=2, n_embd=32, n_head=2, attn_pattern="LG",
+                          local_window=3)).eval()
+    context = [rng.randrange(40) for _ in range(9)]
+    pairs = [(context, [rng.randrange(40) for _ in range(n)]) for n in (1, 2, 3)]
+    prompts = [context + [5], context + [6, 7], [1, 2, 3]]
+    tok = char_tokenizer("".join(chr(48 + i) for i in range(40)))
+    eager = Scorer(model, tok, batch_size=3)
+    compiled = Scorer(torch.compile(model, dynamic=True, backend="eager"), tok, batch_size=3)
+    for _ in range(2):
+        torch.testing.assert_close(compiled.next_token_logits(prompts, [1, 2, 3], [0, 0, 1]),
+                                   eager.next_token_logits(prompts, [1, 2, 3], [0, 0, 1]))
+        for got, want in zip(compiled.loglikelihoods(pairs, [0, 0, 0]), eager.loglikelihoods(pairs, [0, 0, 0])):
+            torch.testing.assert_close(got, want)
+
+
+def test_empty_prompts_and_contexts_are_refused(tiny_scorer):
+    with pytest.raises(ValueError, match="at least one token"):
+        tiny_scorer.next_token_logits([[1, 2], []], [3, 4])
+    with pytest.raises(ValueError, match="at least one token"):
+        tiny_scorer.loglikelihoods([([1], [2]), ([], [3, 4])])
 
 # --------------------------------------------------------------------------------------------------- batch 1 vs N
 

@@ -354,7 +354,7 @@ def test_cached_generation_with_value_embeddings_and_softcap_equals_full_forward
         assert torch.equal(model(seq[:, :t])[0].argmax(-1), seq[:, t])
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])  # fp32: sums reordered
 @pytest.mark.parametrize("softcap", [0.0, 3.0])
 def test_chunked_loss_and_gradients_equal_the_unchunked_ones(monkeypatch, dtype, tol, softcap):
     import model as model_module

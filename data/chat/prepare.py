@@ -17,8 +17,9 @@ GSM8K's train rows are 12% padding at block_size 256, 5% at 512. A conversation 
 tokens) is dropped and counted, never cut. Attention crosses the conversations of a row (no document mask), as
 pretraining's crosses documents: each conversation opens with <|endoftext|>, the boundary the base model learned to
 read past. (Preventing it would take document ids per row and a mask of same-document pairs in every attention
-layer and kernel; `--open_rows 0` writes one conversation per row instead, to measure what packing changes.) A pair is one row: its chosen then its rejected sequence, each padded to block_size + 1 tokens;
-a pair with a side longer than that is dropped and counted.
+layer and kernel; `--open_rows 0` writes one conversation per row instead, to measure what packing changes.)
+A pair is one row: its chosen then its rejected sequence, each padded to block_size + 1 tokens; a pair with a side
+longer than that is dropped and counted.
 """
 import argparse
 import gzip

@@ -52,7 +52,8 @@ def main(argv=None):
     write_shard(os.path.join(args.out_dir, "train_000000.bin"), ids[:split], len(chars))
     write_shard(os.path.join(args.out_dir, "val_000000.bin"), ids[split:], len(chars))
     save_dataset_spec(args.out_dir, {"kind": "char", "chars": "".join(chars)})
-    print(f"{len(text):,} characters, vocab {len(chars)}: {split:,} train / {len(ids) - split:,} val tokens in {args.out_dir}")
+    print(f"{len(text):,} characters, vocab {len(chars)}: {split:,} train / {len(ids) - split:,} val tokens in "
+          f"{args.out_dir}")
 
 
 if __name__ == "__main__":
