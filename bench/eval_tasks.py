@@ -1,6 +1,6 @@
 """Questions/s of every eval.py task on this machine, with and without the shared prefix (scoring.Scorer).
 
-    python bench/eval_tasks.py --out_dir=out-shakespeare-tiny --limit=100
+    python bench/eval_tasks.py --out_dir=out-base --limit=100 --repeats=5   # bench/RESULTS.md has the table
 
 The benchmarks' own files are not available offline here, so HellaSwag, ARC, Winogrande and TruthfulQA are scored
 on rows in their real file formats whose lengths follow the real sets' (words from tiny Shakespeare, seeded: HellaSwag
