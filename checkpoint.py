@@ -66,7 +66,7 @@ def read_state(path, map_location="cpu"):
 
 def load_checkpoint(path, map_location="cpu"):
     if not os.path.exists(path):
-        out_dir = os.path.dirname(path) or "."
+        out_dir = (os.path.dirname(path) or ".") if path.endswith(".pt") else path  # else: a run not trained yet
         raise FileNotFoundError(f"no checkpoint at {path}: train one first, e.g. `python train.py --out_dir={out_dir}`")
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path} is a folder: give the ckpt.pt inside it (or a sharded run's out_dir to "

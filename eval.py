@@ -110,7 +110,8 @@ def write_atomic(path, text):
 
 
 def save(results, ckpt, config):
-    """eval.json and eval.md beside the model (checkpoint.results_dir), said; returns the report card's rows."""
+    """Writes eval.json and eval.md beside the model (checkpoint.results_dir) and says where; returns the report
+    card's rows."""
     rows = [row for r in results.values() for row in result_rows(r)]
     folder = results_dir(out_dir)
     mmlu_json = os.path.join(folder, "mmlu.json")

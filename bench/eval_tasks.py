@@ -75,8 +75,11 @@ def main():
         os.makedirs(os.path.join(folder, "gsm8k"))
         os.symlink(os.path.join(shared_data, "gsm8k", "train.jsonl"), os.path.join(folder, "gsm8k", "train.jsonl"))
         os.symlink(os.path.join(shared_data, "gsm8k", "train.jsonl"), os.path.join(folder, "gsm8k", "test.jsonl"))
-        scorers = {mode: load_scorer(out_dir, device, batch_size=batch_size, shared_prefix=mode)[0]
-                   for mode in (True, False)}
+        try:
+            scorers = {mode: load_scorer(out_dir, device, batch_size=batch_size, shared_prefix=mode)[0]
+                       for mode in (True, False)}
+        except (OSError, ValueError, RuntimeError) as e:  # no checkpoint there, an unreadable one: the message says
+            raise SystemExit(str(e))
         print("| task | shots | questions | questions/s (shared prefix) | questions/s (whole sequences) |")
         print("|---|---:|---:|---:|---:|")
         for name, task in TASKS.items():

@@ -421,7 +421,6 @@ def test_batched_generation_matches_one_prompt_at_a_time(seed):
     assert batched == alone == Scorer(model, tok, batch_size=1).generate(prompts, 12)
 
 
-
 def test_a_compiled_scorer_gives_the_eager_scores_in_any_order_of_calls(seed):
     """torch.compile reuses a graph across calls: the scorer must not depend on hooks added after compiling (it did:
     next_token_logits then loglikelihoods on one compiled model raised IndexError)."""

@@ -47,6 +47,8 @@ def test_quick_run_trains_and_samples(tmp_path, data_root):
 def test_sample_without_checkpoint_says_how_to_make_one(tmp_path):
     result = run_script("sample.py", f"--out_dir={tmp_path}", check=False)
     assert result.returncode != 0 and "python train.py" in result.stderr
+    result = run_script("sample.py", f"--out_dir={tmp_path / 'never'}", check=False)  # a run folder not made yet
+    assert result.returncode != 0 and f"python train.py --out_dir={tmp_path / 'never'}`" in result.stderr
 
 
 def test_unknown_key_and_missing_dataset_fail_clearly(tmp_path):
