@@ -4,7 +4,7 @@
     python chat.py --out_dir=out-sft --prompt="What is 12 * 7?"     # answer one message and exit (scripts, tests)
     python chat.py --out_dir=out-sft --system="Answer briefly." --temperature=0
 
-Every turn renders the whole conversation with the chat format (chat_format.py), prefills a cache with it and
+Every turn renders the whole conversation with the chat format (nanogpt/chat_format.py), prefills a cache with it and
 samples until <|assistant_end|> or max_new_tokens. A conversation longer than the context keeps its last block_size
 tokens; a reply that fills the cache (block_size positions) re-prefills the last 3/4 of the context and goes on.
 Ids past the tokenizer's vocabulary (the model's padding rows) are never sampled. A base model, which has no chat
@@ -15,10 +15,10 @@ from typing import Literal
 
 import torch
 
-from chat_format import chat_tokens, render_prompt
 from configurator import at_least, configure, require
 from model import KVCache, sample_next
-from runtime import ATTN_IMPLS, DTYPE_SETTINGS, load_for_inference
+from nanogpt.chat_format import chat_tokens, render_prompt
+from nanogpt.runtime import ATTN_IMPLS, DTYPE_SETTINGS, load_for_inference
 
 out_dir = "out-sft"            # the chat model (ckpt.pt, or a sharded run's newest step_N/)
 prompt = ""                    # answer this one message and exit; '' = an interactive chat

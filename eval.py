@@ -1,6 +1,6 @@
 """The evaluation suite: HellaSwag, ARC-Easy and ARC-Challenge, Winogrande, TruthfulQA MC1 and MC2, GSM8K, MMLU
 with chain of thought, and bits per byte, each with lm-evaluation-harness's protocol, on one scoring core
-(scoring.py). MMLU's 5-shot runner is eval_mmlu.py; its mmlu.json joins the report card.
+(nanogpt/scoring.py). MMLU's 5-shot runner is eval_mmlu.py; its mmlu.json joins the report card.
 
 Tasks: hellaswag, arc_easy, arc_challenge, winogrande, truthfulqa_mc1, truthfulqa_mc2, gsm8k, mmlu_cot, bpb.
 
@@ -19,13 +19,13 @@ from typing import Literal
 
 import requests
 
-from checkpoint import results_dir
 from configurator import at_least, configure, require
-from data.download import DownloadError
-from runtime import ATTN_IMPLS, DTYPE_SETTINGS
-from scoring import load_scorer
-from tasks import TASKS
-from tasks.common import CACHE_DIR, Settings, mean_and_stderr
+from nanogpt.checkpoint import results_dir
+from nanogpt.download import DownloadError
+from nanogpt.runtime import ATTN_IMPLS, DTYPE_SETTINGS
+from nanogpt.scoring import load_scorer
+from nanogpt.tasks import TASKS
+from nanogpt.tasks.common import CACHE_DIR, Settings, mean_and_stderr
 
 out_dir = "out"                # the model: a run folder, ckpt.pt, step_N/ or hf:FOLDER (results go beside it)
 tasks = "all"                  # comma list of the tasks above, or 'all'

@@ -20,13 +20,13 @@ from typing import Literal
 import requests
 import torch
 
-from checkpoint import results_dir
 from configurator import at_least, configure
-from data.download import DownloadError
-from runtime import ATTN_IMPLS, DTYPE_SETTINGS
-from scoring import load_scorer
-from tasks import mmlu
-from tasks.mmlu import LETTERS
+from nanogpt.checkpoint import results_dir
+from nanogpt.download import DownloadError
+from nanogpt.runtime import ATTN_IMPLS, DTYPE_SETTINGS
+from nanogpt.scoring import load_scorer
+from nanogpt.tasks import mmlu
+from nanogpt.tasks.mmlu import LETTERS
 
 out_dir = "out"                # the model: a run folder, ckpt.pt, step_N/ or hf:FOLDER (results go beside it)
 ntrain = 5                     # shots (the subject's first ntrain dev questions)

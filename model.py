@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from nanokernels.mask import attention_mask, visible_pairs  # the visibility rule, below model and kernels
+
 
 @dataclass
 class GPTConfig:
@@ -141,25 +143,6 @@ def apply_rope(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 
 
-# The visibility rule, written once: query i sees key j iff i - window < j <= i (window None: every j <= i). The
-# model's masks, the kernel's reference, the benchmarks and the FLOP count use these two; the Triton kernel keeps
-# its in-kernel form (kernels/attention.py).
-
-def attention_mask(t_q, t_k, window, device):
-    """Boolean (t_q, t_k) mask of the rule, queries at the last t_q of t_k positions (a prefill against a cache)."""
-    i = torch.arange(t_k - t_q, t_k, device=device)[:, None]
-    j = torch.arange(t_k, device=device)[None, :]
-    mask = j <= i
-    if window is not None:
-        mask &= j > i - window
-    return mask
-
-
-def visible_pairs(seq_len, window):
-    """(query, key) pairs the rule allows among seq_len positions: the sum over i of min(i + 1, window)."""
-    w = seq_len if window is None else min(window, seq_len)
-    return w * (w + 1) // 2 + (seq_len - w) * w
-
 
 def attend(q, k, v, window, impl, dropout=0.0):
     """Causal attention of q (B, Hq, Tq, D) over k, v (B, Hkv, Tk, D), keys aligned to the end of the query span."""
@@ -167,7 +150,7 @@ def attend(q, k, v, window, impl, dropout=0.0):
     if window is not None and window >= t_k:
         window = None  # a window covering every key is plain causal attention
     if impl == "triton" and dropout == 0.0:
-        from kernels.attention import flash_attention, flash_decode
+        from nanokernels.attention import flash_attention, flash_decode
         if t_q == 1 and not torch.is_grad_enabled():  # a decode step: query heads of a K/V group share each K/V read
             return flash_decode(q, k, v, window=window)
         return flash_attention(q, k, v, window=window)
@@ -480,7 +463,7 @@ class LMHead(nn.Linear):
 
 class GPT(nn.Module):
     def __init__(self, cfg, attn_impl="sdpa"):
-        """attn_impl: 'sdpa' (PyTorch) or 'triton' (kernels/attention.py); a runtime choice, not saved with cfg."""
+        """attn_impl: 'sdpa' (PyTorch) or 'triton' (nanokernels/attention.py); a runtime choice, not saved with cfg."""
         super().__init__()
         if attn_impl not in ("sdpa", "triton"):
             raise ValueError(f"attn_impl must be 'sdpa' or 'triton', got {attn_impl!r}")
@@ -580,9 +563,9 @@ class GPT(nn.Module):
         return 6 * self.num_params(active=True) + attn
 
     def convert_fp8(self, recipe="tensorwise"):
-        """Run the attention projections, MLPs and experts in fp8 (kernels/fp8.py). The embedding, lm_head, router
+        """Run the attention projections, MLPs and experts in fp8 (nanokernels/fp8.py). The embedding, lm_head, router
         and norms stay in higher precision, as in DeepSeek-V3. Returns the layers left alone for their dims."""
-        from kernels.fp8 import convert_to_fp8, fp8_linear, fp8_supported
+        from nanokernels.fp8 import convert_to_fp8, fp8_linear, fp8_supported
         skipped = convert_to_fp8(self.blocks, recipe, filter_fn=lambda layer, name: not name.endswith("router"))
         for i, block in enumerate(self.blocks):
             if isinstance(block.mlp, MoE):

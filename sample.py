@@ -11,7 +11,7 @@ import torch
 
 from configurator import at_least, configure, require
 from model import KVCache
-from runtime import ATTN_IMPLS, DTYPE_SETTINGS, load_for_inference
+from nanogpt.runtime import ATTN_IMPLS, DTYPE_SETTINGS, load_for_inference
 
 out_dir = "out"                # the checkpoint to sample (ckpt.pt, or a sharded run's newest step_N/)
 start = "\n"                   # prompt text, or FILE:path to read it from a file

@@ -5,8 +5,8 @@
     torchrun --standalone --nproc_per_node=8 train.py config/train_7b.py --batch_size=8
     python train.py config/train_7b.py --dry_run=True        # parameter count, FLOPs and KV cache, built on meta
 
-Reads top to bottom: settings, setup, data, model, optimizer, loop. Parallelism lives in parallel.py, the
-optimizer and schedule in optim.py, checkpoints in checkpoint.py, the metrics log and plot in metrics.py.
+Reads top to bottom: settings, setup, data, model, optimizer, loop. Parallelism lives in nanogpt/parallel.py, the
+optimizer and schedule in nanogpt/optim.py, checkpoints in nanogpt/checkpoint.py, the metrics log and plot in nanogpt/metrics.py.
 """
 import math
 import os
@@ -20,23 +20,23 @@ from typing import Literal
 
 import torch
 
-import energy
-import metrics
-from checkpoint import (architecture_for, check_compatible, clean_state_dict, has_checkpoint, load_checkpoint,
+from nanogpt import energy
+from nanogpt import metrics
+from nanogpt.checkpoint import (architecture_for, check_compatible, clean_state_dict, has_checkpoint, load_checkpoint,
                         load_sharded, read_checkpoint, read_state, remove_stale_writes, save_checkpoint, save_sharded,
                         step_dirs, to_cpu)
 from configurator import at_least, configure, given, require
-from data.loader import BatchLoader, PrefixLoader
-from memory import advice, fits, format_plan, memory_plan, print_model_report
+from nanogpt.loader import BatchLoader, PrefixLoader
+from nanogpt.memory import advice, fits, format_plan, memory_plan, print_model_report
 from model import GPT, GPTConfig
-from optim import (OPTIMIZERS, SCHEDULES, WSD_SHAPES, build_optimizer, load_optimizer_state, scheduled_lr,
+from nanogpt.optim import (OPTIMIZERS, SCHEDULES, WSD_SHAPES, build_optimizer, load_optimizer_state, scheduled_lr,
                    scheduled_momentum, set_lr, state_bytes)
-from parallel import (barrier, cut_xla_graph, describe_xla_sharding, finish, gradient_sync, init_distributed,
+from nanogpt.parallel import (barrier, cut_xla_graph, describe_xla_sharding, finish, gradient_sync, init_distributed,
                       mean_over_ranks, shard_batch, shard_fsdp2, sum_over_ranks, wrap_for_training, xla_compilations)
-from runtime import ATTN_IMPLS, DTYPE_SETTINGS, autocast_for, device_type as device_type_of
-from runtime import peak_flops as device_peak_flops, resolve_attn_impl, resolve_dtype
-from posttrain import adapt_checkpoint, dpo_objective
-from tokenizer import GPT2_VOCAB_SIZE, VOCAB_MULTIPLE, Tokenizer, dataset_tokenizer, model_vocab_size
+from nanogpt.runtime import ATTN_IMPLS, DTYPE_SETTINGS, autocast_for, device_type as device_type_of
+from nanogpt.runtime import peak_flops as device_peak_flops, resolve_attn_impl, resolve_dtype
+from nanogpt.posttrain import adapt_checkpoint, dpo_objective
+from nanogpt.tokenizer import GPT2_VOCAB_SIZE, VOCAB_MULTIPLE, Tokenizer, dataset_tokenizer, model_vocab_size
 
 # ----------------------------------------------------------------------------------------------------------- config
 # I/O
@@ -84,7 +84,7 @@ logit_softcap = 0.0            # > 0: logits = c tanh(logits / c) (Gemma 2, modd
 value_embeds = 0               # > 0: k extra token embeddings mixed into V of the first and last k layers
 zero_init_proj = False         # residual-stream writers (o_proj, down_proj) start at zero (modded-nanogpt)
 attn_impl: Literal[ATTN_IMPLS] = "auto"  # 'auto' (triton on CUDA, sdpa elsewhere): this process's kernel, not saved
-# optimizer and schedule (optim.py)
+# optimizer and schedule (nanogpt/optim.py)
 optimizer: Literal[OPTIMIZERS] = "muon"  # Muon for hidden matrices and experts, AdamW for the rest; or 'adamw'
 learning_rate = 4e-3           # peak lr (each parameter group runs at its lr_scales multiple of it)
 min_lr = 4e-4                  # the schedule ends here
@@ -105,7 +105,7 @@ weight_decay = 0.1             # on matrices, embedding and head (not on norms a
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0                # max gradient norm; 0 = off
-lr_scales = {}                 # lr multipliers per parameter group, e.g. {'embedding': 5.0}; groups in optim.py
+lr_scales = {}                 # lr multipliers per parameter group, e.g. {'embedding': 5.0}; groups in nanogpt/optim.py
 # system
 device = "auto"                # 'auto', 'cpu', 'cuda', 'cuda:N' or 'xla'
 dtype: Literal[DTYPE_SETTINGS] = "auto"  # 'auto' (bfloat16 on CUDA and XLA, float32 elsewhere)
@@ -113,7 +113,7 @@ compile: bool | None = None    # torch.compile; None = on for CUDA, off elsewher
 seed = 1337
 peak_flops = 0.0               # for MFU; 0 = look the device up
 backend: Literal["auto", "nccl", "gloo"] = "auto"  # distributed backend: 'auto' (nccl on CUDA, gloo on CPU)
-fp8 = False                    # attention projections, MLPs and experts in fp8 (kernels/fp8.py)
+fp8 = False                    # attention projections, MLPs and experts in fp8 (nanokernels/fp8.py)
 fp8_recipe: Literal["tensorwise", "rowwise", "blockwise"] = "tensorwise"  # blockwise: DeepSeek-V3's 1x128 / 128x128
 # scale-out
 fsdp = False                   # FSDP2: shard params, grads and optimizer state (checkpoints become step_N/ folders)
@@ -125,11 +125,11 @@ gpu_mem_gb = 0.0               # memory plan: GPU memory to plan for; 0 = the de
 dpo_beta = 0.1                 # DPO's beta: how far the policy may move from the reference
 dpo_label_smoothing = 0.0      # cDPO: the probability that a preference label is wrong
 dpo_ipo = False                # the IPO loss instead of DPO's
-# energy and CO2e (energy.py)
+# energy and CO2e (nanogpt/energy.py)
 pue = energy.DEFAULT_PUE       # data-centre overhead (1.56: Uptime Institute Global Data Center Survey 2024)
 carbon_intensity_g_per_kwh = energy.DEFAULT_G_PER_KWH  # grid (366 g CO2/kWh: US utility-scale average 2023, EIA)
 power_estimate_w = 0.0         # watts per node when power cannot be measured; 0 = the GPUs' TDP, or 3.75 W per core
-projection_gpu = "H100"        # dry run: the GPU of the energy projection (peak FLOPs and TDP from energy.py's table)
+projection_gpu = "H100"        # dry run: the GPU of the energy projection (peak FLOPs and TDP from nanogpt/energy.py's table)
 projection_mfu = 0.4           # dry run: the MFU of the energy projection
 # speedrun
 target_val_loss = 0.0          # > 0: stop at the first evaluation whose val loss is at or below this
@@ -162,7 +162,7 @@ except ValueError as e:
 
 # ------------------------------------------------------------------------------------------------------------ setup
 try:
-    rank, local_rank, world_size, device, mode = init_distributed(device, backend, fsdp)  # mode: see parallel.py
+    rank, local_rank, world_size, device, mode = init_distributed(device, backend, fsdp)  # mode: see nanogpt/parallel.py
 except ValueError as e:  # a device that is not there or not a device
     require(False, str(e))
 master = rank == 0

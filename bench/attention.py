@@ -1,4 +1,4 @@
-"""Attention throughput on one GPU: kernels/attention.py next to PyTorch SDPA (each backend) and FlexAttention.
+"""Attention throughput on one GPU: nanokernels/attention.py next to PyTorch SDPA (each backend) and FlexAttention.
 
     python bench/attention.py            # T in 1k..16k, D in {64, 128}, Hkv in {1, 8}, window in {none, 1024}
     python bench/attention.py --quick    # T in {1k, 4k}, D = 128, Hkv = 8
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from model import attention_mask, visible_pairs  # noqa: E402
+from nanokernels.mask import attention_mask, visible_pairs  # noqa: E402
 
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 PROVIDERS = ("triton", "triton-deterministic") + tuple(f"sdpa-{b}" for b in SDPA_BACKENDS) + ("flex",)
@@ -41,7 +41,7 @@ def make_attention(provider, q, k, v, window):
     """A zero-argument callable computing causal (windowed) attention of q over k, v with `provider`."""
     T, gqa = q.size(2), q.size(1) != k.size(1)
     if provider.startswith("triton"):
-        from kernels.attention import flash_attention
+        from nanokernels.attention import flash_attention
         return lambda: flash_attention(q, k, v, window, deterministic=provider == "triton-deterministic")
     if provider.startswith("sdpa-"):
         from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -22,9 +22,9 @@ if os.path.isdir(SHARED_CACHE):
 import numpy as np  # noqa: E402
 import tiktoken  # noqa: E402
 
-from data.loader import BatchLoader  # noqa: E402
-from data.shards import write_shard  # noqa: E402
 from data.tinystories.prepare import tokenize_documents  # noqa: E402
+from nanogpt.loader import BatchLoader  # noqa: E402
+from nanogpt.shards import write_shard  # noqa: E402
 
 SHAKESPEARE = [os.path.join(ROOT, "data", "shakespeare", "input.txt"),
                os.path.join(os.path.dirname(ROOT), "shared", "data", "tinyshakespeare", "input.txt")]

@@ -1,6 +1,6 @@
 """Decode speed on one GPU, printed as markdown tables:
   1. the attention of one decode step for the 7B config's shape (32 query heads of 128 on one K/V head, bf16):
-     flash_decode (kernels/attention.py) against the prefill kernel at Tq = 1 and SDPA, in microseconds and in
+     flash_decode (nanokernels/attention.py) against the prefill kernel at Tq = 1 and SDPA, in microseconds and in
      GB/s of K/V read (decode attention is memory-bound: every cached key and value is read once per step);
   2. tokens/s of the KV-cached generation loop (model.py's, as sample.py runs it) for the 7B shape with fewer layers,
      attention by the Triton kernels against SDPA.
@@ -29,7 +29,7 @@ def kernel_rows(contexts, batch):
     """One row per context: microseconds and K/V GB/s of each way of attending one new query per sequence."""
     from triton.testing import do_bench
 
-    from kernels.attention import flash_attention, flash_decode
+    from nanokernels.attention import flash_attention, flash_decode
     rows = []
     for ctx in contexts:
         q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=torch.bfloat16)

@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from configurator import at_least, configure  # noqa: E402
-from scoring import load_scorer  # noqa: E402
-from tasks import TASKS  # noqa: E402
-from tasks.common import Settings  # noqa: E402
+from nanogpt.scoring import load_scorer  # noqa: E402
+from nanogpt.tasks import TASKS  # noqa: E402
+from nanogpt.tasks.common import Settings  # noqa: E402
 
 out_dir = "out"                # the checkpoint
 limit = 100                    # questions per task (generation tasks: limit // 10)

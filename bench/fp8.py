@@ -1,4 +1,4 @@
-"""fp8 benchmarks on one GPU (kernels/fp8.py), printed as markdown tables:
+"""fp8 benchmarks on one GPU (nanokernels/fp8.py), printed as markdown tables:
   1. GEMM TFLOP/s: our Triton kernels (tensor / row / block scaling) next to torch._scaled_mm (tensorwise, rowwise) and
      bf16 torch.matmul, for M=N=K squares and the 7B config's layer GEMMs (forward, grad_x, grad_W);
   2. quantize GB/s against the device's memory bandwidth;
@@ -187,7 +187,8 @@ def main():
         print(f"bench/fp8.py needs fp8 tensor cores (compute capability >= 8.9); {name} is {cap[0]}.{cap[1]}.")
         return
     import triton
-    from kernels import fp8
+
+    from nanokernels import fp8
     peak = next((gbps for key, gbps in PEAK_GBPS if key in name), None)
     print(f"# fp8 benchmarks: {name} (sm_{cap[0]}{cap[1]}), {datetime.date.today()}, torch {torch.__version__}, "
           f"triton {triton.__version__}\n\ncommand: `python {' '.join(sys.argv)}`\n")

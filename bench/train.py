@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import GPT, GPTConfig  # noqa: E402
-from optim import OPTIMIZERS, build_optimizer  # noqa: E402
-from runtime import peak_flops  # noqa: E402
+from nanogpt.optim import OPTIMIZERS, build_optimizer  # noqa: E402
+from nanogpt.runtime import peak_flops  # noqa: E402
 
 MODELS = {
     # ~1.2B dense: Llama-style widths, GQA-4
@@ -59,7 +59,7 @@ def bench(name, fp8, optimizer_name, steps, warmup):
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
     tokens_per_s = batch * cfg.block_size / dt
-    peak = peak_flops("cuda") or float("nan")  # 0.0 for a GPU runtime.py has no figure for
+    peak = peak_flops("cuda") or float("nan")  # 0.0 for a GPU nanogpt/runtime.py has no figure for
     mfu = raw.flops_per_token(cfg.block_size) * tokens_per_s / peak
     result = dict(ms=dt * 1000, tokens_per_s=tokens_per_s, mfu=mfu, memory=torch.cuda.max_memory_allocated() / 2**30,
                   optimizer_share=optimizer_s / steps / dt)

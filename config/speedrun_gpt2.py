@@ -6,7 +6,7 @@
 # Protocol: val loss over exactly the first 10,485,760 tokens of fineweb_val_000000.bin every eval_interval steps;
 # the run stops at the first evaluation at or below 3.28 and prints "reached val loss ... after T s of training
 # (eval excluded)". Hyperparameters translate modded-nanogpt's Nov-2024 recipe into this repo's conventions
-# (optim.py: Muon's update is scaled to AdamW's RMS, so the base lr below is per-entry update RMS / 0.2).
+# (nanogpt/optim.py: Muon's update is scaled to AdamW's RMS, so the base lr below is per-entry update RMS / 0.2).
 out_dir = "out-speedrun"
 dataset = "fineweb10B"
 val_tokens = 10_485_760

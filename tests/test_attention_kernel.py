@@ -1,4 +1,4 @@
-"""Triton flash attention (kernels/attention.py) against a float64 reference: forward and dq/dk/dv, causal and
+"""Triton flash attention (nanokernels/attention.py) against a float64 reference: forward and dq/dk/dv, causal and
 sliding-window masks, MQA/GQA, tails, KV-cache prefill and decode, strided inputs, dtypes, both load paths (TMA
 descriptors and plain loads), the split MQA backward, atomic and deterministic dQ, 64-bit offsets, the
 block-skipping bounds, errors.
@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 from conftest import ROOT
 
-from kernels import attention
-from kernels.attention import _key_ranges, _query_ranges, attention_reference, flash_attention, flash_decode
+from nanokernels import attention
+from nanokernels.attention import _key_ranges, _query_ranges, attention_reference, flash_attention, flash_decode
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, save_checkpoint
-from data.shards import write_shard
+from nanogpt.checkpoint import load_checkpoint, save_checkpoint
+from nanogpt.shards import write_shard
+from nanogpt.tokenizer import save_dataset_spec
 from tests.conftest import SHARED, TINY, run_script
-from tokenizer import save_dataset_spec
 
 OFFLINE = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": None,
            "no_proxy": None}  # every download fails at once, as on a machine without a network
@@ -134,7 +134,7 @@ def test_mixture_of_two_tokenizers_is_refused_either_way(data_root, tmp_path, se
 
 
 def test_old_meta_pkl_still_loads_but_a_pickle_that_runs_code_does_not(data_root, tmp_path):
-    from tokenizer import Tokenizer
+    from nanogpt.tokenizer import Tokenizer
     chars = copy_dataset(data_root, tmp_path / "chars", keep_record=False)
     spec = json.load(open(os.path.join(data_root, "shakespeare_char", "tokenizer.json")))
     itos = dict(enumerate(spec["chars"]))

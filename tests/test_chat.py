@@ -9,10 +9,10 @@ from dataclasses import asdict
 import torch
 from conftest import ROOT, run_script
 
-from chat_format import render_prompt
-from checkpoint import save_checkpoint
 from model import GPT, GPTConfig
-from tokenizer import Tokenizer, chat_spec
+from nanogpt.chat_format import render_prompt
+from nanogpt.checkpoint import save_checkpoint
+from nanogpt.tokenizer import Tokenizer, chat_spec
 
 ASSISTANT, ASSISTANT_END = 50261, 50262
 HELLO, WORLD = 18435, 995  # " Hello", " world"

@@ -5,8 +5,8 @@ import random
 import pytest
 import tiktoken
 
-from chat_format import chat_tokens, check_messages, render, render_prompt, render_reply
-from tokenizer import Tokenizer, chat_spec, model_vocab_size, spec_extends
+from nanogpt.chat_format import chat_tokens, check_messages, render, render_prompt, render_reply
+from nanogpt.tokenizer import Tokenizer, chat_spec, model_vocab_size, spec_extends
 
 EOT, SYSTEM, SYSTEM_END, USER, USER_END, ASSISTANT, ASSISTANT_END = 50256, 50257, 50258, 50259, 50260, 50261, 50262
 TURN_IDS = {"system": (SYSTEM, SYSTEM_END), "user": (USER, USER_END), "assistant": (ASSISTANT, ASSISTANT_END)}

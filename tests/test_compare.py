@@ -1,9 +1,9 @@
-"""compare.py on two tiny runs: the PNG is written and every table value is the one in the runs' own records."""
+"""tools/compare.py on two tiny runs: the PNG is written and every table value is the one in the runs' own records."""
 import json
 import os
 
-import compare
 from tests.conftest import TINY, run_script
+from tools import compare
 
 
 def test_two_runs_give_a_figure_and_the_right_table(tmp_path, data_root, seed):
@@ -21,7 +21,7 @@ def test_two_runs_give_a_figure_and_the_right_table(tmp_path, data_root, seed):
         metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     png, md = tmp_path / "cmp.png", tmp_path / "cmp.md"
-    result = run_script("compare.py", str(tmp_path / "a"), str(tmp_path / "b"), f"--png={png}", f"--table={md}")
+    result = run_script("tools/compare.py", str(tmp_path / "a"), str(tmp_path / "b"), f"--png={png}", f"--table={md}")
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000
     lines = md.read_text().splitlines()
     assert lines == result.stdout.strip().splitlines()[:4]

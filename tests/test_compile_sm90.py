@@ -1,5 +1,5 @@
 """Every Triton kernel compiles for an H100 (sm_90a) with Triton's real compiler, which is stricter than the
-interpreter the other tests run the kernels in. No GPU needed: kernels/check_compile.py drives the kernels' own launch
+interpreter the other tests run the kernels in. No GPU needed: nanokernels/check_compile.py drives the kernels' own launch
 code with an offline driver, compiles every autotune config, and checks shared memory, spills, wgmma and its width,
 the hardware fp8 cast and occupancy. Minutes on a cold cache: marked slow (deselect locally with -m "not slow")."""
 import os
@@ -19,7 +19,7 @@ KERNELS = ["_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel
                     reason="this Triton has no bundled NVIDIA tools")
 def test_every_kernel_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "kernels.check_compile", "-j", "2"], cwd=ROOT, env=env,
+    run = subprocess.run([sys.executable, "-m", "nanokernels.check_compile", "-j", "2"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=3600)  # cold: 20-40 min on 2 cores; warm: a minute
     print(run.stdout)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]

@@ -4,8 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from data.loader import BatchLoader, PrefixLoader
-from data.shards import HEADER_BYTES, ShardError, ShardWriter, read_shard, shard_paths, write_shard
+from nanogpt.loader import BatchLoader, PrefixLoader
+from nanogpt.shards import HEADER_BYTES, ShardError, ShardWriter, read_shard, shard_paths, write_shard
 
 
 @pytest.fixture

@@ -14,12 +14,12 @@ import pytest
 from conftest import ROOT, SHARED
 
 from data import download
-from data.download import DownloadError, download_file
 from data.fineweb10B import prepare as fineweb
 from data.fineweb10B.prepare import check_shard, shard_files
-from data.shards import ShardError, read_shard, shard_paths, write_shard
 from data.tinystories import prepare as tinystories
 from data.tinystories.prepare import EOT, FILES, iter_stories, iter_tokens, tokenize_documents, tokenize_single_process
+from nanogpt.download import DownloadError, download_file
+from nanogpt.shards import ShardError, read_shard, shard_paths, write_shard
 
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))  # GPT-2 BPE offline
 import tiktoken  # noqa: E402

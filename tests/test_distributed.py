@@ -8,8 +8,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from checkpoint import save_checkpoint, step_dirs
 from model import GPT, GPTConfig
+from nanogpt.checkpoint import save_checkpoint, step_dirs
 from tests.conftest import ROOT, TINY, run_script
 
 MODEL = dict(n_layer=4, n_embd=32, n_head=4, n_kv_head=1, attn_pattern="LG", local_window=8, kv_share=2,

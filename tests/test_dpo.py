@@ -1,4 +1,4 @@
-"""posttrain.py: the DPO / cDPO / IPO loss against hand-computed float64 values, its gradients and statistics,
+"""nanogpt/posttrain.py: the DPO / cDPO / IPO loss against hand-computed float64 values, its gradients and statistics,
 response log-probs against a log-softmax reference, and the new-token rows of a base checkpoint."""
 import math
 from dataclasses import asdict
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from posttrain import adapt_checkpoint, dpo_loss, pair_logprobs, response_logprobs
-from tokenizer import chat_spec
+from nanogpt.posttrain import adapt_checkpoint, dpo_loss, pair_logprobs, response_logprobs
+from nanogpt.tokenizer import chat_spec
 
 # Fixed summed log-probs of three pairs: policy chosen / rejected, reference chosen / rejected.
 # h = (pc - pr) - (rc - rr) = [1.5, 0.5, 0.0]

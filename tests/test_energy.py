@@ -1,4 +1,4 @@
-"""energy.py: the sampler against a known power trace, RAPL counters on a fake sysfs tree (wraparound included),
+"""nanogpt/energy.py: the sampler against a known power trace, RAPL counters on a fake sysfs tree (wraparound included),
 nvidia-smi parsing, the sum over two gloo processes, and the kWh / CO2e / projection arithmetic."""
 import json
 import os
@@ -9,9 +9,8 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import energy
-import metrics
-from checkpoint import load_checkpoint
+from nanogpt import energy, metrics
+from nanogpt.checkpoint import load_checkpoint
 from tests.conftest import TINY, run_script
 
 

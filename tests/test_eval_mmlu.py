@@ -1,4 +1,4 @@
-"""eval_mmlu.py and tasks/mmlu.py: prompt bytes (both headers), shot dropping, letter scoring (batched, with and without
+"""eval_mmlu.py and nanogpt/tasks/mmlu.py: prompt bytes (both headers), shot dropping, letter scoring (batched, with and without
 the shared few-shot prefix), metrics (ECE, the paper's RMS calibration error), the CSV reader, the download cache,
 end to end with per-question records."""
 import csv
@@ -19,13 +19,13 @@ from conftest import ROOT, SHARED
 
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))  # GPT-2 BPE files, offline
 
-from checkpoint import results_dir, save_checkpoint  # noqa: E402
 from data import download  # noqa: E402
-from data.download import DownloadError  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from scoring import Scorer, make_encoder  # noqa: E402
-from tasks import mmlu as E  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
+from nanogpt.checkpoint import results_dir, save_checkpoint  # noqa: E402
+from nanogpt.download import DownloadError  # noqa: E402
+from nanogpt.scoring import Scorer, make_encoder  # noqa: E402
+from nanogpt.tasks import mmlu as E  # noqa: E402
+from nanogpt.tokenizer import Tokenizer  # noqa: E402
 
 MMLU = os.path.join(SHARED, "data", "mmlu")
 TEST_SUBJECTS = ["abstract_algebra", "college_medicine", "high_school_geography", "marketing", "world_religions"]

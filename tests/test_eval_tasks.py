@@ -1,4 +1,4 @@
-"""eval.py's tasks and scoring.py: golden prompts written by hand from each task's published format, scoring on
+"""eval.py's tasks and nanogpt/scoring.py: golden prompts written by hand from each task's published format, scoring on
 crafted logits (acc vs acc_norm, Winogrande's partial scoring, TruthfulQA MC2, bits per byte), GSM8K and MMLU
 chain-of-thought answer extraction, batch 1 vs N, greedy generation and its stop strings, malformed rows (file and
 line), every download path against a local HTTP server (an interrupted one included), and eval.py end to end on a
@@ -19,14 +19,14 @@ import torch.nn.functional as F
 from conftest import ROOT, SHARED
 from test_data_download import server  # noqa: F401  (the local HTTP server fixture: Range requests, cut responses)
 
-import scoring
-from checkpoint import save_checkpoint
-from data.download import DownloadError
 from model import GPT, GPTConfig
-from scoring import Scorer, rolling_windows
-from tasks import TASKS, arc, bpb, gsm8k, hellaswag, mmlu_cot, truthfulqa, winogrande
-from tasks.common import Question, Settings, choice_record, draw_shots, read_json_array, read_jsonl
-from tokenizer import Tokenizer
+from nanogpt import scoring
+from nanogpt.checkpoint import save_checkpoint
+from nanogpt.download import DownloadError
+from nanogpt.scoring import Scorer, rolling_windows
+from nanogpt.tasks import TASKS, arc, bpb, gsm8k, hellaswag, mmlu_cot, truthfulqa, winogrande
+from nanogpt.tasks.common import Question, Settings, choice_record, draw_shots, read_json_array, read_jsonl
+from nanogpt.tokenizer import Tokenizer
 
 GPT2 = Tokenizer({"kind": "gpt2"})
 MMLU = os.path.join(SHARED, "data", "mmlu")

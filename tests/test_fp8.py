@@ -1,4 +1,4 @@
-"""kernels/fp8.py: Triton kernels (interpreted on CPU) against PyTorch references and float64, and the fp8 Linear."""
+"""nanokernels/fp8.py: Triton kernels (interpreted on CPU) against PyTorch references and float64, and the fp8 Linear."""
 import contextlib
 import copy
 import os
@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from conftest import ROOT
 
-from kernels.fp8 import (
+from nanokernels.fp8 import (
     E4M3,
     E5M2,
     EPS,

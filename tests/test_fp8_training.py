@@ -6,9 +6,9 @@ import random
 import pytest
 import torch
 
-from data.loader import BatchLoader
 from model import GPT, GPTConfig
-from optim import build_optimizer
+from nanogpt.loader import BatchLoader
+from nanogpt.optim import build_optimizer
 
 STEPS = 200
 SEED = random.SystemRandom().randrange(2**31)

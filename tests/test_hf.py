@@ -1,4 +1,4 @@
-"""Hugging Face import (hf.py) and export (export_hf.py) against transformers itself: tiny random models built
+"""Hugging Face import (nanogpt/hf.py) and export (tools/export_hf.py) against transformers itself: tiny random models built
 locally (never downloaded), logits compared in float32 on random tokens, exact round trips, and the refusals."""
 import json
 import os
@@ -7,14 +7,14 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from checkpoint import load_checkpoint
 from model import GPT, GPTConfig
+from nanogpt.checkpoint import load_checkpoint
 from tests.conftest import SHARED, TINY, run_script
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
-import export_hf  # noqa: E402  (after the skips: both need safetensors)
-import hf  # noqa: E402
+from nanogpt import hf  # noqa: E402
+from tools import export_hf  # noqa: E402  (after the skips: both need safetensors)
 
 SMALL = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)
@@ -158,7 +158,7 @@ def test_import_refuses_what_we_cannot_compute(tmp_path, seed, kind, change, rea
 
 @pytest.mark.parametrize("chat", [False, True])
 def test_gpt2_tokenizer_files_encode_like_tiktoken(tmp_path, seed, chat):
-    from tokenizer import Tokenizer, chat_spec, model_vocab_size
+    from nanogpt.tokenizer import Tokenizer, chat_spec, model_vocab_size
     spec = chat_spec() if chat else {"kind": "gpt2"}
     ours = Tokenizer(spec)
     _, ckpt = our_checkpoint(tiny_config(vocab_size=model_vocab_size(ours), n_embd=16, n_layer=1), spec)
@@ -199,21 +199,21 @@ def test_other_vocabularies_run_through_the_tokenizers_wrapper(tmp_path, seed):
 
 
 def test_export_command(tmp_path, seed):
-    from checkpoint import save_checkpoint
+    from nanogpt.checkpoint import save_checkpoint
     for name, overrides in (("ok", OURS["qwen3"]), ("relu2", dict(mlp="relu2"))):
         os.makedirs(tmp_path / name)
         save_checkpoint(our_checkpoint(tiny_config(**overrides))[1], str(tmp_path / name / "ckpt.pt"))
-    result = run_script("export_hf.py", f"--out_dir={tmp_path / 'ok'}", f"--hf_dir={tmp_path / 'hf'}")
+    result = run_script("tools/export_hf.py", f"--out_dir={tmp_path / 'ok'}", f"--hf_dir={tmp_path / 'hf'}")
     assert "(qwen3)" in result.stdout and (tmp_path / "hf" / "model.safetensors").exists()
-    again = run_script("export_hf.py", f"--out_dir={tmp_path / 'ok'}", f"--hf_dir={tmp_path / 'hf'}", check=False)
+    again = run_script("tools/export_hf.py", f"--out_dir={tmp_path / 'ok'}", f"--hf_dir={tmp_path / 'hf'}", check=False)
     assert again.returncode != 0 and "--overwrite=True" in again.stderr
-    refused = run_script("export_hf.py", f"--out_dir={tmp_path / 'relu2'}", f"--hf_dir={tmp_path / 'no'}", check=False)
+    refused = run_script("tools/export_hf.py", f"--out_dir={tmp_path / 'relu2'}", f"--hf_dir={tmp_path / 'no'}", check=False)
     assert refused.returncode != 0 and "mlp='relu2'" in refused.stderr and len(refused.stderr.splitlines()) == 1
     assert not (tmp_path / "no").exists()
 
 
 def test_train_and_sample_take_a_hugging_face_folder(tmp_path, data_root):
-    from tokenizer import dataset_spec
+    from nanogpt.tokenizer import dataset_spec
     spec = dataset_spec(os.path.join(data_root, "shakespeare_char"))
     cfg = GPTConfig(block_size=32, vocab_size=len(spec["chars"]), n_layer=2, n_embd=32, n_head=2, mlp="swiglu")
     checkpoint = {"model": GPT(cfg).state_dict(), "model_args": asdict(cfg), "tokenizer": spec}

@@ -1,4 +1,4 @@
-"""lm_eval_adapter.py: an lm-evaluation-harness task on local files through the adapter (lm-eval's own command line
+"""tools/lm_eval_adapter.py: an lm-evaluation-harness task on local files through the adapter (lm-eval's own command line
 and file-based dataset loading, hub and network off), item by item against our own ARC scorer; rolling
 log-likelihoods against lm-eval's own window code, and generation against the model's own generate. Skipped when
 lm-eval is not installed: it is an optional dependency (`pip install lm-eval==0.4.13`)."""
@@ -14,9 +14,9 @@ import torch
 from conftest import ROOT
 from test_eval_tasks import GPT2, arc_rows, jsonl, text, tiny_gpt2_checkpoint
 
-from scoring import load_scorer
-from tasks import arc
-from tasks.common import Settings
+from nanogpt.scoring import load_scorer
+from nanogpt.tasks import arc
+from nanogpt.tasks.common import Settings
 
 pytest.importorskip("lm_eval")
 
@@ -56,7 +56,7 @@ def test_an_lm_eval_task_through_the_adapter_matches_our_scorer_item_by_item(tmp
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "arc_local.yaml").write_text(TASK_YAML.format(path=tmp_path / "hub.jsonl"))
     out = tiny_gpt2_checkpoint(tmp_path / "out")
-    cmd = [sys.executable, "lm_eval_adapter.py", "--model", "nanogpt", "--model_args", f"out_dir={out}",
+    cmd = [sys.executable, "tools/lm_eval_adapter.py", "--model", "nanogpt", "--model_args", f"out_dir={out}",
            "--tasks", "nanogpt_arc_local", "--include_path", str(tmp_path / "tasks"), "--log_samples",
            "--output_path", str(tmp_path / "lm_eval"), "--batch_size", "3", "--device", "cpu"]
     env = {**os.environ, **OFFLINE, "HF_HOME": str(tmp_path / "hf")}
@@ -81,7 +81,7 @@ def test_rolling_loglikelihood_and_generation_through_the_adapter(tmp_path, seed
     from lm_eval.api.instance import Instance
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-    import lm_eval_adapter
+    from tools import lm_eval_adapter
 
     torch.manual_seed(seed)
     rng = random.Random(seed)

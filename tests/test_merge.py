@@ -1,4 +1,4 @@
-"""merge.py: each method against merges worked out by hand on small float64 tensors, SLERP's endpoints and
+"""tools/merge.py: each method against merges worked out by hand on small float64 tensors, SLERP's endpoints and
 midpoint, DARE's expectation, TIES's sign election, and whole checkpoints (refusals, the command)."""
 import math
 import os
@@ -7,10 +7,10 @@ from dataclasses import asdict
 import pytest
 import torch
 
-import merge
-from checkpoint import load_model, save_checkpoint
 from model import GPT, GPTConfig
+from nanogpt.checkpoint import load_model, save_checkpoint
 from tests.conftest import run_script
+from tools import merge
 
 
 def f64(*values):
@@ -99,19 +99,19 @@ def test_merge_command(tmp_path, seed):
     for name in ("base", "a", "b"):
         tiny_checkpoint(tmp_path / name)
     out = tmp_path / "merged"
-    result = run_script("merge.py", "--method=ties", f"--models={tmp_path / 'a'},{tmp_path / 'b'}",
+    result = run_script("tools/merge.py", "--method=ties", f"--models={tmp_path / 'a'},{tmp_path / 'b'}",
                         f"--base={tmp_path / 'base'}", "--weights=0.5,0.5", f"--out_dir={out}")
     assert "merged 2 models (ties)" in result.stdout
     model, tokenizer, ckpt = load_model(str(out))
     assert ckpt["config"]["merge"]["method"] == "ties" and tokenizer.vocab_size == 11
-    bad = run_script("merge.py", "--method=slerp", f"--models={tmp_path / 'a'},{tmp_path / 'b'},{tmp_path / 'base'}",
+    bad = run_script("tools/merge.py", "--method=slerp", f"--models={tmp_path / 'a'},{tmp_path / 'b'},{tmp_path / 'base'}",
                      f"--out_dir={tmp_path / 'x'}", check=False)
     assert bad.returncode == 2 and bad.stderr.strip() == "config error: slerp merges exactly two models, got 3"
 
 
 def test_hugging_face_folders_merge_like_checkpoints(tmp_path, seed):
     pytest.importorskip("safetensors")
-    import export_hf
+    from tools import export_hf
     a, b = (tiny_checkpoint(tmp_path / name, mlp="swiglu") for name in ("a", "b"))
     export_hf.export(a, str(tmp_path / "a-hf"))
     merged = merge.merged_checkpoint("slerp", [f"hf:{tmp_path / 'a-hf'}", str(tmp_path / "b")], t=0.25)

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.attention import flash_decode
 from model import GPT, GPTConfig, KVCache, MoE, attention_mask, layer_plan
-from optim import build_optimizer
+from nanogpt.optim import build_optimizer
+from nanokernels.attention import flash_decode
 
 pytestmark = pytest.mark.usefixtures("seed")  # every test: a fresh printed seed (tests/conftest.py)
 
@@ -309,7 +309,7 @@ def test_kv_cache_bytes_for_the_7b_shape():
 def test_triton_attention_trains_and_generates_like_sdpa(monkeypatch):
     """The hybrid / shared-KV / GQA model through the Triton kernel (interpreter on CPU) against PyTorch SDPA; the
     cached decode steps go through the decode kernel."""
-    from kernels import attention
+    from nanokernels import attention
     decode_calls = []
     monkeypatch.setattr(attention, "flash_decode", lambda *a, **kw: decode_calls.append(1) or flash_decode(*a, **kw))
     cfg = tiny(n_layer=3, n_head=2, n_kv_head=1, attn_pattern="LLG", local_window=5, kv_share=2, block_size=24)

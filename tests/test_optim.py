@@ -1,4 +1,4 @@
-"""optim.py against independent references: Newton-Schulz against the SVD, Muon steps against a naive float64
+"""nanogpt/optim.py against independent references: Newton-Schulz against the SVD, Muon steps against a naive float64
 implementation, the schedules at their edges, the parameter groups, and the optimizer state the memory plan counts.
 Distributed Muon (DDP, FSDP2) against one process is in tests/test_distributed.py; exact resume in test_train.py."""
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from optim import (
+from nanogpt.optim import (
     MUON_GROUPS,
     NEWTON_SCHULZ,
     Muon,

@@ -8,11 +8,11 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, save_checkpoint
 from model import GPT, GPTConfig
-from posttrain import pair_logprobs
+from nanogpt.checkpoint import load_checkpoint, save_checkpoint
+from nanogpt.posttrain import pair_logprobs
+from nanogpt.tokenizer import chat_spec
 from tests.conftest import run_script
-from tokenizer import chat_spec
 
 pytestmark = pytest.mark.usefixtures("seed")
 QA = [("What is the capital of France?", "Paris."), ("Name a primary colour.", "Red, for one."),
@@ -78,7 +78,7 @@ def test_masked_loss_equals_a_hand_computed_float64_mean_over_assistant_tokens(t
     run_script("train.py", *SMALL, f"--data_root={data}", "--dataset=chat", f"--init_from={init}", "--max_iters=0",
                "--batch_size=2", f"--out_dir={out}", "--eval_only=True")
     logged = json.loads(open(out / "metrics.jsonl").readline())["val_loss"]
-    from data.loader import BatchLoader
+    from nanogpt.loader import BatchLoader
     loader = BatchLoader([os.path.join(data, "chat")], "val", 2, 64, seed=1337 + 7)
     x, y = loader.next_batch()
     model = GPT(GPTConfig(**load_checkpoint(init)["model_args"])).double()
@@ -117,7 +117,7 @@ def test_dpo_prefers_chosen_replies_and_keeps_its_reference_frozen(tmp_path):
     assert after["val_margin"] > 0.5 and after["val_accuracy"] > 0.5 > before["val_accuracy"]
     assert after["val_likelihood_accuracy"] >= before["val_likelihood_accuracy"]
     # the logged rewards are beta * (log pi - log pi_ref) with pi_ref the unchanged starting weights
-    from data.loader import BatchLoader
+    from nanogpt.loader import BatchLoader
     val = BatchLoader([os.path.join(data, "pairs")], "val", 4, 64, seed=1337 + 7)
     batch = val.next_batch()
     models = []

@@ -13,16 +13,16 @@ import tiktoken
 from conftest import SHARED, run_script
 from test_data_download import server  # noqa: F401  (the local HTTP server fixture)
 
-from chat_format import render
 from data.chat import prepare as chat_prepare
 from data.chat.prepare import pack, pair_rows, read_items, split_val
-from data.download import DownloadError
 from data.gsm8k import prepare as gsm8k
 from data.hh_rlhf import prepare as hh_rlhf
 from data.hh_rlhf.prepare import pair, read_pairs
-from data.loader import BatchLoader
-from data.shards import write_shard
-from tokenizer import Tokenizer, chat_spec, save_dataset_spec
+from nanogpt.chat_format import render
+from nanogpt.download import DownloadError
+from nanogpt.loader import BatchLoader
+from nanogpt.shards import write_shard
+from nanogpt.tokenizer import Tokenizer, chat_spec, save_dataset_spec
 
 GSM8K_TRAIN = os.path.join(SHARED, "data", "gsm8k", "train.jsonl")
 HH_TEST = os.path.join(SHARED, "data", "hh-rlhf", "harmless-base-test.jsonl.gz")

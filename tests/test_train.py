@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, save_checkpoint
+from nanogpt.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import SHARED, TINY, run_script
 
 
@@ -86,7 +86,7 @@ def test_checkpoint_write_failure_keeps_previous(tmp_path, monkeypatch):
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
-    from checkpoint import model_from_checkpoint
+    from nanogpt.checkpoint import model_from_checkpoint
     with pytest.raises(ValueError, match="another model version"):
         model_from_checkpoint({"model": {}, "model_args": {"n_layer": 2, "not_a_field": 1}})
     with pytest.raises(ValueError, match="not a checkpoint"):
@@ -134,8 +134,8 @@ def test_speedrun_stops_at_the_first_evaluation_that_reaches_the_target(tmp_path
 def test_speedrun_config_plans_and_runs_shrunk_on_the_cpu(tmp_path, seed):
     import numpy as np
 
-    from data.shards import write_shard
-    from tokenizer import save_dataset_spec
+    from nanogpt.shards import write_shard
+    from nanogpt.tokenizer import save_dataset_spec
     plan = run_script("train.py", "config/speedrun_gpt2.py", "--dry_run=True", f"--data_root={tmp_path}")
     assert "parameters:" in plan.stdout and "total per GPU" in plan.stdout
     fineweb = tmp_path / "fineweb10B"  # FineWeb-format shards of random GPT-2 ids

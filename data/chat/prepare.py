@@ -7,7 +7,7 @@ Every line of the inputs (plain or gzipped) holds one of two formats, the same i
     {"messages": [{"role": "system|user|assistant", "content": "..."}, ...]}           a conversation
     {"prompt": [messages ending with a user message], "chosen": "...", "rejected": "..."}  a preference pair
 
-Rendering is chat_format.py's (GPT-2 BPE + the chat tokens): loss mask 1 on assistant replies and their end token.
+Rendering is nanogpt/chat_format.py's (GPT-2 BPE + the chat tokens): loss mask 1 on assistant replies and their end token.
 A seeded shuffle holds out `--val_fraction` of the items as the val split (the same items for the same inputs and
 seed). The other scripts that make post-training data (data/gsm8k, data/hh_rlhf) write through this one's functions.
 
@@ -33,10 +33,10 @@ sys.path.insert(0, os.path.join(HERE, "..", ".."))
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from chat_format import check_messages, render, render_reply  # noqa: E402
-from data.download import run_main  # noqa: E402
-from data.shards import RowWriter, write_rows_info  # noqa: E402
-from tokenizer import Tokenizer, chat_spec, save_dataset_spec  # noqa: E402
+from nanogpt.chat_format import check_messages, render, render_reply  # noqa: E402
+from nanogpt.download import run_main  # noqa: E402
+from nanogpt.shards import RowWriter, write_rows_info  # noqa: E402
+from nanogpt.tokenizer import Tokenizer, chat_spec, save_dataset_spec  # noqa: E402
 
 FORMATS = ('{"messages": [...]} (a conversation) or {"prompt": [...], "chosen": "...", "rejected": "..."} '
            '(a preference pair)')

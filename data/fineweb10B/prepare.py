@@ -18,9 +18,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
 import numpy as np  # noqa: E402
 
-from data.download import download_file, run_main  # noqa: E402
-from data.shards import HEADER_BYTES, ShardError, read_header  # noqa: E402
-from tokenizer import save_dataset_spec  # noqa: E402
+from nanogpt.download import download_file, run_main  # noqa: E402
+from nanogpt.shards import HEADER_BYTES, ShardError, read_header  # noqa: E402
+from nanogpt.tokenizer import save_dataset_spec  # noqa: E402
 
 BASE_URL = "https://huggingface.co/datasets/kjj0/fineweb10B-gpt2/resolve/main"
 

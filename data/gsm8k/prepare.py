@@ -16,7 +16,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
 from data.chat.prepare import check_args, parser_for, read_jsonl, split_val, write_dataset  # noqa: E402
-from data.download import download_file, run_main  # noqa: E402
+from nanogpt.download import download_file, run_main  # noqa: E402
 
 BASE_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data"
 FILES = ("train.jsonl", "test.jsonl")

@@ -10,10 +10,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
 import numpy as np  # noqa: E402
 
-from data.download import run_main  # noqa: E402
 from data.shakespeare_char.prepare import get_text, parse_args  # noqa: E402
-from data.shards import write_shard  # noqa: E402
-from tokenizer import Tokenizer, save_dataset_spec  # noqa: E402
+from nanogpt.download import run_main  # noqa: E402
+from nanogpt.shards import write_shard  # noqa: E402
+from nanogpt.tokenizer import Tokenizer, save_dataset_spec  # noqa: E402
 
 
 def main(argv=None):

@@ -12,9 +12,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
 import numpy as np  # noqa: E402
 
-from data.download import SHAKESPEARE_URL, download_file, run_main  # noqa: E402
-from data.shards import write_shard  # noqa: E402
-from tokenizer import save_dataset_spec  # noqa: E402
+from nanogpt.download import SHAKESPEARE_URL, download_file, run_main  # noqa: E402
+from nanogpt.shards import write_shard  # noqa: E402
+from nanogpt.tokenizer import save_dataset_spec  # noqa: E402
 
 
 def get_text(input_path, out_dir, url=SHAKESPEARE_URL):

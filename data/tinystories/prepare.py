@@ -20,9 +20,9 @@ import numpy as np  # noqa: E402
 import tiktoken  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from data.download import download_file, run_main  # noqa: E402
-from data.shards import ShardWriter  # noqa: E402
-from tokenizer import save_dataset_spec  # noqa: E402
+from nanogpt.download import download_file, run_main  # noqa: E402
+from nanogpt.shards import ShardWriter  # noqa: E402
+from nanogpt.tokenizer import save_dataset_spec  # noqa: E402
 
 BASE_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main"
 FILES = {"train": "TinyStoriesV2-GPT4-train.txt", "val": "TinyStoriesV2-GPT4-valid.txt"}

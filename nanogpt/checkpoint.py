@@ -1,0 +1,261 @@
+"""Checkpoints: written to a temp file and renamed (a crash never leaves a half-written file as the latest), read
+without running code (torch.load with weights_only=True: tensors and plain containers only), and loaded with
+errors that say what went wrong. `load_model` is what sample.py and eval_mmlu.py use."""
+import errno
+import os
+import pickle
+import re
+import shutil
+from dataclasses import asdict
+
+import torch
+
+from model import GPT, GPTConfig
+from nanogpt.tokenizer import Tokenizer
+
+# model_args keys that older checkpoints saved but that are not part of the architecture (the attention kernel is
+# chosen by the process that runs the model): ignored when reading
+NOT_ARCHITECTURE = ("attn_impl",)
+
+
+def to_cpu(obj):
+    """A state with every tensor on the CPU (XLA tensors must leave the device before torch.save)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+class CheckpointWriteError(OSError):
+    pass
+
+
+def save_checkpoint(state, path):
+    """torch.save to path.tmp<PID>, then rename over path. On failure the temp file goes and the previous
+    checkpoint stays; a full disk is named as such (torch reports it as 'unexpected pos ...')."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never a mix
+    except (OSError, RuntimeError) as e:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free  # the temp file still holds its space
+        full = getattr(e, "errno", None) == errno.ENOSPC or free < 2**20
+        reason = f"no space left on the disk ({free / 2**20:.1f} MiB free)" if full else str(e)
+        kept = "the previous checkpoint is kept" if os.path.exists(path) else "no checkpoint was written"
+        raise CheckpointWriteError(f"could not write {path}: {reason}; {kept}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_state(path, map_location="cpu"):
+    """torch.load of a file this repo wrote: tensors and plain containers only, so a crafted file cannot run code."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"unsupported GLOBAL (\S+)", str(e))
+        what = f"it names {found.group(1)}" if found else "it holds more than tensors and plain data"
+        raise RuntimeError(f"{path} is not a readable checkpoint of this repo ({what}); nothing in it was run") from e
+    except Exception as e:
+        raise RuntimeError(f"{path} is not a readable checkpoint of this repo ({str(e).splitlines()[0]}); "
+                           "nothing in it was run") from e
+
+
+def load_checkpoint(path, map_location="cpu"):
+    if not os.path.exists(path):
+        out_dir = (os.path.dirname(path) or ".") if path.endswith(".pt") else path  # else: a run not trained yet
+        raise FileNotFoundError(f"no checkpoint at {path}: train one first, e.g. `python train.py --out_dir={out_dir}`")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder: give the ckpt.pt inside it (or a sharded run's out_dir to "
+                                "sample.py / eval scripts)")
+    ckpt = read_state(path, map_location)
+    missing = {"model", "model_args"} - set(ckpt) if isinstance(ckpt, dict) else {"model", "model_args"}
+    if missing:
+        raise ValueError(f"{path} lacks {sorted(missing)}: not a checkpoint of this repo's train.py")
+    return ckpt
+
+
+def clean_state_dict(state):
+    """Strip the wrappers' prefixes (torch.compile's _orig_mod., DDP's module.) from parameter names."""
+    return {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in state.items()}
+
+
+def architecture(ckpt):
+    """The GPTConfig fields a checkpoint saved, without the runtime settings older versions kept there."""
+    return {k: v for k, v in ckpt["model_args"].items() if k not in NOT_ARCHITECTURE}
+
+
+def architecture_for(settings, explicit, ckpt=None):
+    """GPTConfig's fields for a run: its settings, or when it starts from a checkpoint the checkpoint's own (context
+    and dropout stay the settings'). A setting given explicitly (`explicit`: names) that contradicts the checkpoint
+    is an error, never silently dropped."""
+    if ckpt is None:
+        return settings
+    theirs = {k: v for k, v in asdict(GPTConfig(**architecture(ckpt))).items() if k not in ("block_size", "dropout")}
+    clash = {k: (theirs[k], settings[k]) for k in explicit & theirs.keys() & settings.keys()
+             if theirs[k] != settings[k]}
+    if clash:
+        raise ValueError(f"the checkpoint's model differs from these settings (checkpoint, setting): {clash}; drop "
+                         "the settings (the checkpoint's architecture is used) or start from scratch")
+    return dict(settings, **theirs)
+
+
+def check_compatible(ckpt, cfg):
+    """A ValueError unless a checkpoint's weights fit the model of `cfg`: context and dropout may change."""
+    theirs = asdict(GPTConfig(**architecture(ckpt)))  # defaults filled in as they were when it was written
+    differ = {k: (theirs.get(k), v) for k, v in asdict(cfg).items()
+              if k not in ("block_size", "dropout") and theirs.get(k) != v}
+    if differ:
+        raise ValueError(f"the checkpoint's model differs from this config (checkpoint, config): {differ}; "
+                         "set the same values (or start from scratch)")
+
+
+def model_from_checkpoint(ckpt, path="checkpoint", attn_impl="sdpa"):
+    """Build the GPT a checkpoint describes and load its weights, with a clear error for a mismatched model."""
+    try:
+        model = GPT(GPTConfig(**architecture(ckpt)), attn_impl=attn_impl)
+    except TypeError as e:
+        raise ValueError(f"{path}: its model_args do not fit this model.py ({e}); it comes from another model "
+                         "version") from e
+    result = model.load_state_dict(clean_state_dict(ckpt["model"]), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{path}: weights do not match the model it describes "
+                         f"(missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})")
+    return model
+
+
+def read_checkpoint(source):
+    """The checkpoint dict of a run folder (its ckpt.pt, else its newest sharded step_N/), a step_N/ folder, a
+    ckpt.pt path, or hf:FOLDER (a Hugging Face model, converted by nanogpt/hf.py): every place that takes a model takes
+    these."""
+    if source.startswith("hf:"):
+        from nanogpt import hf
+        return hf.load(source[3:])
+    if os.path.isdir(source) and os.path.exists(os.path.join(source, "meta.pt")):
+        return consolidate(source)
+    if os.path.isdir(source):
+        sharded = step_dirs(source)
+        if not os.path.exists(os.path.join(source, "ckpt.pt")) and sharded:
+            return consolidate(sharded[-1])
+        source = os.path.join(source, "ckpt.pt")
+    return load_checkpoint(source)
+
+
+def results_dir(source):
+    """The folder an evaluation of `source` writes its results into: the run folder, the folder of a ckpt.pt or a
+    step_N/ folder's run, or an hf: folder."""
+    path = source[3:] if source.startswith("hf:") else source
+    if os.path.isfile(path) or (os.path.isdir(path) and os.path.exists(os.path.join(path, "meta.pt"))):
+        return os.path.dirname(os.path.abspath(path))
+    return path
+
+
+def load_model(out_dir, device="cpu", attn_impl="sdpa"):
+    """(model in eval mode on `device` with the given attention kernel, its Tokenizer, the raw checkpoint dict) from
+    any source read_checkpoint takes: a run folder, a step_N/ folder, a ckpt.pt, or hf:FOLDER."""
+    ckpt = read_checkpoint(out_dir)
+    model = model_from_checkpoint(ckpt, out_dir, attn_impl).to(device).eval()
+    return model, Tokenizer(ckpt.get("tokenizer", {"kind": "gpt2"})), ckpt
+
+
+# ------------------------------------------------- sharded checkpoints (FSDP): torch.distributed.checkpoint folders
+
+def has_checkpoint(out_dir):
+    return os.path.exists(os.path.join(out_dir, "ckpt.pt")) or bool(step_dirs(out_dir))
+
+
+def remove_stale_writes(out_dir):
+    """Delete what killed writers left in out_dir: ckpt.pt.tmp<PID> files whose process is gone, and unfinished
+    sharded step_N.tmp folders (run before this run writes anything). Returns the removed names."""
+    removed = []
+    for name in sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []:
+        path = os.path.join(out_dir, name)
+        temp_file = re.fullmatch(r".+\.tmp(\d+)", name)
+        if temp_file and os.path.isfile(path) and not process_alive(int(temp_file.group(1))):
+            os.remove(path)
+        elif re.fullmatch(r"step_\d+\.tmp", name) and os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def step_dirs(out_dir):
+    """Complete sharded checkpoints, oldest first: out_dir/step_NNNNNN (a .tmp folder is an unfinished write)."""
+    if not os.path.isdir(out_dir):
+        return []
+    names = sorted((n for n in os.listdir(out_dir) if n.startswith("step_") and n[5:].isdigit()),
+                   key=lambda n: int(n[5:]))
+    return [os.path.join(out_dir, n) for n in names if os.path.exists(os.path.join(out_dir, n, "meta.pt"))]
+
+
+def save_sharded(out_dir, step, model, optimizer, meta, keep=2):
+    """Every rank writes its shards into step_N.tmp; rank 0 adds meta.pt and renames the folder when all are done."""
+    import shutil
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = os.path.join(out_dir, f"step_{step:06d}")
+    tmp = final + ".tmp"
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        torch.save(meta, os.path.join(tmp, "meta.pt"))
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in step_dirs(out_dir)[:-keep]:
+            shutil.rmtree(old)
+    dist.barrier()
+
+
+def load_sharded(path, model, optimizer):
+    """Load a sharded checkpoint into an FSDP model and optimizer (any world size); return its meta dict."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return read_state(os.path.join(path, "meta.pt"))
+
+
+def consolidate(path):
+    """A sharded checkpoint folder as one ckpt.pt-style dict (model weights + meta), in a single process."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(path, os.path.join(tmp, "full.pt"))
+        full = read_state(os.path.join(tmp, "full.pt"))
+    meta = read_state(os.path.join(path, "meta.pt"))
+    return dict(meta, model=full["model"])
+
+
+def consolidate_newest(out_dir):
+    """Write out_dir/ckpt.pt from the newest sharded checkpoint (for sample.py, eval_mmlu.py or sharing)."""
+    dirs = step_dirs(out_dir)
+    if not dirs:
+        raise FileNotFoundError(f"no sharded checkpoint (step_*/) in {out_dir}")
+    save_checkpoint(consolidate(dirs[-1]), os.path.join(out_dir, "ckpt.pt"))
+    return dirs[-1]
+
