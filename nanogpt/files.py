@@ -1,0 +1,81 @@
+"""Reading and writing the repo's small files, one way everywhere.
+
+Writes go to a temp file beside the target and are renamed over it (atomic on POSIX): a reader, or a crash, never
+sees half a file. Reads of JSON and JSON-lines name the file (and the line) in their one-line errors, and a JSON-lines
+file whose last line was cut by a crash keeps every complete line before it.
+"""
+import contextlib
+import json
+import os
+
+
+class FileFormatError(ValueError):
+    """A file this repo reads holds something else: the message names the file (and line) and what is wrong."""
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temp path beside `path` to write to; on success it is renamed over `path`, on failure removed."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_atomic(path, data):
+    """Write a str or bytes to path through a temp file and a rename."""
+    with atomic_path(path) as tmp:
+        if isinstance(data, bytes):
+            with open(tmp, "wb") as f:
+                f.write(data)
+        else:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(data)
+
+
+def write_json(path, obj, indent=1):
+    write_atomic(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def read_text(path):
+    """A UTF-8 text file; a missing file or invalid UTF-8 is a FileFormatError / FileNotFoundError naming it."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise FileFormatError(f"{path}:{line}: not valid UTF-8 (byte {e.start})") from None
+
+
+def read_json(path):
+    text = read_text(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FileFormatError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def read_jsonl(path, tolerate_cut_tail=False):
+    """The rows of a JSON-lines file. tolerate_cut_tail: a last line without its newline that does not parse (a
+    writer killed mid-line) is dropped with a warning instead of an error; every earlier line must parse."""
+    text = read_text(path)
+    lines = text.split("\n")
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if tolerate_cut_tail and n == len(lines):  # the last line, not newline-terminated
+                print(f"warning: {path}:{n}: dropped a cut last line (a crash mid-write); earlier rows kept")
+                break
+            raise FileFormatError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    return rows
