@@ -16,7 +16,6 @@ from typing import Literal
 import torch
 
 from configurator import at_least, configure, require
-from model import KVCache, sample_next
 from nanogpt.chat_format import chat_tokens, render_prompt
 from nanogpt.runtime import ATTN_IMPLS, DTYPE_SETTINGS, load_for_inference
 
@@ -31,44 +30,37 @@ seed = 1337                    # the sampling RNG
 device = "auto"                # 'auto' (cuda, else cpu), 'cpu', 'cuda', 'xla'
 dtype: Literal[DTYPE_SETTINGS] = "auto"  # 'auto': bfloat16 on CUDA and XLA, else float32
 attn_impl: Literal[ATTN_IMPLS] = "auto"  # 'auto' (triton on CUDA, sdpa elsewhere)
-config = configure(globals())
-at_least(config, 1, "max_new_tokens")
-at_least(config, 0, "temperature", "top_k")
-require(0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}")
-
-model, tokenizer, _, device, _, autocast = load_for_inference(out_dir, device, dtype, attn_impl)
-torch.manual_seed(seed)
-try:
-    end_of_reply = chat_tokens(tokenizer)["assistant"][1]
-except ValueError as e:  # a base or character-level model
-    raise SystemExit(f"{out_dir}: {e}. chat.py needs a post-trained chat model; continue this one's text with "
-                     f"`python sample.py --out_dir={out_dir}`")
 
 
-def generate(context):
+def check_settings(config):
+    at_least(config, 1, "max_new_tokens")
+    at_least(config, 0, "temperature", "top_k")
+    require(0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}")
+
+
+def end_of_reply_token(tokenizer):
+    try:
+        return chat_tokens(tokenizer)["assistant"][1]
+    except ValueError as e:  # a base or character-level model
+        raise SystemExit(f"{out_dir}: {e}. chat.py needs a post-trained chat model; continue this one's text with "
+                         f"`python sample.py --out_dir={out_dir}`")
+
+
+def reply_tokens(model, tokenizer, context, device):
     """Reply tokens after the ids `context`, one at a time, until <|assistant_end|> or max_new_tokens."""
-    block = model.config.block_size
-    ids, cache = list(context), None
-    for _ in range(max_new_tokens):
-        if cache is None or cache.pos >= block:
-            keep = block if cache is None else block * 3 // 4
-            cache = KVCache(model.config)
-            logits, _ = model(torch.tensor([ids[-keep:]], device=device), cache=cache)
-        else:
-            logits, _ = model(torch.tensor([ids[-1:]], device=device), cache=cache)
-        logits[:, tokenizer.vocab_size:] = float("-inf")  # the padding rows are no tokens
-        token = sample_next(logits, temperature, top_k or None, top_p).item()
-        if token == end_of_reply:
+    end_of_reply = end_of_reply_token(tokenizer)
+    for token in model.generate_tokens(torch.tensor([context], device=device), max_new_tokens, temperature,
+                                       top_k or None, top_p, vocab_limit=tokenizer.vocab_size):
+        if token.item() == end_of_reply:
             return
-        ids.append(token)
-        yield token
+        yield token.item()
 
 
-def stream_reply(messages):
+def stream_reply(model, tokenizer, device, autocast, messages):
     """Print the assistant's reply to messages as it is generated; return its text."""
     reply, shown = [], 0
     with torch.no_grad(), autocast:  # (inference_mode tensors are refused by XLA)
-        for token in generate(render_prompt(tokenizer, messages)):
+        for token in reply_tokens(model, tokenizer, render_prompt(tokenizer, messages), device):
             reply.append(token)
             text = tokenizer.decode(reply)
             if not text.endswith("\ufffd"):  # a character split across tokens waits for its last bytes
@@ -83,7 +75,7 @@ def opening():
     return [{"role": "system", "content": system}] if system else []
 
 
-def chat():
+def chat(model, tokenizer, device, autocast):
     """Read a message, stream the reply, until Ctrl-D; /reset forgets the conversation."""
     print(f"{out_dir}: {model.num_params():,} parameters, {tokenizer.describe()}, context {model.config.block_size}. "
           "Ctrl-D quits, /reset starts over.", file=sys.stderr)
@@ -99,13 +91,23 @@ def chat():
         elif text.strip():
             messages.append({"role": "user", "content": text})
             print("bot> ", end="", flush=True)
-            messages.append({"role": "assistant", "content": stream_reply(messages)})
+            messages.append({"role": "assistant", "content": stream_reply(model, tokenizer, device, autocast,
+                                                                          messages)})
 
 
-try:
-    if prompt:
-        stream_reply(opening() + [{"role": "user", "content": prompt}])
-    else:
-        chat()
-except KeyboardInterrupt:
-    print()
+def main():
+    check_settings(configure(globals()))
+    model, tokenizer, _, dev, _, autocast = load_for_inference(out_dir, device, dtype, attn_impl)
+    end_of_reply_token(tokenizer)  # refuse a base model before the first prompt
+    torch.manual_seed(seed)
+    try:
+        if prompt:
+            stream_reply(model, tokenizer, dev, autocast, opening() + [{"role": "user", "content": prompt}])
+        else:
+            chat(model, tokenizer, dev, autocast)
+    except KeyboardInterrupt:
+        print()
+
+
+if __name__ == "__main__":
+    main()

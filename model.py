@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -213,8 +212,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, cfg.n_embd, bias=False)
 
     def forward(self, x):
+        """(output, None): the same contract as MoE, which also returns its balance loss."""
         h = F.silu(self.gate_proj(x)) * self.up_proj(x) if self.swiglu else F.relu(self.up_proj(x)).square()
-        return self.down_proj(h)
+        return self.down_proj(h), None
 
 
 class MoE(nn.Module):
@@ -238,6 +238,7 @@ class MoE(nn.Module):
         # checkpoint recomputes need no plumbing (a recompute counts twice; the sign update does not change)
         self.register_buffer("load", torch.zeros(E), persistent=False)
         self.fp8_linear = None                              # set by model.convert_fp8(): runs experts in fp8
+        self.dense_dispatch = False  # every expert on every token: static shapes, for XLA (set by parallel.py)
 
     def forward(self, x):
         """(output, balance loss: a scalar tensor while training with moe_aux_alpha > 0, else None)."""
@@ -251,12 +252,12 @@ class MoE(nn.Module):
         if self.training:
             self.load += F.one_hot(chosen, self.cfg.n_expert).sum((0, 1)).to(self.load.dtype)  # static shape
             aux_loss = self.balance_loss(scores.view(B, T, -1), chosen.view(B, T, -1))
-        if x.device.type == "xla":  # XLA needs static shapes: every expert on every token, unchosen gates zero
+        if self.dense_dispatch:
             out = self.run_experts_dense(tokens, chosen, gates.to(x.dtype))
         else:
             out = self.run_experts(tokens, chosen, gates.to(x.dtype))
         if self.shared is not None:
-            out = out + self.shared(tokens)
+            out = out + self.shared(tokens)[0]
         return out.view(B, T, d), aux_loss
 
     def run_experts(self, tokens, chosen, gates):
@@ -327,7 +328,7 @@ class Block(nn.Module):
         self.checkpoint = False  # activation checkpointing: keep only the input, recompute the rest in backward
 
     def forward(self, x, cos, sin, kv=None, cache=None, ve=None):
-        """Returns (x, kv, MoE balance loss or None). K/V travel as arguments and results, not in a shared dict:
+        """Returns (x, kv, the MoE balance loss or None). K/V travel as arguments and results, not in a shared dict:
         FSDP copies containers."""
         if self.checkpoint and self.training and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, kv, cache, ve, use_reentrant=False)
@@ -336,9 +337,8 @@ class Block(nn.Module):
     def _forward(self, x, cos, sin, kv, cache, ve):
         h, kv = self.attn(self.attn_norm(x), cos, sin, kv, cache, ve)
         x = x + self.dropout(h)
-        h = self.mlp(self.mlp_norm(x))
-        h, aux_loss = h if isinstance(self.mlp, MoE) else (h, None)
-        return x + self.dropout(h), kv, aux_loss
+        h, balance = self.mlp(self.mlp_norm(x))
+        return x + self.dropout(h), kv, balance
 
 
 # ------------------------------------------------------------------------------------------------------- KV cache
@@ -459,6 +459,23 @@ class LMHead(nn.Linear):
         return torch.cat([run(x[i:i + chunk_rows], targets[i:i + chunk_rows]) for i in range(0, len(x), chunk_rows)])
 
 
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Next tokens (B, 1) from last-position logits (B, V): greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    # max first and a temperature no smaller than the dtype can hold: a vanishing temperature tends to greedy
+    logits = (logits - logits.amax(-1, keepdim=True)) / max(temperature, torch.finfo(logits.dtype).tiny)
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+
+
 # ----------------------------------------------------------------------------------------------------------- model
 
 class GPT(nn.Module):
@@ -500,43 +517,39 @@ class GPT(nn.Module):
             if hasattr(module, name):
                 nn.init.normal_(getattr(module, name).weight, std=writer_std)
 
-    def forward(self, idx, targets=None, cache=None, last_pos=None, reduction="mean", all_logits=False, hidden=False):
-        """With targets (-1 = no loss there): (None, loss), the logits never materialised whole. reduction 'mean'
-        averages the cross-entropy over the counted targets, 'sum' adds it up (both plus the MoE balance losses
-        while training); 'none' gives the (B, T) cross-entropy per position, 0 where ignored.
-        Without targets: (logits at last_pos (B,) or at the last position, None); all_logits: (B, T, V) logits;
-        hidden: the (B, T, n_embd) final-norm states instead of logits (the caller applies lm_head where it needs)."""
+    def forward(self, idx, targets=None, cache=None, per_token=False):
+        """Two paths.
+        Loss (targets given; -1 marks a position without a loss): returns (ce, balance). ce is the cross-entropy
+        summed over the counted targets, or per position (B, T) with per_token (0 where not counted); the logits
+        are never held whole. balance is the MoE balance loss at strength moe_aux_alpha, summed over the MoE
+        layers (a scalar; 0 outside training or without it); the objective adds it, once per batch.
+        States (no targets): returns the final-norm hidden states (B, T, n_embd); logits(h) applies the head.
+        With a cache, idx continues the cached context and cache.pos advances."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size and cache is None:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
         cos, sin = rope_tables(start, T, self.config.head_dim, self.config.rope_theta, idx.device)
-        x, shared_kv, aux_losses = self.wte(idx), {}, []  # K/V of each sharing group, from its producer layer
+        x, shared_kv = self.wte(idx), {}  # shared_kv: each sharing group's K/V, from its producer layer
+        balance = torch.zeros((), device=idx.device)
         value_embeds = [table(idx) for table in self.value_embeds]
         ve_of = value_embed_plan(self.config)
         for i, block in enumerate(self.blocks):
             kv_group, ve = block.attn.kv_group, value_embeds[ve_of[i]] if i in ve_of else None
-            x, shared_kv[kv_group], aux_loss = block(x, cos, sin, shared_kv.get(kv_group), cache, ve)
-            if aux_loss is not None:
-                aux_losses.append(aux_loss)
+            x, shared_kv[kv_group], layer_balance = block(x, cos, sin, shared_kv.get(kv_group), cache, ve)
+            if layer_balance is not None:
+                balance = balance + layer_balance
         x = self.norm(x)
         if cache is not None:
             cache.pos += T
-        if hidden:
-            return x, None
         if targets is None:
-            if not all_logits:
-                rows = torch.arange(B, device=idx.device)
-                x = x[rows, last_pos if last_pos is not None else torch.full((B,), T - 1, device=idx.device)]
-            return self.lm_head(x, softcap=self.config.logit_softcap), None
-        if reduction == "none":
-            return None, self.lm_head(x.flatten(0, 1), targets.flatten(), self.config.logit_softcap, True).view(B, T)
-        loss = self.lm_head(x.flatten(0, 1), targets.flatten(), self.config.logit_softcap)
-        if reduction == "mean":
-            loss = loss / (targets >= 0).sum().clamp(min=1)
-        for aux_loss in aux_losses:  # MoE balance losses (training with moe_aux_alpha > 0 only)
-            loss = loss + aux_loss
-        return None, loss
+            return x
+        ce = self.lm_head(x.flatten(0, 1), targets.flatten(), self.config.logit_softcap, per_token)
+        return (ce.view(B, T) if per_token else ce), balance
+
+    def logits(self, h):
+        """The output head (and the softcap) on hidden states (..., n_embd), in at least fp32."""
+        return self.lm_head(h, softcap=self.config.logit_softcap)
 
     # ------------------------------------------------------------------------------------------------- counting
 
@@ -578,53 +591,43 @@ class GPT(nn.Module):
     def moe_layers(self):
         return [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
 
-    @torch.no_grad()
-    def update_expert_biases(self):
-        """Aux-loss-free balancing, once after each optimizer step: the tokens each expert received since the last
-        call (summed over ranks) move its selection bias. Returns the mean over MoE layers of max/mean expert load
-        (a tensor, read at log intervals only), or None for a dense model."""
+    def expert_loads(self):
+        """(MoE layers, experts): tokens routed to each expert since the last bias update; None for a dense model.
+        Under data parallelism the caller sums them over ranks before update_expert_biases."""
         moe_layers = self.moe_layers()
-        if not moe_layers:
-            return None
-        loads = torch.stack([m.load for m in moe_layers])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(loads)
-        for m, load in zip(moe_layers, loads):
+        return torch.stack([m.load for m in moe_layers]) if moe_layers else None
+
+    @torch.no_grad()
+    def update_expert_biases(self, loads):
+        """Aux-loss-free balancing, once after each optimizer step: each expert's load moves its selection bias.
+        Returns the mean over MoE layers of max/mean expert load (a tensor, read at log intervals only)."""
+        for m, load in zip(self.moe_layers(), loads):
             m.update_bias(load)
         return (loads.max(1).values / loads.mean(1).clamp(min=1)).mean()
 
-    # ------------------------------------------------------------------------------------------------- generation
+    # -------------------------------------------------------------------------------- generation
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, vocab_limit=None):
-        """Sample continuations with the KV cache. Past block_size, the cache is rebuilt from the last 3/4 block.
-        vocab_limit: ids from here on (a padded vocabulary's spare rows) are never sampled."""
-        block = self.config.block_size
-        cache = None
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
+                        vocab_limit=None):
+        """Yield the next tokens (B, 1) after idx (B, T), one step at a time, sampled with the KV cache. Past
+        block_size the cache is rebuilt from the last 3/4 block of the context. vocab_limit: ids from here on
+        (a padded vocabulary's spare rows) are never sampled."""
+        block, cache = self.config.block_size, None
         for _ in range(max_new_tokens):
             if cache is None or cache.pos >= block:
                 keep = block if cache is None else block * 3 // 4
                 cache = KVCache(self.config)
-                logits, _ = self(idx[:, max(0, idx.size(1) - keep):], cache=cache)
+                h = self(idx[:, -keep:], cache=cache)
             else:
-                logits, _ = self(idx[:, -1:], cache=cache)
+                h = self(idx[:, -1:], cache=cache)
+            logits = self.logits(h[:, -1])
             if vocab_limit is not None:
                 logits[:, vocab_limit:] = float("-inf")
-            idx = torch.cat((idx, sample_next(logits, temperature, top_k, top_p, generator)), dim=1)
-        return idx
+            token = sample_next(logits, temperature, top_k, top_p, generator)
+            idx = torch.cat((idx, token), dim=1)
+            yield token
 
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Next tokens (B, 1) from last-position logits (B, V): greedy at temperature 0, else top-k / nucleus sampling."""
-    if temperature == 0:
-        return logits.argmax(-1, keepdim=True)
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+    def generate(self, idx, max_new_tokens, **sampling):
+        """idx (B, T) followed by max_new_tokens sampled tokens (generate_tokens' settings)."""
+        return torch.cat([idx, *self.generate_tokens(idx, max_new_tokens, **sampling)], dim=1)

@@ -11,6 +11,7 @@ import torch
 
 from configurator import at_least, configure, require
 from model import KVCache
+from nanogpt.files import FileFormatError, read_text
 from nanogpt.runtime import ATTN_IMPLS, DTYPE_SETTINGS, load_for_inference
 
 out_dir = "out"                # the checkpoint to sample (ckpt.pt, or a sharded run's newest step_N/)
@@ -24,37 +25,50 @@ seed = 1337
 device = "auto"                # 'auto' (cuda, else cpu), 'cpu', 'cuda', 'xla' (each new cache length compiles a graph)
 dtype: Literal[DTYPE_SETTINGS] = "auto"  # 'auto': bfloat16 on CUDA and XLA, else float32
 attn_impl: Literal[ATTN_IMPLS] = "auto"  # 'auto' (triton on CUDA, sdpa elsewhere)
-config = configure(globals())
-at_least(config, 1, "num_samples", "max_new_tokens")
-at_least(config, 0, "temperature", "top_k")
-require(0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}")
 
-model, tokenizer, ckpt, device, ptdtype, autocast = load_for_inference(out_dir, device, dtype, attn_impl)
-torch.manual_seed(seed)
-if start.startswith("FILE:"):
+
+def check_settings(config):
+    at_least(config, 1, "num_samples", "max_new_tokens")
+    at_least(config, 0, "temperature", "top_k")
+    require(0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}")
+
+
+def prompt_ids(tokenizer):
+    """The prompt's token ids: --start's text, or the file it names after FILE:."""
+    text = start
+    if start.startswith("FILE:"):
+        try:
+            text = read_text(start[5:])
+        except (OSError, FileFormatError) as e:
+            raise SystemExit(f"--start=FILE:{start[5:]}: cannot read the prompt file ({e})")
     try:
-        with open(start[5:], encoding="utf-8") as f:
-            start = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"--start=FILE:{start[5:]}: cannot read the prompt file ({e.strerror or e})")
-try:
-    ids = tokenizer.encode(start)
-except ValueError as e:  # a character-level model meets a character it never saw
-    raise SystemExit(f"--start: {e}")
-if not ids:
-    raise SystemExit("the prompt encodes to no tokens: give --start some text")
-x = torch.tensor(ids, dtype=torch.long, device=device)[None].repeat(num_samples, 1)
+        ids = tokenizer.encode(text)
+    except ValueError as e:  # a character-level model meets a character it never saw
+        raise SystemExit(f"--start: {e}")
+    if not ids:
+        raise SystemExit("the prompt encodes to no tokens: give --start some text")
+    return ids
 
-cfg = model.config
-with torch.no_grad(), autocast:  # (inference_mode tensors are refused by XLA)
-    t0 = time.time()
-    y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
-                       vocab_limit=tokenizer.vocab_size)
-    dt = time.time() - t0
-for row in y.tolist():
-    print(tokenizer.decode(row))
-    print("---------------")
-full = KVCache.bytes_at(cfg, cfg.block_size, torch.finfo(ptdtype).bits // 8)  # what a cache allocates per sequence
-print(f"{num_samples * max_new_tokens / dt:,.1f} tokens/s; KV cache {full / cfg.block_size:,.0f} bytes/token "
-      f"(per sequence, averaged over a full {cfg.block_size}-token context), {full * num_samples / 2**20:.2f} MiB "
-      f"allocated for {num_samples} sequences")
+
+def main():
+    check_settings(configure(globals()))
+    model, tokenizer, _, dev, ptdtype, autocast = load_for_inference(out_dir, device, dtype, attn_impl)
+    torch.manual_seed(seed)
+    x = torch.tensor(prompt_ids(tokenizer), dtype=torch.long, device=dev)[None].repeat(num_samples, 1)
+    with torch.no_grad(), autocast:  # (inference_mode tensors are refused by XLA)
+        t0 = time.time()
+        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
+                           vocab_limit=tokenizer.vocab_size)
+        dt = time.time() - t0
+    for row in y.tolist():
+        print(tokenizer.decode(row))
+        print("---------------")
+    cfg = model.config
+    full = KVCache.bytes_at(cfg, cfg.block_size, torch.finfo(ptdtype).bits // 8)  # a cache's bytes per sequence
+    print(f"{num_samples * max_new_tokens / dt:,.1f} tokens/s; KV cache {full / cfg.block_size:,.0f} bytes/token "
+          f"(per sequence, averaged over a full {cfg.block_size}-token context), {full * num_samples / 2**20:.2f} "
+          f"MiB allocated for {num_samples} sequences")
+
+
+if __name__ == "__main__":
+    main()

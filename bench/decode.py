@@ -55,13 +55,13 @@ def tokens_per_s(cfg, impl, context, batch, steps):
     idx = torch.randint(0, cfg.vocab_size, (batch, context), device="cuda")
     with torch.no_grad():
         cache = KVCache(cfg)
-        logits, _ = model(idx, cache=cache)
+        logits = model.logits(model(idx, cache=cache)[:, -1])
         token = logits.argmax(-1, keepdim=True)
         for i in range(steps + 3):  # three warm-up steps (compiles / autotunes the decode kernels)
             if i == 3:
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-            logits, _ = model(token, cache=cache)
+            logits = model.logits(model(token, cache=cache)[:, -1])
             token = logits.argmax(-1, keepdim=True)
         torch.cuda.synchronize()
     del model, cache

@@ -18,6 +18,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from model import MoE
+
 GROUPS = ("matrices", "experts", "embedding", "lm_head", "router", "vectors")
 MUON_GROUPS = ("matrices", "experts")
 OPTIMIZERS = ("adamw", "muon")
@@ -150,7 +152,7 @@ def orthogonalize_sharded(updates, shapes, coefficients, steps):
     rank, world = dist.get_rank(), dist.get_world_size()
     out = []
     for i, (u, shape) in enumerate(zip(updates, shapes)):
-        if len(shape) == 3:
+        if len(shape) >= 3:
             out.append(orthogonalize(u, coefficients, steps))
             continue
         owner, rows = i % world, -(-shape[0] // world)
@@ -173,14 +175,17 @@ class Muon(torch.optim.Optimizer):
 
     For a matrix W (m x n) with gradient G: B <- mu B + (1 - mu) G; U = (1 - mu) G + mu B (Nesterov) or U = B;
     O = orthogonalize(U), rows optionally balanced (NorMuon); W <- W (1 - lr wd) - lr 0.2 sqrt(max(m, n)) O.
-    State: one momentum buffer per matrix (plus a row vector with NorMuon); AdamW's two moments elsewhere."""
+    State: one momentum buffer per matrix (plus a row vector with NorMuon); AdamW's two moments elsewhere.
+    row_parts: {parameter: n} for weights that stack n matrices along their rows (a SwiGLU expert's [gate; up]):
+    each part is orthogonalized, balanced and scaled as a matrix of its own, as the dense MLP's gate and up are."""
 
     def __init__(self, groups, betas=(0.9, 0.95), eps=1e-8, momentum=0.95, nesterov=True, ns_steps=5,
-                 coefficients="quintic", normalize=False, normalize_beta2=0.95):
+                 coefficients="quintic", normalize=False, normalize_beta2=0.95, row_parts=None):
         if coefficients not in NEWTON_SCHULZ:
             raise ValueError(f"muon coefficients must be one of {', '.join(map(repr, NEWTON_SCHULZ))}")
         super().__init__(groups, dict(betas=betas, eps=eps, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                                       coefficients=coefficients, normalize=normalize, normalize_beta2=normalize_beta2))
+        self.row_parts = row_parts or {}  # not optimizer state: rebuilt from the model, so resumes need nothing
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -208,6 +213,16 @@ class Muon(torch.optim.Optimizer):
             denom = (state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt_().add_(group["eps"])
             p.addcdiv_(state["exp_avg"] / (1 - beta1 ** step), denom, value=-group["lr"])
 
+    def matrix_shape(self, p):
+        """p's global shape with stacked matrices apart: (..., n, m, k) for n matrices of m rows, else p.shape."""
+        parts = self.row_parts.get(p, 1)
+        return p.shape if parts == 1 else (*p.shape[:-2], parts, p.shape[-2] // parts, p.shape[-1])
+
+    def split_rows(self, p, t):
+        """t (p's local shard, its gradient or state) as a view in matrix_shape's layout."""
+        parts = self.row_parts.get(p, 1)
+        return t.unflatten(-2, (parts, -1)) if parts > 1 else t
+
     def muon_step(self, params):
         updates, shapes = [], []
         for p, group in params:
@@ -218,21 +233,28 @@ class Muon(torch.optim.Optimizer):
                     state["row_second_moment"] = torch.zeros_like(p[..., :1])
             buf, grad, mu = local(state["momentum_buffer"]), local(p.grad), group["momentum"]
             buf.lerp_(grad, 1 - mu)
-            updates.append(grad.lerp(buf, mu) if group["nesterov"] else buf.clone())
-            shapes.append(p.shape)
+            update = self.split_rows(p, grad.lerp(buf, mu) if group["nesterov"] else buf.clone())
+            updates.append(update)
+            shapes.append(self.matrix_shape(p))
         first = params[0][1]  # one Newton-Schulz table and step count for every Muon group
         coefficients, steps = NEWTON_SCHULZ[first["coefficients"]], first["ns_steps"]
         sharded = hasattr(params[0][0], "to_local")
         orthogonal = (orthogonalize_sharded(updates, shapes, coefficients, steps) if sharded
                       else orthogonalize_replicated(updates, coefficients, steps))
         if first["normalize"]:  # NorMuon is one setting for every Muon group
-            balanced = [balance_rows(o, local(self.state[p]["row_second_moment"]), group["normalize_beta2"])
+            balanced = [balance_rows(o, self.split_rows(p, local(self.state[p]["row_second_moment"])),
+                                     group["normalize_beta2"])
                         for o, (p, group) in zip(orthogonal, params)]
             orthogonal = restore_norms(orthogonal, balanced, shapes, sharded)
         for (p, group), o, shape in zip(params, orthogonal, shapes):
             weights = local(p)
             weights.mul_(1 - group["lr"] * group["weight_decay"])
-            weights.add_(o.to(weights.dtype), alpha=-group["lr"] * update_scale(shape))
+            weights.add_(o.reshape(weights.shape).to(weights.dtype), alpha=-group["lr"] * update_scale(shape))
+
+
+def stacked_matrices(model):
+    """{parameter: 2} for each SwiGLU expert weight that holds its gate and up matrices stacked along the rows."""
+    return {m.w_up: 2 for m in model.modules() if isinstance(m, MoE) and m.cfg.mlp == "swiglu"}
 
 
 def build_optimizer(name, model, lr, weight_decay, betas, lr_scales, device_type, muon=None):
@@ -244,7 +266,7 @@ def build_optimizer(name, model, lr, weight_decay, betas, lr_scales, device_type
     if name == "muon":
         for g in groups:
             g["kind"] = "muon" if g["name"] in MUON_GROUPS else "adamw"
-        return Muon(groups, betas=betas, **(muon or {}))
+        return Muon(groups, betas=betas, row_parts=stacked_matrices(model), **(muon or {}))
     raise ValueError(f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, got {name!r}")
 
 

@@ -109,9 +109,9 @@ class SharedPrefix:
         return (torch.cat((self.k[kv_group].expand(rows), k), dim=2),
                 torch.cat((self.v[kv_group].expand(rows), v), dim=2), False)
 
-    def __call__(self, model, suffixes, **kwargs):
+    def __call__(self, model, suffixes):
         self.pos = self.length  # the model advanced it past the previous batch
-        return model(suffixes, cache=self, **kwargs)
+        return model(suffixes, cache=self)
 
 # ---------------------------------------------------------------------------------------------------------- scorer
 
@@ -171,11 +171,11 @@ class Scorer:
             suffixes = [seqs[i][len(prefix):] for i in rows]
             yield Batch(rows, right_padded(suffixes).to(self.device), list(map(len, suffixes)), cache)
 
-    def forward(self, batch, **kwargs):
-        """The model on a batch: after its shared prefix when it has one."""
+    def hidden_states(self, batch):
+        """The model's final-norm states (B, T, n_embd) on a batch: after its shared prefix when it has one."""
         if batch.prefix is None:
-            return self.model(batch.x, **kwargs)
-        return batch.prefix(self.model, batch.x, **kwargs)
+            return self.model(batch.x)
+        return batch.prefix(self.model, batch.x)
 
     @torch.inference_mode()
     def next_token_logits(self, prompts, token_ids, groups=None, desc="prompts"):
@@ -188,18 +188,21 @@ class Scorer:
         wanted = torch.tensor(token_ids, device=self.device)
         for b in self.batches(prompts, groups, [1] * len(prompts), desc):
             with self.autocast:
-                logits, _ = self.forward(b, last_pos=torch.tensor(b.lengths, device=self.device) - 1)
+                hidden = self.hidden_states(b)
+                rows = torch.arange(len(b.lengths), device=self.device)
+                last = hidden[rows, torch.tensor(b.lengths, device=self.device) - 1]
+                logits = self.model.logits(last)
             out[b.rows] = logits[:, wanted].float().cpu()
         return out
 
     def scored(self, batch, rows, positions, targets):
         """(log-probability of each target, whether it is the argmax) at (row, position) pairs of a batch. The head
         runs at those positions only (the model returns its final-norm states), HEAD_CHUNK logits at a time."""
-        hidden, _ = self.forward(batch, hidden=True)
+        hidden = self.hidden_states(batch)
         hidden, chunk = hidden[rows, positions], max(1, HEAD_CHUNK // self.model.config.vocab_size)
         token_lp, best = [], []
         for i in range(0, len(hidden), chunk):
-            lp = self.model.lm_head(hidden[i:i + chunk], softcap=self.model.config.logit_softcap).float()
+            lp = self.model.logits(hidden[i:i + chunk]).float()
             lp = lp.log_softmax(-1)
             token_lp.append(lp.gather(1, targets[i:i + chunk, None])[:, 0])
             best.append(lp.argmax(-1) == targets[i:i + chunk])
@@ -248,12 +251,15 @@ class Scorer:
                 texts[i] = text
         return texts
 
+    def last_logits(self, idx, cache):
+        return self.model.logits(self.model(idx, cache=cache)[:, -1])
+
     def generate_batch(self, prompts, max_new_tokens, stop):
         """One batch on a KVCache: the prefill covers the shortest prompt; then every row takes one token a step,
         its own prompt's next token while it has one, else its greedy choice (so rows never see padding)."""
         cache, start = KVCache(self.model.config), min(map(len, prompts))
         with self.autocast:
-            logits, _ = self.model(torch.tensor([p[:start] for p in prompts], device=self.device), cache=cache)
+            logits = self.last_logits(torch.tensor([p[:start] for p in prompts], device=self.device), cache)
         new, texts = [[] for _ in prompts], [None] * len(prompts)
         for pos in range(start, max(map(len, prompts)) + max_new_tokens):
             choice = logits.argmax(-1).tolist()
@@ -264,7 +270,7 @@ class Scorer:
             if all(t is not None for t in texts):
                 break
             with self.autocast:
-                logits, _ = self.model(torch.tensor(step, device=self.device)[:, None], cache=cache)
+                logits = self.last_logits(torch.tensor(step, device=self.device)[:, None], cache)
         return texts
 
     def extend(self, ids, token, max_new_tokens, stop):

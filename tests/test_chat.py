@@ -61,7 +61,7 @@ def test_prompt_reply_equals_greedy_decoding_without_cache(tmp_path, seed):
     ids, reply = render_prompt(CHAT, messages), []
     with torch.no_grad():
         while len(reply) < 30:
-            logits, _ = model(torch.tensor([ids]))
+            logits = model.logits(model(torch.tensor([ids]))[:, -1])
             logits[:, CHAT.vocab_size:] = float("-inf")
             token = int(logits.argmax())
             if token == ASSISTANT_END:

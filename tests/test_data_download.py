@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, SHARED
 
-from data import download
+from nanogpt import download
 from data.fineweb10B import prepare as fineweb
 from data.fineweb10B.prepare import check_shard, shard_files
 from data.tinystories import prepare as tinystories

@@ -19,7 +19,7 @@ from conftest import ROOT, SHARED
 
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))  # GPT-2 BPE files, offline
 
-from data import download  # noqa: E402
+from nanogpt import download  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from nanogpt.checkpoint import results_dir, save_checkpoint  # noqa: E402
 from nanogpt.download import DownloadError  # noqa: E402
@@ -126,12 +126,15 @@ def test_answer_tokens():
 # ---------------------------------------------------------------------------------------------------------- scoring
 
 class LastTokenModel(torch.nn.Module):
-    """Logits that are one-hot at the token found at last_pos: the prompt's own last token decides the answer."""
+    """Logits one-hot at each position's own token: the prompt's last token decides the answer. The states are the
+    tokens' one-hot rows and the head scales them (the model's contract: forward gives states, logits(h) the head)."""
     config = GPTConfig(block_size=64)
 
-    def forward(self, idx, targets=None, last_pos=None):
-        last = idx[torch.arange(idx.size(0)), last_pos]
-        return torch.nn.functional.one_hot(last, 400).float() * 5, None
+    def forward(self, idx, cache=None):
+        return torch.nn.functional.one_hot(idx, 400).float()
+
+    def logits(self, h):
+        return h * 5
 
 
 def test_scoring_reads_each_row_at_its_own_last_token():
@@ -159,7 +162,7 @@ def test_batched_scoring_with_and_without_the_shared_prefix_matches_one_prompt_a
     groups = ["s"] * 7 + [1, 2, 3, 4]
     letters = [3, 17, 42, 96]
     with torch.no_grad():
-        alone = torch.stack([model(torch.tensor([p]))[0][0, letters] for p in prompts])
+        alone = torch.stack([model.logits(model(torch.tensor([p]))[0, -1])[letters] for p in prompts])
     for shared_prefix in (False, True):
         for batch_size in (1, 3, 16):
             scorer = Scorer(model, GPT2, batch_size=batch_size, shared_prefix=shared_prefix)

@@ -112,21 +112,22 @@ class TableHead(torch.nn.Module):
 
 class Bigram(torch.nn.Module):
     """A stand-in GPT whose next-token logits depend on the current token only (table[token]): one-hot inputs, an
-    identity final norm and the table as the head, with the forward the scorer calls (hidden=True: the one-hot
-    states); a cache only has its position advanced, as the model advances it."""
+    identity final norm and the table as the head, with the model's contract: forward gives the (one-hot) states,
+    logits(h) applies the head; a cache only has its position advanced, as the model advances it."""
 
     def __init__(self, table, block_size=64):
         super().__init__()
         self.config = GPTConfig(block_size=block_size, vocab_size=table.size(0))
         self.norm, self.lm_head = torch.nn.Identity(), TableHead(table)
 
-    def forward(self, idx, cache=None, last_pos=None, hidden=False):
+    def forward(self, idx, cache=None):
         x = self.norm(F.one_hot(idx, self.config.vocab_size).float())
         if cache is not None:
             cache.pos += idx.size(1)
-        if hidden:
-            return x, None
-        return self.lm_head(x[torch.arange(idx.size(0)), last_pos if last_pos is not None else -1]), None
+        return x
+
+    def logits(self, h):
+        return self.lm_head(h)
 
 
 def char_tokenizer(chars):

@@ -95,7 +95,7 @@ def test_rolling_loglikelihood_and_generation_through_the_adapter(tmp_path, seed
         for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(GPT2.encode(t), GPT2.eot, 32, 1)):
             inputs = (ctx + cont)[-33:][:-1]
             with torch.no_grad():
-                lp = model(torch.tensor([inputs]), all_logits=True)[0][0].log_softmax(-1)
+                lp = model.logits(model(torch.tensor([inputs])))[0].log_softmax(-1)
             want += sum(lp[len(inputs) - len(cont) + j, token].item() for j, token in enumerate(cont))
         assert total == pytest.approx(want, abs=1e-3)
 

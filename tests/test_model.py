@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, KVCache, MoE, attention_mask, layer_plan
+from model import GPT, GPTConfig, KVCache, MoE, attention_mask, layer_plan, sample_next
 from nanogpt.optim import build_optimizer
 from nanokernels.attention import flash_decode
 
@@ -159,7 +159,7 @@ def test_attend_queries_at_the_end_of_a_longer_key_span_follow_the_window(t_q, w
 def test_forward_matches_naive_float64_reference(kw):
     model = randomize_norms(GPT(tiny(**kw))).double()
     idx = torch.randint(0, 37, (2, 13))
-    logits, _ = model(idx, all_logits=True)
+    logits = model.logits(model(idx))
     # the model keeps RoPE tables in fp32 by design (measured error ~2e-8); a window off by one moves
     # logits by ~3e-2, so 1e-6 leaves margin on both sides
     assert (logits.double() - naive_forward(model, idx)).abs().max() < 1e-6
@@ -186,8 +186,8 @@ def test_shared_kv_consumers_own_no_kv_and_gradients_reach_producer():
     out(torch.randn(2, 10, 32), cos, sin, kv, None)[0].sum().backward()
     assert model.blocks[2].attn.k_proj.weight.grad.abs().sum() > 0
     assert model.blocks[2].attn.q_proj.weight.grad is None  # the producer's own query took no part
-    _, loss = model(idx, idx)
-    loss.backward()
+    ce, _ = model(idx, idx)
+    ce.backward()
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -220,7 +220,7 @@ def test_single_expert_top1_equals_dense_mlp():
     dense.up_proj.weight.data.copy_(moe.w_up[0])
     dense.down_proj.weight.data.copy_(moe.w_down[0])
     x = torch.randn(2, 5, 32)
-    assert torch.allclose(moe(x)[0], dense(x), atol=1e-6)
+    assert torch.allclose(moe(x)[0], dense(x)[0], atol=1e-6)
 
 
 def test_bias_update_balances_a_skewed_router():
@@ -242,12 +242,37 @@ def test_bias_update_balances_a_skewed_router():
     assert first.max() / first.mean() > 2.5 and settled.max() / settled.mean() < 1.3
 
 
-def test_moe_aux_loss_counts_in_training_loss():
+def test_moe_balance_loss_is_returned_in_training_only_and_never_added_to_the_cross_entropy():
     model = GPT(tiny(n_expert=4, n_expert_active=2, moe_aux_alpha=0.5, n_dense_layers=0)).train()
     idx = torch.randint(0, 37, (2, 12))
-    _, with_aux = model(idx, idx)
-    _, plain = model.eval()(idx, idx)
-    assert with_aux > plain  # the balance loss is positive and only added while training
+    ce_train, balance = model(idx, idx)
+    ce_eval, no_balance = model.eval()(idx, idx)
+    assert balance > 0 and no_balance == 0 and torch.equal(ce_train, ce_eval)
+    dense_balance = GPT(tiny()).train()(idx, idx)[1]
+    assert dense_balance == 0
+
+
+def test_moe_balance_loss_equals_deepseek_v3_formula_in_float64(seed):
+    """Sequence-wise balance loss, by hand: alpha * mean over sequences of sum_i f_i P_i, f_i = E/(k T) * tokens of
+    the sequence routed to i, P_i = the mean over the sequence of the normalised router scores, summed over layers."""
+    E, k, alpha = 5, 2, 0.3
+    model = GPT(tiny(n_expert=E, n_expert_active=k, moe_aux_alpha=alpha, n_dense_layers=1, n_layer=3)).double()
+    idx = torch.randint(0, 37, (3, 11))
+    captured = []
+    for block in model.blocks[1:]:
+        block.mlp.router.register_forward_hook(lambda mod, inp, out: captured.append(out.detach()))
+    _, balance = model.train()(idx, idx)
+    want = 0.0
+    for moe, logits in zip(model.moe_layers(), captured):
+        scores = torch.sigmoid(logits).view(3, 11, E)
+        chosen = (scores + moe.bias).topk(k, dim=-1).indices
+        for b in range(3):
+            f = torch.zeros(E, dtype=torch.float64)
+            for t in range(11):
+                f[chosen[b, t]] += E / (k * 11)
+            p = (scores[b] / scores[b].sum(-1, keepdim=True)).mean(0)
+            want += alpha * (f * p).sum().item() / 3
+    assert balance.item() == pytest.approx(want, rel=1e-12)
 
 
 @pytest.mark.parametrize("heads, pattern, share, experts", itertools.product(
@@ -258,14 +283,14 @@ def test_cached_generation_equals_full_forward(heads, pattern, share, experts):
     model = GPT(cfg).eval()
     prompt = torch.randint(0, 37, (2, 9))  # longer than the window: the ring buffer wraps
     cache = KVCache(cfg)
-    logits, _ = model(prompt, cache=cache)
+    logits = model.logits(model(prompt, cache=cache)[:, -1])
     seq = prompt
     for _ in range(12):
-        full, _ = model(seq)
+        full = model.logits(model(seq)[:, -1])
         assert torch.allclose(logits, full, atol=1e-5, rtol=1e-4)
         nxt = full.argmax(-1, keepdim=True)
         seq = torch.cat((seq, nxt), 1)
-        logits, _ = model(nxt, cache=cache)
+        logits = model.logits(model(nxt, cache=cache)[:, -1])
     assert torch.equal(model.generate(prompt, 12, temperature=0), seq)
 
 
@@ -280,7 +305,8 @@ def test_tiny_model_overfits_one_batch():
     idx = torch.randint(0, 37, (4, 32))
     opt = build_optimizer("adamw", model, 3e-3, 0.0, (0.9, 0.95), {}, "cpu")
     for _ in range(150):
-        _, loss = model(idx[:, :-1], idx[:, 1:])
+        ce, _ = model(idx[:, :-1], idx[:, 1:])
+        loss = ce / idx[:, 1:].numel()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -318,9 +344,9 @@ def test_triton_attention_trains_and_generates_like_sdpa(monkeypatch):
     tri.load_state_dict(ref.state_dict())
     idx = torch.randint(0, 37, (2, 20))
     for m in (ref, tri):
-        _, loss = m(idx[:, :-1], idx[:, 1:])
+        loss = m(idx[:, :-1], idx[:, 1:])[0] / idx[:, 1:].numel()
         loss.backward()
-    assert abs(loss.item() - ref(idx[:, :-1], idx[:, 1:])[1].item()) < 1e-5
+    assert abs(loss.item() - ref(idx[:, :-1], idx[:, 1:])[0].item() / idx[:, 1:].numel()) < 1e-5
     for (name, a), b in zip(ref.named_parameters(), tri.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
     prompt = idx[:, :8]  # longer than the window: the decode steps read the ring buffer
@@ -328,14 +354,14 @@ def test_triton_attention_trains_and_generates_like_sdpa(monkeypatch):
     assert len(decode_calls) == 9 * 3  # 9 decode steps after the prefill, 3 layers
 
 
-def test_checkpointed_moe_leaves_no_aux_loss_for_eval():
+def test_checkpointed_moe_leaves_no_balance_loss_for_eval():
     model = GPT(tiny(n_layer=2, n_expert=4, n_dense_layers=0, moe_aux_alpha=0.5))
     for block in model.blocks:
         block.checkpoint = True
     idx = torch.randint(0, 37, (2, 12))
-    before = model.eval()(idx, idx)[1].item()
-    model.train()(idx, idx)[1].backward()  # the backward recompute runs MoE.forward again in training mode
-    assert model.eval()(idx, idx)[1].item() == pytest.approx(before, abs=1e-6)
+    ce, balance = model.train()(idx, idx)
+    (ce + balance).backward()  # the backward recompute runs MoE.forward again in training mode
+    assert balance > 0 and model.eval()(idx, idx)[1].item() == 0
 
 
 def test_zero_init_projections_start_at_zero_and_leave_the_rest():
@@ -351,7 +377,7 @@ def test_cached_generation_with_value_embeddings_and_softcap_equals_full_forward
     prompt, seq = torch.randint(0, 37, (2, 9)), None
     seq = model.generate(prompt, 10, temperature=0)
     for t in range(9, 19):  # each cached step chose the argmax of the uncached forward over its prefix
-        assert torch.equal(model(seq[:, :t])[0].argmax(-1), seq[:, t])
+        assert torch.equal(model.logits(model(seq[:, :t])[:, -1]).argmax(-1), seq[:, t])
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])  # fp32: sums reordered
@@ -366,7 +392,7 @@ def test_chunked_loss_and_gradients_equal_the_unchunked_ones(monkeypatch, dtype,
     weights = torch.rand(2, 13, dtype=dtype)  # per-token losses get a gradient of their own (as DPO's do)
 
     def reference(reduction):  # the whole logits, torch's cross-entropy
-        logits = model(idx, all_logits=True)[0]
+        logits = model.logits(model(idx))
         per_token = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
         per_token = per_token.view(2, 13)
         return {"mean": per_token.sum() / (targets >= 0).sum(), "sum": per_token.sum(), "none": per_token}[reduction]
@@ -377,7 +403,24 @@ def test_chunked_loss_and_gradients_equal_the_unchunked_ones(monkeypatch, dtype,
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
     for reduction in ("mean", "sum", "none"):
         want, want_grads = value_and_grads(reference(reduction))
-        got, got_grads = value_and_grads(model(idx, targets, reduction=reduction)[1])
+        ce = model(idx, targets, per_token=reduction == "none")[0]
+        got, got_grads = value_and_grads(ce / (targets >= 0).sum() if reduction == "mean" else ce)
         assert got.shape == want.shape and (got - want).abs().max() <= tol * want.abs().max()
         for g, w in zip(got_grads, want_grads):
             assert (g - w).abs().max() <= tol * max(w.abs().max(), 1e-30), (reduction, (g - w).abs().max())
+
+
+@pytest.mark.parametrize("temperature", [1e-50, 1e-30, 5e-324])
+def test_a_vanishing_temperature_samples_the_argmax_without_nan(seed, temperature):
+    logits = torch.randn(4, 37) * 30
+    logits[:, 5:] = float("-inf")  # a padded vocabulary's masked rows
+    tokens = sample_next(logits, temperature=temperature, top_k=10, top_p=0.9)
+    assert torch.equal(tokens, logits.argmax(-1, keepdim=True))
+
+
+def test_generate_tokens_yields_the_steps_of_generate(seed):
+    model = GPT(tiny(block_size=16)).eval()
+    prompt = torch.randint(0, 37, (2, 5))
+    steps = list(model.generate_tokens(prompt, 20, temperature=0))  # past block_size: the cache is rebuilt
+    assert len(steps) == 20 and all(s.shape == (2, 1) for s in steps)
+    assert torch.equal(torch.cat([prompt, *steps], 1), model.generate(prompt, 20, temperature=0))

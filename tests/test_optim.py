@@ -104,6 +104,35 @@ def test_muon_steps_match_a_naive_float64_muon(nesterov, coefficients, normalize
         assert (w.double() - e).abs().max() < 2e-5 * e.abs().max(), (w.double() - e).abs().max()
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_muon_treats_a_swiglu_experts_gate_and_up_as_two_matrices_like_the_dense_mlp(seed, normalize):
+    """A SwiGLU expert stacks [gate; up] in one (2h, d) weight; Muon must step each half as the dense MLP steps its
+    separate gate_proj and up_proj: the naive float64 Muon over the 2E matrices (h, d) is the reference."""
+    E, h, d = 3, 8, 12
+    weight = torch.nn.Parameter(torch.randn(E, 2 * h, d))
+    groups = [{"params": [weight], "kind": "muon", "lr_scale": 1.0, "weight_decay": 0.1, "name": "experts"}]
+    opt = Muon(groups, momentum=0.9, normalize=normalize, normalize_beta2=0.95, row_parts={weight: 2})
+    set_lr(opt, 0.02)
+    grads = [[torch.randn(E, 2 * h, d)] for _ in range(3)]
+    expected = naive_muon_steps([weight.detach().view(2 * E, h, d)], [[g.view(2 * E, h, d)] for g, in grads], 0.02,
+                                0.1, 0.9, True, NEWTON_SCHULZ["quintic"], normalize, 0.95)[0].view(E, 2 * h, d)
+    fused = naive_muon_steps([weight.detach()], grads, 0.02, 0.1, 0.9, True, NEWTON_SCHULZ["quintic"], normalize,
+                             0.95)[0]
+    for (g,) in grads:
+        weight.grad = g.clone()
+        opt.step()
+    assert (weight.double() - expected).abs().max() < 2e-5 * expected.abs().max()
+    assert (weight.double() - fused).abs().max() > 1e-3 * fused.abs().max()  # the one-matrix step is another step
+
+
+def test_build_optimizer_splits_exactly_the_swiglu_expert_weights():
+    for mlp, stacked in (("swiglu", True), ("relu2", False)):
+        model = GPT(GPTConfig(n_layer=2, n_embd=32, n_head=2, block_size=16, vocab_size=37, mlp=mlp, n_expert=4,
+                              n_dense_layers=1))
+        opt = build_optimizer("muon", model, 0.01, 0.1, (0.9, 0.95), {}, "cpu")
+        assert opt.row_parts == ({model.blocks[1].mlp.w_up: 2} if stacked else {})
+
+
 def test_muon_leaves_embedding_head_router_and_vectors_to_adamw_with_its_exact_maths():
     model = GPT(GPTConfig(n_layer=2, n_embd=16, n_head=2, vocab_size=11, n_expert=4, n_dense_layers=1,
                           value_embeds=1))
