@@ -6,11 +6,12 @@
 Positional arguments are Python files executed in order; `--key=value` overrides follow. Values are parsed with
 ast.literal_eval (a bare word is a string; true/false are booleans). Only the script's lowercase globals holding
 plain values can be set. A global's type is its default's, or its annotation: `x: bool | None = None` accepts
-booleans and None, `x: Literal["a", "b"] = "a"` only the listed values. An unknown key, a wrong type or value, a
-missing file or a config file that does not run stops with one line that says what to change.
+booleans and None, `x: Literal["a", "b"] = "a"` only the listed values; numbers must be finite. An unknown key, a
+wrong type or value, a missing file or a config file that does not run stops with one line that says what to change.
 """
 import ast
 import difflib
+import math
 import os
 import re
 import sys
@@ -69,6 +70,17 @@ def coerce(value, expected, from_command_line):
     return isinstance(value, allowed), value
 
 
+def non_finite(value):
+    """Whether a value, or any number inside a list, tuple or dict of it, is inf or NaN (1e999 parses as inf)."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(map(non_finite, value))
+    if isinstance(value, dict):
+        return any(map(non_finite, value.values()))
+    return False
+
+
 def set_value(namespace, keys, key, value, source):
     if key not in keys:
         close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
@@ -78,6 +90,8 @@ def set_value(namespace, keys, key, value, source):
     ok, value = coerce(value, expected, source.startswith("--"))
     if not ok:
         fail(f"{source}: {key} must be {describe(expected)}, got {value!r}")
+    if non_finite(value):
+        fail(f"{source}: {key} must be a finite number, got {value!r}")
     namespace[key] = value
     _given.add(key)
 

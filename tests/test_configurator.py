@@ -42,6 +42,9 @@ def test_config_file_then_override(tmp_path):
     (["--learning_rate=fast"], "learning_rate must be float"),
     (["--batch_size"], "has no value"),
     (["config/nope.py"], "config file 'config/nope.py' not found"),
+    (["--learning_rate=1e999"], "learning_rate must be a finite number, got inf"),
+    (["--learning_rate=-1e999"], "learning_rate must be a finite number, got -inf"),
+    (["--datasets={'a': 1e999}"], "datasets must be a finite number, got {'a': inf}"),
 ])
 def test_errors_say_what_to_do(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
