@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The 10-minute GPU check (issue 19): one H100 / H200 with torch 2.11, triton 3.6 and Python 3.12, nothing to install.
+# The 10-minute GPU check: one H100 / H200 with torch 2.11, triton 3.6 and Python 3.12, nothing to install.
 #
 #     bash bench/gpu_check.sh [--out FILE] [--dry-run]
 #
@@ -96,7 +96,7 @@ if [ $total -gt 530 ]; then
 fi
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2> /dev/null | head -n 1)
 {
-    printf '## GPU check (issue 19): %s, %s%s\n\n' "${gpu:-no GPU}" "$(date -u +%Y-%m-%d)" \
+    printf '## GPU check: %s, %s%s\n\n' "${gpu:-no GPU}" "$(date -u +%Y-%m-%d)" \
         "$([ $dry = 1 ] && echo ', dry run')"
     printf 'command: `bash bench/gpu_check.sh %s`; %d of the steps failed; the limits add up to %d s; full output in %s\n\n' \
         "$args" "$failed" "$total" "$(basename "$log")"

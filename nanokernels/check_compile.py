@@ -12,8 +12,8 @@ is compiled (Triton -> PTX -> ptxas -> cubin, Triton's own flags) and checked. b
 compiles, fits the 227 KB of shared memory an H100 thread block may use, turns its tensor-core dots into wgmma
 and does not spill registers (cuobjdump's stack frame is 0): the kernels prune configs that would spill before the
 autotuner sees them. In a bf16 / fp16 attention case at D = 128, a config whose wgmma are narrower than N = 64 fails
-when another spill-free config of the same kernel reaches N >= 64 (narrow wgmma leave the tensor cores waiting; see
-issue 19). The fp8 quantize kernels must use the hardware saturating cast and have a config that fits 2 thread
+when another spill-free config of the same kernel reaches N >= 64 (narrow wgmma leave the tensor cores waiting).
+The fp8 quantize kernels must use the hardware saturating cast and have a config that fits 2 thread
 blocks per SM. fp32 attention (a correctness path): each kernel has at least one config that fits in shared memory
 (the autotuner skips the others).
 Each line shows shared memory, registers, stack (spill) bytes, the wgmma N used and thread blocks per SM. It cannot
