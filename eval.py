@@ -9,12 +9,16 @@ Tasks: hellaswag, arc_easy, arc_challenge, winogrande, truthfulqa_mc1, truthfulq
     python eval.py --out_dir=out --tasks=bpb --text_file=data/shakespeare    # a dataset's val shards, or a text file
 
 Each task reads its files under their canonical names from data_dir (or data_dir/<task folder>), or downloads them
-once into cache_dir. Prints one table; writes out_dir/eval.json (per task: metrics, standard errors, shots,
-questions, seconds and one record per question) and out_dir/eval.md, the report card, with MMLU's rows when
-out_dir/mmlu.json is there.
+once into cache_dir. Prints one table; writes eval.json and eval.md beside the model (checkpoint.results_dir).
+eval.json keeps the latest result of every task ever run on this checkpoint (metrics, standard errors, shots,
+questions, seconds, one record per question, and the date, settings and checkpoint iteration of its run): a run
+replaces the tasks it ran and keeps the others. eval.md, the report card, shows them all with MMLU's rows when
+mmlu.json is there; a result from another iteration of the checkpoint than the current one is kept and marked (its
+iter column, and a note). A damaged eval.json is moved aside to eval.json.damaged with a warning; a damaged
+mmlu.json is left out of the card with a warning.
 """
-import json
 import os
+from datetime import datetime, timezone
 from typing import Literal
 
 import requests
@@ -22,6 +26,7 @@ import requests
 from configurator import at_least, configure, require
 from nanogpt.checkpoint import results_dir
 from nanogpt.download import DownloadError
+from nanogpt.files import FileFormatError, check_writable, read_json, write_atomic, write_json
 from nanogpt.runtime import ATTN_IMPLS, DTYPE_SETTINGS
 from nanogpt.scoring import load_scorer
 from nanogpt.tasks import TASKS
@@ -44,7 +49,7 @@ dtype: Literal[DTYPE_SETTINGS] = "auto"  # 'auto': bfloat16 on CUDA, else float3
 attn_impl: Literal[ATTN_IMPLS] = "auto"  # 'auto' (triton on CUDA, sdpa elsewhere)
 compile = False                # torch.compile the model (dynamic shapes)
 
-COLUMNS = ("task", "metric", "value", "stderr", "shots", "questions", "seconds")
+COLUMNS = ("task", "metric", "value", "stderr", "shots", "questions", "seconds", "iter", "date")
 
 
 def task_names(spec):
@@ -59,22 +64,21 @@ def task_names(spec):
 
 
 def result_rows(result):
-    """Report-card rows (task, metric, value, stderr, shots, questions, seconds) of one task's result."""
-    return [(result["task"], metric, value, result["stderr"][metric], result["shots"], result["n"], result["seconds"])
-            for metric, value in result["metrics"].items()]
+    """Report-card rows (task, metric, value, stderr, shots, questions, seconds, iter, date) of one task's result."""
+    return [(result["task"], metric, value, result["stderr"][metric], result["shots"], result["n"], result["seconds"],
+             result.get("iter_num"), result.get("date")) for metric, value in result["metrics"].items()]
 
 
 def mmlu_rows(path):
     """Report-card rows from eval_mmlu.py's mmlu.json: accuracy (with its standard error), the macro average over
     subjects and the two calibration errors."""
-    with open(path) as f:
-        r = json.load(f)
+    r = read_json(path)
     if "questions" in r:
         correct = [int(q["prediction"] == q["gold"]) for q in r["questions"]]
         stderr = mean_and_stderr(correct)[1]
     else:  # written before per-question records: the same formula for 0/1 values
         stderr = (r["accuracy"] * (1 - r["accuracy"]) / (r["n"] - 1)) ** 0.5 if r["n"] > 1 else None
-    task, common = f"mmlu ({r['split']})", (r["ntrain"], r["n"], r["wall_s"])
+    task, common = f"mmlu ({r['split']})", (r["ntrain"], r["n"], r["wall_s"], r.get("iter_num"), r.get("date"))
     rows = [(task, "acc", r["accuracy"], stderr, *common), (task, "acc (macro over subjects)", r["macro_accuracy"],
                                                              None, *common)]
     for key in ("ece_10bin", "rms_calibration_error"):
@@ -83,10 +87,22 @@ def mmlu_rows(path):
     return rows
 
 
+def mmlu_rows_or_warning(path):
+    """mmlu_rows, or none when there is no mmlu.json; a damaged one is left out with a warning."""
+    if not os.path.exists(path):
+        return []
+    try:
+        return mmlu_rows(path)
+    except (FileFormatError, KeyError, TypeError, ZeroDivisionError) as e:
+        print(f"warning: {path} is damaged ({e}): the report card leaves MMLU out; rerun eval_mmlu.py")
+        return []
+
+
 def cells(row):
     """A report-card row as text: values to 4 decimals, seconds to 1, '-' for no value."""
-    *values, seconds = row
-    return [f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v) for v in values] + [f"{seconds:.1f}"]
+    *values, seconds, iter_num, date = row
+    text = [f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v) for v in values]
+    return text + [f"{seconds:.1f}", "-" if iter_num is None else str(iter_num), date or "-"]
 
 
 def print_table(rows):
@@ -98,37 +114,84 @@ def print_table(rows):
 
 def report_card(rows, ckpt, notes):
     lines = [f"# Report card: {out_dir} (iter {ckpt.get('iter_num')}, block_size {ckpt['model_args']['block_size']})",
-             "", "| " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * 5]
+             "", "| " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * (len(COLUMNS) - 2)]
     lines += ["| " + " | ".join(cells(row)) + " |" for row in rows]
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
 
 
-def write_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)  # a reader never sees half a file
+def earlier_results(path):
+    """The results eval.json already holds, each with its own iter_num, date and settings (a file written before
+    those were per task lends them its own); {} when there is none. A damaged file is moved aside with a warning."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        saved = read_json(path)
+        results = saved["results"]
+        if not all(isinstance(r, dict) and "metrics" in r for r in results.values()):
+            raise FileFormatError(f"{path}: a result without metrics")
+    except (FileFormatError, KeyError, TypeError, AttributeError) as e:
+        os.replace(path, path + ".damaged")
+        print(f"warning: {path} is damaged ({e}): moved to {path}.damaged; its results are not in the new one")
+        return {}
+    defaults = {"iter_num": saved.get("iter_num"), "date": None, "settings": saved.get("settings")}
+    return {name: {**defaults, **r} for name, r in results.items()}
+
+
+def in_task_order(results):
+    """Results in the order of TASKS, tasks this eval.py no longer knows last."""
+    order = {name: i for i, name in enumerate(TASKS)}
+    return dict(sorted(results.items(), key=lambda item: order.get(item[0], len(order))))
+
+
+def stale_notes(rows, iter_num):
+    """A note for each task whose result comes from another iteration of the checkpoint than the current one."""
+    stale = {(row[0], row[7]) for row in rows if row[7] != iter_num}
+    return [f"{task}: measured at iter {i}, the checkpoint is now at iter {iter_num}: rerun it to refresh"
+            for task, i in sorted(stale, key=str)]
 
 
 def save(results, ckpt, config):
-    """Writes eval.json and eval.md beside the model (checkpoint.results_dir) and says where; returns the report
-    card's rows."""
-    rows = [row for r in results.values() for row in result_rows(r)]
+    """Merges this run's results into eval.json beside the model (checkpoint.results_dir), rewrites eval.md from
+    all of them and says where; returns the report card's rows and notes."""
     folder = results_dir(out_dir)
-    mmlu_json = os.path.join(folder, "mmlu.json")
-    if os.path.exists(mmlu_json):
-        rows += mmlu_rows(mmlu_json)
-    notes = [f"{name}: {note}" for name, r in results.items() for note in r["notes"]]
+    json_path, card_path = os.path.join(folder, "eval.json"), os.path.join(folder, "eval.md")
+    stamp = {"iter_num": ckpt.get("iter_num"), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
+             "model": out_dir, "settings": config}
+    merged = in_task_order({**earlier_results(json_path), **{name: {**r, **stamp} for name, r in results.items()}})
+    rows = [row for r in merged.values() for row in result_rows(r)]
+    rows += mmlu_rows_or_warning(os.path.join(folder, "mmlu.json"))
+    notes = [f"{name}: {note}" for name, r in merged.items() for note in r["notes"]]
+    notes += stale_notes(rows, ckpt.get("iter_num"))
     if ckpt.get("tokenizer", {}).get("kind") == "char":
         notes.append("char-level vocabulary: characters outside it are dropped from the prompts")
-    write_atomic(os.path.join(folder, "eval.json"), json.dumps(
-        {"out_dir": out_dir, "iter_num": ckpt.get("iter_num"), "settings": config, "results": results}, indent=1))
-    write_atomic(os.path.join(folder, "eval.md"), report_card(rows, ckpt, notes))
-    print(f"wrote {os.path.join(folder, 'eval.json')} and {os.path.join(folder, 'eval.md')}")
+    write_json(json_path, {"out_dir": out_dir, "iter_num": ckpt.get("iter_num"), "results": merged})
+    write_atomic(card_path, report_card(rows, ckpt, notes))
+    print(f"wrote {json_path} and {card_path}")
     return rows, notes
 
 
-def main(config):
+def check_settings(config):
+    at_least(config, 0, "limit")
+    at_least(config, -1, "num_fewshot")
+    at_least(config, 1, "batch_size", "max_new_tokens")
+
+
+def check_results_folder():
+    """Stop before any scoring unless eval.json and eval.md can be written beside the model (a missing model
+    folder is load_scorer's to report)."""
+    folder = results_dir(out_dir)
+    if os.path.isdir(folder):
+        try:
+            check_writable(folder, ("eval.json", "eval.md"))
+        except OSError as e:
+            raise SystemExit(f"--out_dir={out_dir}: {e}")
+
+
+def main():
+    config = configure(globals())
+    check_settings(config)
     names = task_names(tasks)
+    check_results_folder()
     try:
         scorer, ckpt = load_scorer(out_dir, device, dtype, attn_impl, compile, batch_size, shared_prefix)
     except (OSError, ValueError, RuntimeError) as e:
@@ -154,8 +217,4 @@ def main(config):
 
 
 if __name__ == "__main__":
-    config = configure(globals())
-    at_least(config, 0, "limit")
-    at_least(config, -1, "num_fewshot")
-    at_least(config, 1, "batch_size", "max_new_tokens")
-    main(config)
+    main()

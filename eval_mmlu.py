@@ -10,11 +10,12 @@ highest next-token logit.
 Prints and writes to out_dir/mmlu.json: accuracy per subject, per category (micro over questions, and macro over
 subjects) and overall (micro, and macro over subjects), macro-F1 over the four letters, the 10-bin expected
 calibration error and the paper's RMS calibration error, the shots actually used, the prompts that had to be
-truncated, the throughput, and one record per question (id, prediction, gold, the four letter logits).
+truncated, the throughput, the date and the checkpoint's iteration, and one record per question (id, prediction,
+gold, the four letter logits).
 """
-import json
 import os
 import time
+from datetime import datetime, timezone
 from typing import Literal
 
 import requests
@@ -23,6 +24,7 @@ import torch
 from configurator import at_least, configure
 from nanogpt.checkpoint import results_dir
 from nanogpt.download import DownloadError
+from nanogpt.files import check_writable, write_json
 from nanogpt.runtime import ATTN_IMPLS, DTYPE_SETTINGS
 from nanogpt.scoring import load_scorer
 from nanogpt.tasks import mmlu
@@ -73,6 +75,8 @@ def build_items(root, split_dir, names, encode, block_size):
             ids, k, truncated = mmlu.build_prompt(encode, s, shots, row, block_size, header)
             items.append({"id": f"{s}/{split}/{i}", "subject": s, "prompt": ids, "shots": k, "truncated": truncated,
                           "gold": LETTERS.index(row[5])})
+    if not items:
+        raise ValueError(f"no questions in the {split} CSVs of {', '.join(names)} in {split_dir}: empty files")
     return items
 
 
@@ -100,8 +104,23 @@ def print_report(r):
         print(f"note: {note}")
 
 
+def check_results_folder():
+    """Stop before any scoring unless mmlu.json can be written beside the model (a missing model folder is
+    load_scorer's to report)."""
+    folder = results_dir(out_dir)
+    if os.path.isdir(folder):
+        try:
+            check_writable(folder, ("mmlu.json",))
+        except OSError as e:
+            raise SystemExit(f"--out_dir={out_dir}: {e}")
+
+
 def main():
+    config = configure(globals())
+    at_least(config, 0, "ntrain", "limit")
+    at_least(config, 1, "batch_size")
     t0 = time.time()
+    check_results_folder()
     root, split_dir, names = select_data()
     try:
         scorer, ckpt = load_scorer(out_dir, device, dtype, attn_impl, compile, batch_size, shared_prefix)
@@ -118,7 +137,8 @@ def main():
     logits = scorer.next_token_logits([it["prompt"] for it in items], letter_ids, groups)
     score_s = time.time() - t1
     shots_used = [it["shots"] for it in items]
-    report = {"out_dir": out_dir, "iter_num": ckpt.get("iter_num"), "split": split, "ntrain": ntrain,
+    report = {"out_dir": out_dir, "iter_num": ckpt.get("iter_num"),
+              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"), "split": split, "ntrain": ntrain,
               "header": header, "block_size": scorer.block_size,
               **mmlu.summarize([it["subject"] for it in items], logits, torch.tensor([it["gold"] for it in items])),
               "truncated": sum(it["truncated"] for it in items), "mean_shots": sum(shots_used) / len(items),
@@ -126,14 +146,9 @@ def main():
               "questions_per_s": len(items) / score_s, "notes": notes, "questions": question_records(items, logits)}
     print_report(report)
     path = os.path.join(results_dir(out_dir), "mmlu.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(path + ".tmp", path)  # a reader never sees half a file
+    write_json(path, report)
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    config = configure(globals())
-    at_least(config, 0, "ntrain", "limit")
-    at_least(config, 1, "batch_size")
     main()

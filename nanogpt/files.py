@@ -7,6 +7,7 @@ file whose last line was cut by a crash keeps every complete line before it.
 import contextlib
 import json
 import os
+import tempfile
 
 
 class FileFormatError(ValueError):
@@ -38,6 +39,22 @@ def write_atomic(path, data):
 
 def write_json(path, obj, indent=1):
     write_atomic(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def check_writable(folder, names=()):
+    """Raise OSError naming the problem unless a file can be created in `folder` and each of `names` there is a
+    file or absent (a command checks this before its work, not after)."""
+    if not os.path.isdir(folder):
+        raise NotADirectoryError(f"{folder} is not a folder to write in")
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise IsADirectoryError(f"{path} is not a file: cannot write it")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise PermissionError(f"cannot write in {folder} ({e.strerror})") from None
 
 
 def read_text(path):

@@ -660,3 +660,59 @@ def test_eval_bad_settings_and_files_stop_with_one_line(tmp_path, monkeypatch, c
         p = run_eval(f"--out_dir={out}", *args, check=False)
         lines = p.stderr.strip().splitlines()
         assert p.returncode != 0 and len(lines) == 1 and message in lines[0], p.stderr
+
+
+def fake_result(name, acc):
+    return {"task": name, "shots": 0, "n": 2, "seconds": 1.0, "metrics": {"acc": acc}, "stderr": {"acc": 0.1},
+            "notes": [], "records": []}
+
+
+def test_the_report_card_keeps_the_latest_result_of_every_task_run_on_the_checkpoint(tmp_path, monkeypatch):
+    import eval as E
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setattr(E, "out_dir", str(run))
+    at_100, at_200 = ({"iter_num": i, "model_args": {"block_size": 64}} for i in (100, 200))
+    E.save({"gsm8k": fake_result("gsm8k", 0.25)}, at_100, {"tasks": "gsm8k"})
+    E.save({"hellaswag": fake_result("hellaswag", 0.5)}, at_100, {"tasks": "hellaswag"})
+    saved = json.loads((run / "eval.json").read_text())["results"]
+    assert list(saved) == ["hellaswag", "gsm8k"]  # in the order of TASKS
+    assert saved["gsm8k"]["settings"] == {"tasks": "gsm8k"} and saved["gsm8k"]["iter_num"] == 100
+    assert saved["gsm8k"]["date"] and saved["gsm8k"]["model"] == str(run)
+    card = (run / "eval.md").read_text()
+    assert "| hellaswag | acc | 0.5000 | 0.1000 | 0 | 2 | 1.0 | 100 |" in card and "| gsm8k | acc | 0.2500 |" in card
+    E.save({"gsm8k": fake_result("gsm8k", 0.75)}, at_100, {"tasks": "gsm8k"})  # a rerun replaces its own task
+    card = (run / "eval.md").read_text()
+    assert "| gsm8k | acc | 0.7500 |" in card and "0.2500" not in card and "| hellaswag | acc | 0.5000 |" in card
+    assert "measured at iter" not in card
+    E.save({"hellaswag": fake_result("hellaswag", 0.625)}, at_200, {"tasks": "hellaswag"})  # the run trained on
+    card = (run / "eval.md").read_text()
+    assert "| gsm8k | acc | 0.7500 | 0.1000 | 0 | 2 | 1.0 | 100 |" in card  # kept, and marked:
+    assert "- gsm8k: measured at iter 100, the checkpoint is now at iter 200: rerun it to refresh" in card
+    assert "| hellaswag | acc | 0.6250 | 0.1000 | 0 | 2 | 1.0 | 200 |" in card and "hellaswag: measured" not in card
+
+
+def test_a_damaged_mmlu_json_or_eval_json_is_reported_and_the_other_results_kept(tmp_path, monkeypatch, capsys):
+    import eval as E
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setattr(E, "out_dir", str(run))
+    ckpt = {"iter_num": 7, "model_args": {"block_size": 64}}
+    mmlu = {"split": "test", "ntrain": 5, "n": 4, "wall_s": 2.0, "accuracy": 0.25, "macro_accuracy": 0.5,
+            "iter_num": 7, "date": "2026-01-02 03:04"}
+    (run / "mmlu.json").write_text(json.dumps(mmlu, indent=1))
+    E.save({"gsm8k": fake_result("gsm8k", 0.25)}, ckpt, {})
+    card = (run / "eval.md").read_text()
+    stderr = (0.25 * 0.75 / 3) ** 0.5  # the standard error of four 0/1 values with mean 1/4
+    assert f"| mmlu (test) | acc | 0.2500 | {stderr:.4f} | 5 | 4 | 2.0 | 7 | 2026-01-02 03:04 |" in card
+    (run / "mmlu.json").write_text(json.dumps(mmlu, indent=1)[:50])  # cut mid-write
+    E.save({"hellaswag": fake_result("hellaswag", 0.5)}, ckpt, {})
+    assert f"warning: {run / 'mmlu.json'} is damaged" in capsys.readouterr().out
+    card = (run / "eval.md").read_text()
+    assert "| mmlu (test)" not in card and "| gsm8k | acc | 0.2500 |" in card and "| hellaswag | acc | 0.5000 |" in card
+    damaged = (run / "eval.json").read_text()[:100]
+    (run / "eval.json").write_text(damaged)
+    E.save({"winogrande": fake_result("winogrande", 0.5)}, ckpt, {})
+    assert f"moved to {run / 'eval.json'}.damaged" in capsys.readouterr().out
+    assert (run / "eval.json.damaged").read_text() == damaged
+    assert list(json.loads((run / "eval.json").read_text())["results"]) == ["winogrande"]
