@@ -47,7 +47,8 @@ class WindowStream:
         self.window, self.seed, self.rows = window, seed, rows
         self.masks = self._read_masks(data_dir, split) if rows else None
         if max(len(s) for s in self.shards) < window:
-            reason = ("no rows (was every conversation or pair longer than a row?)" if rows else
+            reason = ("no rows (none held out with --val_fraction 0, or every conversation or pair longer than a row): "
+                      "rerun its prepare.py with --val_fraction 0.05 or a larger --block_size" if rows else
                       f"fewer than {window} tokens: lower block_size")
             raise ValueError(f"{data_dir}: '{split}' shards hold {reason}")
         self.epoch, self.pos = 0, 0

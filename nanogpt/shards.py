@@ -11,10 +11,11 @@ mask (0/1, token for token); a shard holds whole rows. `rows.json` in the folder
 "row_tokens": N, "pad_id": id, "splits": per-split counts}. A folder without it holds a plain token stream.
 """
 import glob
-import json
 import os
 
 import numpy as np
+
+from nanogpt.files import FileFormatError, atomic_path, read_json, write_json
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -37,11 +38,9 @@ def write_shard(path, tokens, vocab_size=None):
         raise ShardError(f"{path}: token ids out of range for {np.dtype(dtype).name}")
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = magic, version, len(tokens)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(header.tobytes())
         f.write(tokens.astype(dtype, copy=False).tobytes())
-    os.replace(tmp, path)
 
 
 def read_header(path):
@@ -133,16 +132,43 @@ class RowWriter:
 
 def write_rows_info(data_dir, info):
     """Write rows.json (temp file + rename): what a row of this folder's shards is."""
-    path = os.path.join(data_dir, ROWS_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(info, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(os.path.join(data_dir, ROWS_FILE), info)
 
 
 def read_rows_info(data_dir):
-    """rows.json of a folder of rows, or None for a plain token stream."""
+    """rows.json of a folder of rows, or None for a plain token stream; a FileFormatError naming the file when it
+    is not JSON or not an object with a kind and an integer row_tokens."""
     path = os.path.join(data_dir, ROWS_FILE)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    info = read_json(path)
+    if not isinstance(info, dict) or not isinstance(info.get("row_tokens"), int) or "kind" not in info:
+        raise FileFormatError(f"{path}: expected an object with kind and row_tokens, got {str(info)[:60]}: rerun "
+                              "the dataset's prepare.py")
+    return info
+
+# ------------------------------------------------------------------------------------------- prepare scripts
+
+
+def prepared_files(data_dir):
+    """The files of a prepared dataset already in data_dir: token and mask shards, rows.json."""
+    shards = glob.glob(os.path.join(data_dir, "*_[0-9][0-9][0-9][0-9][0-9][0-9].bin"))
+    rows = [os.path.join(data_dir, ROWS_FILE)] if os.path.exists(os.path.join(data_dir, ROWS_FILE)) else []
+    return sorted(shards) + rows
+
+
+def check_out_dir(data_dir, overwrite):
+    """A prepare script's first check: a FileExistsError naming data_dir when it already holds a prepared dataset
+    and overwrite is not set (a dataset is never replaced by accident)."""
+    found = prepared_files(data_dir)
+    if found and not overwrite:
+        names = ", ".join(os.path.basename(p) for p in found[:3]) + (", ..." if len(found) > 3 else "")
+        raise FileExistsError(f"{data_dir} already holds a prepared dataset ({names}): pass --overwrite to replace "
+                              "it, or choose another --out_dir")
+
+
+def clear_dataset(data_dir):
+    """Remove the prepared dataset in data_dir (with --overwrite, once the new one's inputs have been read): no
+    shard or rows.json of the old one is left to mix with the new."""
+    for path in prepared_files(data_dir):
+        os.remove(path)

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from conftest import ROOT, SHARED
 
-from nanogpt import download
 from data.fineweb10B import prepare as fineweb
 from data.fineweb10B.prepare import check_shard, shard_files
 from data.tinystories import prepare as tinystories
 from data.tinystories.prepare import EOT, FILES, iter_stories, iter_tokens, tokenize_documents, tokenize_single_process
+from nanogpt import download
 from nanogpt.download import DownloadError, download_file
 from nanogpt.shards import ShardError, read_shard, shard_paths, write_shard
 
@@ -142,7 +142,9 @@ def test_fineweb_download_then_rerun_makes_no_requests(server, tmp_path, rng):
     assert json.loads((out / "tokenizer.json").read_text()) == {"kind": "gpt2"}  # the dataset says how it was written
     assert [r for _, r in server.log] == [None] * 3
     server.log.clear()
-    fineweb.main(fineweb_args(server, out))
+    with pytest.raises(SystemExit):  # a folder holding a dataset is not written into unasked
+        fineweb.main(fineweb_args(server, out))
+    fineweb.main(fineweb_args(server, out) + ["--overwrite"])  # asked: complete shards are checked and kept
     assert server.log == []
 
 
@@ -193,7 +195,7 @@ def test_bad_files_in_out_dir_are_fetched_again(server, tmp_path, rng):
     (out / "val_000000.bin").write_bytes(b"<html>rate limited</html>")  # bad header
     (out / "train_000000.bin").write_bytes(want["train_000000.bin"] + b"\0\0")  # header fine, size wrong
     (out / "train_000001.bin").write_bytes(want["train_000001.bin"])  # complete: must not be fetched
-    fineweb.main(fineweb_args(server, out))
+    fineweb.main(fineweb_args(server, out) + ["--overwrite"])
     assert files(out) == want
     assert sorted(name for name, _ in server.log) == ["fineweb_train_000001.bin", "fineweb_val_000000.bin"]
 
@@ -217,18 +219,19 @@ def test_fineweb_input_dir(tmp_path, rng):
     assert files(out) == want
     (local / "fineweb_train_000003.bin").write_bytes(want["train_000000.bin"][:-2])  # truncated
     with pytest.raises(ShardError, match="truncated"):
-        fineweb.main(["--input", str(local), "--out_dir", str(out), "--num_chunks", "3"])
+        fineweb.main(["--input", str(local), "--out_dir", str(out), "--num_chunks", "3", "--overwrite"])
     with pytest.raises(SystemExit, match="missing fineweb_train_000004.bin"):
-        fineweb.main(["--input", str(local), "--out_dir", str(out), "--num_chunks", "4"])
+        fineweb.main(["--input", str(local), "--out_dir", str(out), "--num_chunks", "4", "--overwrite"])
 
 
 # --------------------------------------------------------------------------------------------------- TinyStories
 
 
 def test_stories_split_across_read_blocks(tmp_path, rng):
-    stories = make_stories(rng, 50)
+    stories = make_stories(rng, 50) + ["naïve café — 東京 🙂 " * 20]
     write_stories(tmp_path / "s.txt", stories)
-    assert list(iter_stories(tmp_path / "s.txt", block_chars=97)) == stories  # delimiters straddle the blocks
+    # delimiters and multi-byte characters straddle the blocks
+    assert list(iter_stories(tmp_path / "s.txt", block_bytes=97)) == [s.strip() for s in stories]
 
 
 def test_parallel_tokenization_matches_single_process(rng):
@@ -250,7 +253,7 @@ def test_tinystories_download_and_decode(server, tmp_path, rng):
     assert len(paths["train"]) > 1  # the stream spans shards
     assert read_docs(out, "train") == train and read_docs(out, "val") == val
     server.log.clear()
-    tinystories.main(args)
+    tinystories.main(args + ["--overwrite"])
     assert server.log == []  # the text files are kept and not fetched again
 
 

@@ -328,7 +328,9 @@ def test_gsm8k_download_then_rerun_makes_no_requests(server, tmp_path):  # noqa:
     assert json.loads((out / "tokenizer.json").read_text()) == chat_spec()
     assert sorted(name for name, _ in server.log) == ["test.jsonl", "train.jsonl"]
     server.log.clear()
-    assert gsm8k.main(gsm8k_args(server, out)) == info
+    with pytest.raises(SystemExit):  # a folder holding a dataset is not written into unasked
+        gsm8k.main(gsm8k_args(server, out))
+    assert gsm8k.main(gsm8k_args(server, out) + ["--overwrite"]) == info
     assert server.log == []
 
 
@@ -367,3 +369,19 @@ def test_hh_input_file_from_the_command_line(tmp_path):
     info = json.loads((tmp_path / "hh" / "rows.json").read_text())
     assert info["row_tokens"] == 257 and "dropped" in result.stdout
     assert info["splits"]["val"]["pairs"] == 116 and info["splits"]["train"]["dropped"] > 0
+
+
+def test_val_fraction_0_warns_with_advice_that_works(tmp_path, seed, capsys):
+    chats = write_jsonl(tmp_path / "chats.jsonl", random_conversations(random.Random(seed), 40))
+    out = str(tmp_path / "chat")
+    info = chat_prepare.main(["--input", chats, "--out_dir", out, "--block_size", "256", "--val_fraction", "0"])
+    assert info["splits"]["val"]["rows"] == 0
+    advice = capsys.readouterr().out.split("val is empty")[1].splitlines()[0]
+    assert "--val_fraction 0.05" in advice and "--block_size" not in advice
+    with pytest.raises(ValueError, match="'val' shards hold no rows .* --val_fraction 0.05"):
+        BatchLoader([out], "val", 1, 256)
+    info = chat_prepare.main(["--input", chats, "--out_dir", out, "--block_size", "256", "--val_fraction", "0.05",
+                              "--overwrite"])  # the advice, followed
+    assert info["splits"]["val"]["conversations"] == 2 and info["splits"]["val"]["rows"] >= 1
+    x, y = BatchLoader([out], "val", 1, 256, seed=seed).next_batch()  # train.py's val split reads
+    assert x.shape == (1, 256) and (y >= 0).any()

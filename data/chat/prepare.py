@@ -7,9 +7,10 @@ Every line of the inputs (plain or gzipped) holds one of two formats, the same i
     {"messages": [{"role": "system|user|assistant", "content": "..."}, ...]}           a conversation
     {"prompt": [messages ending with a user message], "chosen": "...", "rejected": "..."}  a preference pair
 
-Rendering is nanogpt/chat_format.py's (GPT-2 BPE + the chat tokens): loss mask 1 on assistant replies and their end token.
-A seeded shuffle holds out `--val_fraction` of the items as the val split (the same items for the same inputs and
-seed). The other scripts that make post-training data (data/gsm8k, data/hh_rlhf) write through this one's functions.
+Rendering is nanogpt/chat_format.py's (GPT-2 BPE + the chat tokens): loss mask 1 on assistant replies and their end
+token. A seeded shuffle holds out `--val_fraction` of the items as the val split (the same items for the same inputs
+and seed). The other scripts that make post-training data (data/gsm8k, data/hh_rlhf) write through this one's
+functions. A folder that already holds a prepared dataset is refused unless `--overwrite` is given.
 
 Packing. Conversations, in the shuffled order, go whole into the first of the 8 newest rows with room for them (a
 new row when none has; the oldest row is then written out), rows padded at the end with <|endoftext|> (mask 0):
@@ -35,7 +36,7 @@ from tqdm import tqdm  # noqa: E402
 
 from nanogpt.chat_format import check_messages, render, render_reply  # noqa: E402
 from nanogpt.download import run_main  # noqa: E402
-from nanogpt.shards import RowWriter, write_rows_info  # noqa: E402
+from nanogpt.shards import RowWriter, check_out_dir, clear_dataset, write_rows_info  # noqa: E402
 from nanogpt.tokenizer import Tokenizer, chat_spec, save_dataset_spec  # noqa: E402
 
 FORMATS = ('{"messages": [...]} (a conversation) or {"prompt": [...], "chosen": "...", "rejected": "..."} '
@@ -45,19 +46,24 @@ FORMATS = ('{"messages": [...]} (a conversation) or {"prompt": [...], "chosen": 
 # ----------------------------------------------------------------------------------------------------- reading
 
 def read_jsonl(path):
-    """(line number, object) for each non-blank line of a JSONL file, gzipped or not; bad JSON names file:line."""
+    """(line number, object) for each non-blank line of a JSONL file, gzipped or not; bad JSON or UTF-8 names
+    file:line."""
     with open(path, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
+    number = 0
     try:
-        with (gzip.open(path, "rt", encoding="utf-8") if gzipped else open(path, encoding="utf-8")) as f:
-            for number, line in enumerate(f, 1):
+        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as f:
+            for number, raw in enumerate(f, 1):
+                line = raw.decode("utf-8")
                 if line.strip():
                     try:
                         yield number, json.loads(line)
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{path}:{number}: not a JSON object ({e.msg})") from None
-    except (OSError, EOFError, UnicodeDecodeError) as e:  # a truncated gzip, a binary file
-        raise ValueError(f"{path}: not readable as {'gzipped ' if gzipped else ''}UTF-8 JSON lines ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{number}: not valid UTF-8 (byte {e.start} of the line)") from None
+    except (OSError, EOFError) as e:  # a truncated gzip
+        raise ValueError(f"{path}: not readable as {'gzipped ' if gzipped else ''}JSON lines ({e})") from None
 
 
 def parse_record(record):
@@ -172,14 +178,20 @@ def write_split(out_dir, split, kind, tokenizer, items, block_size, open_rows):
     print(f"{split}: {len(items) - stats['dropped']:,} of {len(items):,} {kind} in {writer.rows:,} rows "
           f"({padding:.0%} padding), {stats['dropped']:,} longer than {row_tokens} tokens dropped, "
           f"{stats['trained_tokens']:,} trained tokens")
-    if not writer.rows:
-        print(f"warning: {split} has no rows: raise --block_size")
+    if not items and split == "val":
+        print("warning: val is empty: no items held out (train.py evaluates on val: use --val_fraction 0.05)")
+    elif not items:
+        print(f"warning: {split} is empty: every item went to val (give more items or a smaller --val_fraction)")
+    elif not writer.rows:
+        print(f"warning: {split} has no rows: every item is longer than a row; raise --block_size")
     return dict(stats)
 
 
 def write_dataset(out_dir, kind, splits, block_size, open_rows=8):
-    """Write every split ({name: items}), tokenizer.json and rows.json into out_dir; returns rows.json's content."""
+    """Write every split ({name: items}), tokenizer.json and rows.json into out_dir, in place of any dataset there;
+    returns rows.json's content."""
     os.makedirs(out_dir, exist_ok=True)
+    clear_dataset(out_dir)
     tokenizer = Tokenizer(chat_spec())
     counts = {split: write_split(out_dir, split, kind, tokenizer, items, block_size, open_rows)
               for split, items in splits.items()}
@@ -201,6 +213,7 @@ def parser_for(doc, default_out_dir):
     parser.add_argument("--seed", type=int, default=1337, help="seed of the val split and the packing order")
     parser.add_argument("--open_rows", type=int, default=8, help="rows open for packing conversations; 0 = one "
                         "conversation per row (no attention across conversations, to measure what packing changes)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a dataset already prepared in out_dir")
     return parser
 
 
@@ -214,6 +227,10 @@ def check_args(parser, args):
     missing = [p for p in args.input or [] if not os.path.isfile(p)]
     if missing:
         parser.error(f"--input: no such file {', '.join(missing)}")
+    try:
+        check_out_dir(args.out_dir, args.overwrite)
+    except FileExistsError as e:
+        parser.error(str(e))
 
 
 def main(argv=None):

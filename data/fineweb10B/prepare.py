@@ -7,7 +7,9 @@
 Upstream fineweb_val_000000.bin and fineweb_train_000001.bin, 000002, ... land here as val_000000.bin and
 train_000000.bin, 000001, ... (upstream numbers train shards from 1). A download streams into `<name>.part`, resumes
 with an HTTP Range request after an interruption, and is renamed to its final name only once its header agrees
-with its size, so complete files are skipped on a rerun and a broken one is never mistaken for data.
+with its size, so complete files are skipped on a rerun and a broken one is never mistaken for data. A folder that
+already holds shards is refused unless `--overwrite` is given (which a rerun that resumes needs too): then its other
+files of a prepared dataset (rows.json, shards of other names) are removed and complete shards of these names kept.
 """
 import argparse
 import os
@@ -19,7 +21,7 @@ sys.path.insert(0, os.path.join(HERE, "..", ".."))
 import numpy as np  # noqa: E402
 
 from nanogpt.download import download_file, run_main  # noqa: E402
-from nanogpt.shards import HEADER_BYTES, ShardError, read_header  # noqa: E402
+from nanogpt.shards import HEADER_BYTES, ShardError, check_out_dir, prepared_files, read_header  # noqa: E402
 from nanogpt.tokenizer import save_dataset_spec  # noqa: E402
 
 BASE_URL = "https://huggingface.co/datasets/kjj0/fineweb10B-gpt2/resolve/main"
@@ -60,13 +62,23 @@ def main(argv=None):
     parser.add_argument("--out_dir", default=HERE)
     parser.add_argument("--base_url", default=BASE_URL)
     parser.add_argument("--input", metavar="DIR", help="take fineweb_*.bin files from DIR instead of downloading")
+    parser.add_argument("--overwrite", action="store_true", help="write into an out_dir that holds shards (to resume "
+                        "a download, or replace another dataset)")
     args = parser.parse_args(argv)
+    try:
+        check_out_dir(args.out_dir, args.overwrite)
+    except FileExistsError as e:
+        parser.error(str(e))
     files = shard_files(args.num_chunks)
     if args.input:
         missing = [remote for remote, _ in files if not os.path.isfile(os.path.join(args.input, remote))]
         if missing:
             sys.exit(f"--input {args.input}: missing {', '.join(missing)} (fewer --num_chunks?)")
     os.makedirs(args.out_dir, exist_ok=True)
+    ours = {local for _, local in files}
+    for path in prepared_files(args.out_dir):  # another dataset's, or more chunks than asked: never mixed in
+        if os.path.basename(path) not in ours:
+            os.remove(path)
     paths = []
     for i, (remote, local) in enumerate(files, 1):
         dest = os.path.join(args.out_dir, local)

@@ -44,6 +44,8 @@ def read_problems(path, calculator="strip"):
             problems.append(conversation(record, calculator))
         except ValueError as e:
             raise ValueError(f"{path}:{number}: {e}") from None
+    if not problems:
+        raise ValueError(f"{path} holds no problems: an empty file")
     return problems
 
 

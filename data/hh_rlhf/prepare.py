@@ -103,8 +103,8 @@ def main(argv=None):
     parser.add_argument("--base_url", default=BASE_URL, help="the hh-rlhf repository's raw files")
     args = parser.parse_args(argv)
     check_args(parser, args)
-    pairs = []
-    for path in input_files(args):
+    pairs, paths = [], input_files(args)
+    for path in paths:
         try:
             found, skipped = read_pairs(path)
         except ValueError as e:
@@ -113,6 +113,8 @@ def main(argv=None):
             shown = ", ".join(map(str, lines[:10])) + (", ..." if len(lines) > 10 else "")
             print(f"{path}: skipped {len(lines)} line(s), {reason}: line {shown}")
         pairs += found
+    if not pairs:
+        sys.exit(f"error: no usable pairs in {', '.join(paths)}: empty files, or every line skipped")
     train, val = split_val(pairs, args.val_fraction, args.seed)
     return write_dataset(args.out_dir, "pairs", {"train": train, "val": val}, args.block_size)
 

@@ -2,6 +2,8 @@
 
     python data/shakespeare/prepare.py                 # downloads input.txt when it is missing
     python data/shakespeare/prepare.py --input FILE    # or uses a local copy
+
+A folder that already holds a prepared dataset is refused unless `--overwrite` is given.
 """
 import os
 import sys
@@ -12,7 +14,7 @@ import numpy as np  # noqa: E402
 
 from data.shakespeare_char.prepare import get_text, parse_args  # noqa: E402
 from nanogpt.download import run_main  # noqa: E402
-from nanogpt.shards import write_shard  # noqa: E402
+from nanogpt.shards import clear_dataset, write_shard  # noqa: E402
 from nanogpt.tokenizer import Tokenizer, save_dataset_spec  # noqa: E402
 
 
@@ -24,6 +26,7 @@ def main(argv=None):
         enc = Tokenizer({"kind": "gpt2"}).enc
     except ValueError as e:  # offline without tiktoken's cached files: say so in one line
         sys.exit(f"error: {e}")
+    clear_dataset(args.out_dir)
     for name, part in (("train", text[:split]), ("val", text[split:])):
         ids = np.array(enc.encode_ordinary(part), dtype=np.uint16)
         write_shard(os.path.join(args.out_dir, f"{name}_000000.bin"), ids, enc.n_vocab)

@@ -2,6 +2,8 @@
 
     python data/shakespeare_char/prepare.py                 # downloads input.txt when it is missing
     python data/shakespeare_char/prepare.py --input FILE    # or uses a local copy
+
+A folder that already holds a prepared dataset is refused unless `--overwrite` is given.
 """
 import argparse
 import os
@@ -13,31 +15,44 @@ sys.path.insert(0, os.path.join(HERE, "..", ".."))
 import numpy as np  # noqa: E402
 
 from nanogpt.download import SHAKESPEARE_URL, download_file, run_main  # noqa: E402
-from nanogpt.shards import write_shard  # noqa: E402
+from nanogpt.files import FileFormatError, read_text  # noqa: E402
+from nanogpt.shards import check_out_dir, clear_dataset, write_shard  # noqa: E402
 from nanogpt.tokenizer import save_dataset_spec  # noqa: E402
 
 
 def get_text(input_path, out_dir, url=SHAKESPEARE_URL):
-    """The text: copied from --input, else downloaded once into out_dir/input.txt."""
+    """The text: read from --input (and copied to out_dir/input.txt), else downloaded once into out_dir/input.txt;
+    empty or not UTF-8: exit with the file named."""
     target = os.path.join(out_dir, "input.txt")
-    if input_path:
-        if not os.path.isfile(input_path):
-            sys.exit(f"--input {input_path}: no such file")
-        if os.path.abspath(input_path) != os.path.abspath(target):
-            shutil.copyfile(input_path, target)
-    elif not os.path.exists(target):
+    if input_path and not os.path.isfile(input_path):
+        sys.exit(f"--input {input_path}: no such file")
+    if not input_path and not os.path.exists(target):
         download_file(url, target, desc="tinyshakespeare")
-    with open(target, encoding="utf-8") as f:
-        return f.read()
+    source = input_path or target
+    try:
+        text = read_text(source)
+    except FileFormatError as e:
+        sys.exit(f"error: {e}")
+    if not text:
+        sys.exit(f"error: {source} is empty: nothing to prepare")
+    if os.path.abspath(source) != os.path.abspath(target):
+        shutil.copyfile(source, target)
+    return text
 
 
 def parse_args(argv, doc, default_out_dir):
-    """--input and --out_dir, the arguments of both tiny-Shakespeare prepare scripts; creates out_dir."""
+    """--input, --out_dir and --overwrite, the arguments of both tiny-Shakespeare prepare scripts; refuses an
+    out_dir that holds a prepared dataset unless --overwrite, then creates out_dir."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", help="local input.txt instead of downloading")
     parser.add_argument("--out_dir", default=default_out_dir)
     parser.add_argument("--url", default=SHAKESPEARE_URL, help="where to download input.txt from")
+    parser.add_argument("--overwrite", action="store_true", help="replace a dataset already prepared in out_dir")
     args = parser.parse_args(argv)
+    try:
+        check_out_dir(args.out_dir, args.overwrite)
+    except FileExistsError as e:
+        parser.error(str(e))
     os.makedirs(args.out_dir, exist_ok=True)
     return args
 
@@ -49,6 +64,7 @@ def main(argv=None):
     stoi = {ch: i for i, ch in enumerate(chars)}
     ids = np.array([stoi[ch] for ch in text], dtype=np.uint16)
     split = int(0.9 * len(ids))
+    clear_dataset(args.out_dir)
     write_shard(os.path.join(args.out_dir, "train_000000.bin"), ids[:split], len(chars))
     write_shard(os.path.join(args.out_dir, "val_000000.bin"), ids[split:], len(chars))
     save_dataset_spec(args.out_dir, {"kind": "char", "chars": "".join(chars)})

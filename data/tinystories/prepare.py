@@ -6,9 +6,11 @@
 Stories are separated by <|endoftext|> in the text; each is stripped and empty ones dropped. As in llm.c, the
 end-of-text token (50256) goes BEFORE each story, so every story starts right after a delimiter. Tokenizing runs on
 `--workers` processes; the text is read in blocks and the tokens written as they come, so memory stays small.
-With a single --input file, every `--val_every`-th story is held out as val.
+With a single --input file, every `--val_every`-th story is held out as val. A folder that already holds a prepared
+dataset is refused unless `--overwrite` is given.
 """
 import argparse
+import codecs
 import itertools
 import os
 import sys
@@ -21,7 +23,7 @@ import tiktoken  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from nanogpt.download import download_file, run_main  # noqa: E402
-from nanogpt.shards import ShardWriter  # noqa: E402
+from nanogpt.shards import ShardWriter, check_out_dir, clear_dataset  # noqa: E402
 from nanogpt.tokenizer import save_dataset_spec  # noqa: E402
 
 BASE_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main"
@@ -30,13 +32,23 @@ DELIMITER = "<|endoftext|>"
 EOT, VOCAB_SIZE = 50256, 50257  # GPT-2's <|endoftext|> id and vocabulary size
 
 
-def iter_stories(path, block_chars=1 << 24):
-    """The stories of a text file, split on the delimiter, stripped, empties dropped; read in blocks, never whole."""
-    rest = ""
-    with open(path, encoding="utf-8") as f:
-        while block := f.read(block_chars):
-            *stories, rest = (rest + block).split(DELIMITER)  # the last piece may continue in the next block
+def iter_stories(path, block_bytes=1 << 24):
+    """The stories of a text file, split on the delimiter, stripped, empties dropped; read in blocks, never whole.
+    Invalid UTF-8 is a ValueError naming file:line."""
+    decoder, rest, line = codecs.getincrementaldecoder("utf-8")(), "", 1
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(block_bytes)
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                line += block[:max(e.start, 0)].count(b"\n")
+                raise ValueError(f"{path}:{line}: not valid UTF-8") from None
+            line += text.count("\n")
+            *stories, rest = (rest + text).split(DELIMITER)  # the last piece may continue in the next block
             yield from filter(None, map(str.strip, stories))
+            if not block:
+                break
     if rest.strip():
         yield rest.strip()
 
@@ -113,15 +125,25 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--shard_size", type=int, default=100_000_000, help="tokens per shard")
     parser.add_argument("--val_every", type=int, default=100, help="with one --input file: every N-th story is val")
+    parser.add_argument("--overwrite", action="store_true", help="replace a dataset already prepared in out_dir")
     args = parser.parse_args(argv)
     if args.input and len(args.input) > 2:
         parser.error("--input takes TRAIN.txt and optionally VALID.txt")
     missing = [p for p in args.input or [] if not os.path.isfile(p)]
     if missing:
         parser.error(f"--input: no such file {', '.join(missing)}")
+    try:
+        check_out_dir(args.out_dir, args.overwrite)
+    except FileExistsError as e:
+        parser.error(str(e))
     os.makedirs(args.out_dir, exist_ok=True)
-    paths = {split: write_split(stories, args.out_dir, split, args.shard_size, args.workers)
-             for split, stories in story_splits(args)}
+    splits = story_splits(args)
+    clear_dataset(args.out_dir)
+    try:
+        paths = {split: write_split(stories, args.out_dir, split, args.shard_size, args.workers)
+                 for split, stories in splits}
+    except ValueError as e:  # invalid UTF-8 in an input file
+        sys.exit(f"error: {e}")
     save_dataset_spec(args.out_dir, {"kind": "gpt2"})
     return paths
 
