@@ -1,7 +1,9 @@
-"""Hugging Face import (nanogpt/hf.py) and export (tools/export_hf.py) against transformers itself: tiny random models built
-locally (never downloaded), logits compared in float32 on random tokens, exact round trips, and the refusals."""
+"""Hugging Face import (nanogpt/hf.py) and export (tools/export_hf.py) against transformers itself: tiny random models
+built locally (never downloaded), logits compared in float32 on random tokens, exact round trips, and the refusals."""
 import json
 import os
+import subprocess
+import sys
 from dataclasses import asdict
 
 import pytest
@@ -9,7 +11,7 @@ import torch
 
 from model import GPT, GPTConfig
 from nanogpt.checkpoint import load_checkpoint
-from tests.conftest import SHARED, TINY, run_script
+from tests.conftest import ROOT, SHARED, TINY, run_script
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -203,11 +205,15 @@ def test_export_command(tmp_path, seed):
     for name, overrides in (("ok", OURS["qwen3"]), ("relu2", dict(mlp="relu2"))):
         os.makedirs(tmp_path / name)
         save_checkpoint(our_checkpoint(tiny_config(**overrides))[1], str(tmp_path / name / "ckpt.pt"))
-    result = run_script("tools/export_hf.py", f"--out_dir={tmp_path / 'ok'}", f"--hf_dir={tmp_path / 'hf'}")
+    ok, hf_dir = f"--out_dir={tmp_path / 'ok'}", f"--hf_dir={tmp_path / 'hf'}"
+    result = run_script("tools/export_hf.py", ok, hf_dir)
     assert "(qwen3)" in result.stdout and (tmp_path / "hf" / "model.safetensors").exists()
-    again = run_script("tools/export_hf.py", f"--out_dir={tmp_path / 'ok'}", f"--hf_dir={tmp_path / 'hf'}", check=False)
+    again = run_script("tools/export_hf.py", ok, hf_dir, check=False)
     assert again.returncode != 0 and "--overwrite=True" in again.stderr
-    refused = run_script("tools/export_hf.py", f"--out_dir={tmp_path / 'relu2'}", f"--hf_dir={tmp_path / 'no'}", check=False)
+    replaced = run_script("tools/export_hf.py", ok, hf_dir, "--overwrite=True")  # an earlier export alone: replaced
+    assert "(qwen3)" in replaced.stdout and sorted(os.listdir(tmp_path)) == ["hf", "ok", "relu2"]  # no temp folder left
+    refused = run_script("tools/export_hf.py", f"--out_dir={tmp_path / 'relu2'}", f"--hf_dir={tmp_path / 'no'}",
+                         check=False)
     assert refused.returncode != 0 and "mlp='relu2'" in refused.stderr and len(refused.stderr.splitlines()) == 1
     assert not (tmp_path / "no").exists()
 
@@ -228,3 +234,16 @@ def test_train_and_sample_take_a_hugging_face_folder(tmp_path, data_root):
     refused = run_script("train.py", *TINY, "--n_layer=6", f"--data_root={data_root}", f"--out_dir={out}-6",
                          f"--init_from=hf:{tmp_path / 'hf'}", check=False)  # a setting that contradicts the folder
     assert refused.returncode != 0 and "'n_layer': (2, 6)" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_transformers_model_classes_import_from_the_repo_root():
+    """transformers (5.25) imports the PyPI package `kernels` when it is importable: a `kernels/` folder in the repo
+    root, first on sys.path when a command runs there, would shadow it and break the import. Ours is nanokernels/."""
+    code = ("import torch\n"
+            "from transformers import LlamaConfig, LlamaForCausalLM\n"
+            "config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,\n"
+            "                     num_attention_heads=2, num_key_value_heads=2)\n"
+            "print(tuple(LlamaForCausalLM(config)(torch.tensor([[1, 2, 3]])).logits.shape))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "(1, 3, 32)"

@@ -16,11 +16,16 @@ architecture that computes exactly our function:
 
 Anything else (ReLU² MLP, cross-layer KV sharing, a logit soft-cap, ...) is refused with the settings that block
 it, and nothing is written: an approximate export never exists.
+
+hf_dir must be a new folder, or with --overwrite=True one that holds an earlier export only (the files listed in
+EXPORT_FILES). A file, the current folder or one above it, the run being exported, or a folder holding anything
+else (a checkpoint, say) is refused before anything is written: an export never deletes what it did not write.
 """
 import json
 import os
 import shutil
 import sys
+import tempfile
 from dataclasses import asdict
 
 import torch
@@ -28,13 +33,16 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from configurator import configure, require  # noqa: E402
 from model import GPTConfig, layer_plan  # noqa: E402
-from nanogpt.checkpoint import architecture, clean_state_dict, read_checkpoint  # noqa: E402
-from nanogpt.hf import (CAUSAL_LM_CLASS, char_tokenizer_json, expert_tensors, gpt2_vocab_and_merges,  # noqa: E402
-                        hf_name, is_expert_weight, state_shapes)
+from nanogpt import hf  # noqa: E402
+from nanogpt.checkpoint import architecture, clean_state_dict, read_checkpoint, results_dir  # noqa: E402
+from nanogpt.files import write_atomic  # noqa: E402
 
 out_dir = "out"                # the run to export: out_dir/ckpt.pt or its newest step_N/ (or a ckpt.pt path)
 hf_dir = "hf-out"              # the Hugging Face folder to write
-overwrite = False              # replace hf_dir if it already holds files
+overwrite = False              # replace hf_dir if it holds an earlier export (and nothing else)
+
+EXPORT_FILES = {"config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer.json",
+                "tokenizer_config.json"}  # everything an export writes
 
 # GPTConfig fields the mapping below accounts for: any other one set away from its default is refused, so a feature
 # added to model.py later is never exported as if it were not there
@@ -102,7 +110,7 @@ def hf_config(cfg, eot):
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     full_rotary = {"partial_rotary_factor": 1.0} if kind == "glm4_moe" else {}  # GLM's default rotates half
     rope.update(full_rotary)
-    return {"architectures": [CAUSAL_LM_CLASS[kind]], "model_type": kind, "vocab_size": cfg.vocab_size,
+    return {"architectures": [hf.CAUSAL_LM_CLASS[kind]], "model_type": kind, "vocab_size": cfg.vocab_size,
             "hidden_size": cfg.n_embd, "intermediate_size": cfg.hidden, "num_hidden_layers": cfg.n_layer,
             "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
             "hidden_act": "silu", "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
@@ -115,12 +123,12 @@ def hf_config(cfg, eot):
 def hf_tensors(state, cfg):
     """Our state_dict under Hugging Face names, each tensor its own contiguous copy (safetensors stores no views)."""
     out = {}
-    for name in state_shapes(cfg):
+    for name in hf.state_shapes(cfg):
         tensor = state[name]
-        if is_expert_weight(name):
-            out.update(expert_tensors(name, tensor))
+        if hf.is_expert_weight(name):
+            out.update(hf.expert_tensors(name, tensor))
         elif not (name == "lm_head.weight" and cfg.tie_embeddings):  # a tied head is the embedding
-            out[hf_name(name)] = tensor
+            out[hf.hf_name(name)] = tensor
     if cfg.n_expert and not cfg.n_shared_expert:  # Dots1 and GLM-4-MoE always build shared experts: zero-width ones
         shapes = {"gate_proj": (0, cfg.n_embd), "up_proj": (0, cfg.n_embd), "down_proj": (cfg.n_embd, 0)}
         for i in range(cfg.n_dense_layers, cfg.n_layer):
@@ -136,26 +144,24 @@ def hf_tensors(state, cfg):
 
 
 def write_json(path, obj):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
+    write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=1))
 
 
 def write_tokenizer(spec, folder, block_size):
     """The tokenizer files transformers' AutoTokenizer reads; returns the end-of-text id (or None)."""
     if spec["kind"] == "gpt2":
-        vocab, merges = gpt2_vocab_and_merges()
+        vocab, merges = hf.gpt2_vocab_and_merges()
         special = spec.get("special", {})  # e.g. the chat markers, at the ids after GPT-2's
         write_json(os.path.join(folder, "vocab.json"), {**vocab, **special})
-        with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-            f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+        write_atomic(os.path.join(folder, "merges.txt"), "#version: 0.2\n" + "\n".join(merges) + "\n")
         eot = "<|endoftext|>"
         write_json(os.path.join(folder, "tokenizer_config.json"), {
             "tokenizer_class": "GPT2Tokenizer", "bos_token": eot, "eos_token": eot, "unk_token": eot,
             "add_prefix_space": False, "additional_special_tokens": sorted(special, key=special.get),
             "model_max_length": block_size})
         return vocab[eot]
-    with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as f:
-        f.write(char_tokenizer_json(spec["chars"]) if spec["kind"] == "char" else spec["json"])
+    write_atomic(os.path.join(folder, "tokenizer.json"),
+                 hf.char_tokenizer_json(spec["chars"]) if spec["kind"] == "char" else spec["json"])
     write_json(os.path.join(folder, "tokenizer_config.json"), {
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size})
     return spec.get("eot")
@@ -163,33 +169,67 @@ def write_tokenizer(spec, folder, block_size):
 # ------------------------------------------------------------------------------------------------------- export
 
 
+def inside(path, folder):
+    """Whether path is folder or lies under it (both resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def hf_dir_problem(folder, source, overwrite):
+    """Why `folder` must not become the export of `source` (one line), or None: see the module docstring."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return f"--hf_dir={folder} is a file: name a new folder"
+    if inside(os.getcwd(), folder):
+        return f"--hf_dir={folder} is the current folder or holds it: name a new folder"
+    if inside(results_dir(source), folder):
+        return f"--hf_dir={folder} holds the run being exported ({source}): name a new folder"
+    found = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    if found - EXPORT_FILES:
+        others = ", ".join(sorted(found - EXPORT_FILES)[:3])
+        return f"--hf_dir={folder} holds files an export does not write ({others}): name a new folder"
+    if found and not overwrite:
+        return f"--hf_dir={folder} holds an earlier export: pass --overwrite=True to replace it, or another --hf_dir"
+    return None
+
+
 def export(ckpt, folder):
-    """Write ckpt (a checkpoint dict) to folder as a Hugging Face model (into folder.tmp, then renamed over it);
-    ValueError naming the blocking settings when no standard architecture computes it exactly, and then nothing
-    is written. Returns the architecture's model_type."""
+    """Write ckpt (a checkpoint dict) to folder as a Hugging Face model (into a temp folder beside it, then renamed
+    over it); ValueError naming the blocking settings when no standard architecture computes it exactly, and then
+    nothing is written. A folder already there is replaced only when it holds export files alone. Returns the
+    architecture's model_type."""
     from safetensors.torch import save_file
     cfg = GPTConfig(**architecture(ckpt))
     reasons = refusals(cfg)
     if reasons:
         raise ValueError("no exact Hugging Face counterpart: " + "; ".join(reasons))
+    if os.path.isdir(folder) and set(os.listdir(folder)) - EXPORT_FILES:
+        raise ValueError(f"{folder} holds files an export does not write: not replaced")
     tensors = hf_tensors(clean_state_dict(ckpt["model"]), cfg)
-    tmp = folder.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    eot = write_tokenizer(ckpt.get("tokenizer", {"kind": "gpt2"}), tmp, cfg.block_size)
-    write_json(os.path.join(tmp, "config.json"), hf_config(cfg, eot))
-    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(folder))}.", dir=parent)
+    try:
+        eot = write_tokenizer(ckpt.get("tokenizer", {"kind": "gpt2"}), tmp, cfg.block_size)
+        write_json(os.path.join(tmp, "config.json"), hf_config(cfg, eot))
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return model_type(cfg)
 
 
-if __name__ == "__main__":
+def main():
     configure(globals())
-    require(overwrite or not (os.path.isdir(hf_dir) and os.listdir(hf_dir)),
-            f"{hf_dir} already holds files: pass --overwrite=True or another --hf_dir")
+    problem = hf_dir_problem(hf_dir, out_dir, overwrite)
+    require(problem is None, problem)
     try:
         kind = export(read_checkpoint(out_dir), hf_dir)
     except (OSError, RuntimeError, ValueError) as e:
         raise SystemExit(str(e))
     print(f"wrote {hf_dir} ({kind}): {', '.join(sorted(os.listdir(hf_dir)))}")
+
+
+if __name__ == "__main__":
+    main()
