@@ -24,6 +24,7 @@ from dataclasses import asdict
 import torch
 
 from model import GPT, GPTConfig
+from nanogpt.files import FileFormatError, read_text
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "dots1", "glm4_moe")
 MOE_ARCHITECTURES = ("dots1", "glm4_moe")
@@ -216,6 +217,17 @@ def char_spec_of(tokenizer):
     return {"kind": "char", "chars": "".join(chars)} if in_order else None
 
 
+def json_object(path, text):
+    """The JSON object a file's text holds; a FileFormatError naming path:line for anything else."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FileFormatError(f"{path}:{e.lineno}: not valid JSON ({e.msg}): a cut or damaged file") from None
+    if not isinstance(obj, dict):
+        raise FileFormatError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def eos_id(config):
     eos = config.get("eos_token_id")
     return eos[0] if isinstance(eos, list) and eos else eos if isinstance(eos, int) else None
@@ -226,19 +238,17 @@ def tokenizer_spec(path, config):
     tokenizer.json as {"kind": "hf"}."""
     tokenizer_file, vocab_file = os.path.join(path, "tokenizer.json"), os.path.join(path, "vocab.json")
     if os.path.exists(tokenizer_file):
-        with open(tokenizer_file, encoding="utf-8") as f:
-            text = f.read()
-        tokenizer = json.loads(text)
-        model = tokenizer.get("model", {})
+        text = read_text(tokenizer_file)
+        tokenizer = json_object(tokenizer_file, text)
+        model = tokenizer.get("model") or {}
         vocab = {**model.get("vocab", {}), **{t["content"]: t["id"] for t in tokenizer.get("added_tokens", [])}}
         gpt2 = gpt2_spec_of(vocab, merge_lines(model.get("merges", []))) if model.get("type") == "BPE" else None
         return gpt2 or char_spec_of(tokenizer) or {"kind": "hf", "name": os.path.basename(os.path.normpath(path)),
                                            "json": text, "eot": eos_id(config)}
     if os.path.exists(vocab_file) and os.path.exists(os.path.join(path, "merges.txt")):
-        with open(vocab_file, encoding="utf-8") as f:
-            vocab = json.load(f)
-        with open(os.path.join(path, "merges.txt"), encoding="utf-8") as f:
-            merges = [line.rstrip("\n") for line in f if line.strip() and not line.startswith("#version")]
+        vocab = json_object(vocab_file, read_text(vocab_file))
+        merges = [line for line in read_text(os.path.join(path, "merges.txt")).split("\n")
+                  if line.strip() and not line.startswith("#version")]
         gpt2 = gpt2_spec_of(vocab, merges)
         if gpt2:
             return gpt2
@@ -343,8 +353,10 @@ def read_tensors(path):
     from safetensors.torch import load_file
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        weight_map = json_object(index, read_text(index)).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise FileFormatError(f"{index}: expected an object with a weight_map")
+        files = sorted(set(weight_map.values()))
     elif os.path.exists(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
     else:
@@ -353,7 +365,11 @@ def read_tensors(path):
         raise Unsupported(f"{path} has no model.safetensors (or index){pickled}")
     tensors = {}
     for name in files:
-        tensors.update(load_file(os.path.join(path, name)))
+        try:
+            tensors.update(load_file(os.path.join(path, name)))
+        except Exception as e:  # safetensors' own error type (a cut or damaged file) is no ValueError
+            raise FileFormatError(f"{os.path.join(path, name)}: not a readable safetensors file ({e}): a cut or "
+                                  "damaged download") from None
     return tensors
 
 
@@ -405,9 +421,13 @@ def load(path):
     config_file = os.path.join(path, "config.json")
     if not os.path.exists(config_file):
         raise FileNotFoundError(f"{path} holds no config.json: not a Hugging Face model folder")
-    with open(config_file) as f:
-        config = json.load(f)
-    cfg = gpt_config(config)
+    config = json_object(config_file, read_text(config_file))
+    try:
+        cfg = gpt_config(config)
+    except KeyError as e:
+        raise Unsupported(f"{config_file} lacks {e}: a cut or incomplete config.json") from None
+    except TypeError as e:
+        raise Unsupported(f"{config_file}: a field of the wrong type ({e})") from None
     routed_scale = setting(config, "routed_scaling_factor") if cfg.n_expert else 1.0
     state = state_from_hf(read_tensors(path), cfg, routed_scale)
     return {"model": state, "model_args": asdict(cfg), "tokenizer": tokenizer_spec(path, config),

@@ -8,17 +8,18 @@ needed). A prepare script records the spec of the tokenizer that wrote a dataset
 (tokenizer.json), and every checkpoint stores the spec it was trained with, so sampling and evaluation never need
 the dataset folder and a run never trains on ids of a tokenizer it does not know.
 
-Special tokens (the chat format's turn markers, nanogpt/chat_format.py) take the ids right after GPT-2's 50,257, in order:
-{"<|system_start|>": 50257, ...}. `encode` turns their text into their ids (as it does <|endoftext|>), so a
+Special tokens (the chat format's turn markers, nanogpt/chat_format.py) take the ids right after GPT-2's 50,257, in
+order: {"<|system_start|>": 50257, ...}. `encode` turns their text into their ids (as it does <|endoftext|>), so a
 `sample.py --start` can hold them; `encode_ordinary` reads them as plain text, which is how chat messages are
 encoded (a message cannot forge a turn marker). The model's embedding and head have `model_vocab_size` rows: GPT-2
 padded to a multiple of 64 (50,304: faster matmuls on GPUs, room for the special tokens without resizing the model),
 a character vocabulary as it is. Ids past the tokenizer's vocabulary (the padding rows) decode to U+FFFD.
 """
 import itertools
-import json
 import os
 import pickle
+
+from nanogpt.files import FileFormatError, read_json, write_json
 
 SPEC_FILE = "tokenizer.json"
 GPT2_VOCAB_SIZE = 50257
@@ -139,10 +140,7 @@ def dataset_tokenizer(dirs):
 
 def save_dataset_spec(data_dir, spec):
     """Record which tokenizer wrote data_dir's shards (temp file + rename)."""
-    path = os.path.join(data_dir, SPEC_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(spec, f)
-    os.replace(path + ".tmp", path)
+    write_json(os.path.join(data_dir, SPEC_FILE), spec, indent=None)
 
 
 class _PlainDataOnly(pickle.Unpickler):
@@ -155,11 +153,15 @@ class _PlainDataOnly(pickle.Unpickler):
 
 def dataset_spec(data_dir):
     """The spec recorded in data_dir (tokenizer.json, or an older nanoGPT-style meta.pkl read as plain data only);
-    a ValueError when the folder does not say which tokenizer wrote it."""
+    a ValueError when the folder does not say which tokenizer wrote it (a FileFormatError naming the file when its
+    tokenizer.json is not a spec)."""
     path = os.path.join(data_dir, SPEC_FILE)
     if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
+        spec = read_json(path)
+        if not isinstance(spec, dict) or spec.get("kind") not in ("gpt2", "char", "hf"):
+            raise FileFormatError(f"{path}: expected a tokenizer spec such as {{\"kind\": \"gpt2\"}}, got "
+                                  f"{str(spec)[:60]}: rerun the dataset's prepare.py")
+        return spec
     legacy = os.path.join(data_dir, "meta.pkl")
     if os.path.exists(legacy):
         try:

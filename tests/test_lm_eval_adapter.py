@@ -1,5 +1,5 @@
-"""tools/lm_eval_adapter.py: an lm-evaluation-harness task on local files through the adapter (lm-eval's own command line
-and file-based dataset loading, hub and network off), item by item against our own ARC scorer; rolling
+"""tools/lm_eval_adapter.py: an lm-evaluation-harness task on local files through the adapter (lm-eval's own command
+line and file-based dataset loading, hub and network off), item by item against our own ARC scorer; rolling
 log-likelihoods against lm-eval's own window code, and generation against the model's own generate. Skipped when
 lm-eval is not installed: it is an optional dependency (`pip install lm-eval==0.4.13`)."""
 import glob
@@ -112,3 +112,5 @@ def test_rolling_loglikelihood_and_generation_through_the_adapter(tmp_path, seed
         assert out == want[:min(cuts, default=len(want))]
     with pytest.raises(ValueError, match="greedily only"):
         lm.generate_until([Instance("generate_until", {}, ("x", {"do_sample": True}), 0)])
+    none = [Instance("generate_until", {}, (p, {"until": stop, "max_gen_toks": 0}), i) for i, p in enumerate(prompts)]
+    assert lm.generate_until(none) == [""] * len(prompts)  # no tokens asked for: the empty continuation

@@ -23,6 +23,7 @@ from configurator import configure, require  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from nanogpt import metrics  # noqa: E402
 from nanogpt.checkpoint import architecture, step_dirs  # noqa: E402
+from nanogpt.files import FileFormatError, read_jsonl  # noqa: E402
 
 png = "compare.png"            # the figure
 table = ""                     # also write the markdown table to this file ('' = print it only)
@@ -40,7 +41,25 @@ def run_meta(out_dir):
         path = os.path.join(sharded[-1], "meta.pt") if sharded else None
     if path is None:
         return {}
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises RuntimeError, pickle or zip errors for a cut or damaged file
+        require(False, f"{path} is not a readable checkpoint ({type(e).__name__}): compare without {out_dir}")
+
+
+def read_metrics(out_dir):
+    """The rows of a run's metrics.jsonl (a cut last line, from a killed run, dropped with a warning); [] when
+    there is none."""
+    path = os.path.join(out_dir, metrics.FILE)
+    if not os.path.exists(path):
+        return []
+    try:
+        rows = read_jsonl(path, tolerate_cut_tail=True)
+    except FileFormatError as e:
+        require(False, f"{e}: not a metrics log this repo wrote")
+    bad = next((n for n, r in enumerate(rows, 1) if not isinstance(r, dict) or not isinstance(r.get("iter"), int)), 0)
+    require(not bad, f"{path}: row {bad} has no integer iter: not a metrics log this repo wrote")
+    return rows
 
 
 def cumulative_times(times):
@@ -56,7 +75,7 @@ def cumulative_times(times):
 
 def load_run(out_dir):
     """Everything compare needs of one run, as plain lists and numbers."""
-    rows = metrics.read(out_dir)
+    rows = read_metrics(out_dir)
     train = [r for r in rows if r.get("loss") is not None]
     evals = [r for r in rows if r.get("val_loss") is not None]
     require(train or evals, f"{out_dir} has no metrics ({metrics.FILE} missing or empty): is it a run folder?")

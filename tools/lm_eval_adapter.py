@@ -18,9 +18,18 @@ import os
 import sys
 
 import torch
-from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
 from tqdm import tqdm
+
+NEEDS_LM_EVAL = "tools/lm_eval_adapter.py needs lm-evaluation-harness: pip install lm-eval==0.4.13"
+try:
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+except ModuleNotFoundError as e:
+    if e.name != "lm_eval" and not (e.name or "").startswith("lm_eval."):
+        raise
+    if __name__ == "__main__":
+        sys.exit(NEEDS_LM_EVAL)
+    raise ModuleNotFoundError(NEEDS_LM_EVAL, name="lm_eval") from None
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from nanogpt.scoring import load_scorer, rolling_windows  # noqa: E402
@@ -95,7 +104,8 @@ class NanoGPT(TemplateLM):
             budget = min(int(kwargs.get("max_gen_toks", self.max_gen_toks)), self.scorer.block_size - 1)
             by_settings.setdefault((until, budget), []).append(n)
         for (until, budget), rows in tqdm(by_settings.items(), desc="generate_until", disable=disable_tqdm):
-            texts = self.scorer.generate([self.tok_encode(requests[n].args[0]) for n in rows], budget, until)
+            prompts = [self.tok_encode(requests[n].args[0]) for n in rows]
+            texts = self.scorer.generate(prompts, budget, until) if budget > 0 else [""] * len(rows)
             for n, text in zip(rows, texts):
                 out[n] = text
                 self.cache_hook.add_partial("generate_until", requests[n].args, text)

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import torch
 
+from nanogpt.files import read_text
 from nanogpt.scoring import rolling_windows
 from nanogpt.shards import read_rows_info, read_shard, shard_paths
 from nanogpt.tasks.common import task_result
@@ -34,9 +35,10 @@ def read_tokens(path, scorer):
     if not path:
         raise ValueError("bpb needs text_file: a text file, or a dataset folder holding val_*.bin shards")
     if not os.path.isdir(path):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = read_text(path)
         ids = scorer.encode(text)
+        if not ids:
+            raise ValueError(f"{path} holds no text to score: an empty file, or none of it in the vocabulary")
         kept = len(scorer.tok.decode(ids))
         return ids, f"{len(text) - kept} characters outside the vocabulary dropped" if kept < len(text) else ""
     if read_rows_info(path) is not None:
@@ -63,6 +65,8 @@ class BitsPerByte:
             records.append({"id": i, "tokens": int((n_bytes > 0).sum()), "bytes": int(n_bytes.sum()),
                             "nll": float(-logprobs[n_bytes > 0].sum())})
         nll, n_bytes, n_tokens = (sum(r[k] for r in records) for k in ("nll", "bytes", "tokens"))
+        if not n_bytes:
+            raise ValueError(f"{settings.text_file} holds no text to score: an empty file or shards")
         result = task_result(self.name, 0, records, (), start, [note])
         result["metrics"] = {"bits_per_byte": nll / math.log(2) / n_bytes, "token_perplexity": math.exp(nll / n_tokens),
                              "bytes": n_bytes, "tokens": n_tokens}

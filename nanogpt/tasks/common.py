@@ -18,6 +18,7 @@ from typing import Callable
 
 from data.chat.prepare import read_jsonl as json_lines
 from nanogpt.download import DownloadError, download_file
+from nanogpt.files import read_text, write_atomic
 from nanogpt.scoring import encode_pair
 
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "nanogpt-kernels")  # one folder per task family
@@ -93,8 +94,7 @@ def fetch_zip(url, folder, members, check):
         for path in extracted.values():
             if os.path.exists(path):
                 os.remove(path)
-    with open(marker, "w") as f:
-        f.write(url + "\n")
+    write_atomic(marker, url + "\n")
     os.remove(archive)
 
 
@@ -141,8 +141,7 @@ def read_jsonl(path, convert):
 
 def json_array_items(path):
     """(line, item) for each element of a file holding one JSON array, with the line the element starts on."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(path)
     line_of = lambda i: text.count("\n", 0, i) + 1  # noqa: E731
     decoder, i = json.JSONDecoder(), SPACE.match(text).end()
     if text[i:i + 1] != "[":
@@ -166,9 +165,17 @@ def read_json_array(path, convert):
     return convert_rows(path, json_array_items(path), convert)
 
 
+def rows_of_file(path, convert, read):
+    """read(path, convert), refusing a file without rows (there would be nothing to score or draw shots from)."""
+    rows = read(path, convert)
+    if not rows:
+        raise ValueError(f"{path} holds no rows: an empty or cut file; put the task's file there again")
+    return rows
+
+
 def load_rows(files, name, convert, settings, read=read_jsonl):
     """The converted rows of a task file (downloaded and checked when needed)."""
-    return read(files.path(name, settings, lambda p: read(p, convert)), convert)
+    return rows_of_file(files.path(name, settings, lambda p: rows_of_file(p, convert, read)), convert, read)
 
 
 def draw_shots(pool, k, key, seed):

@@ -5,6 +5,7 @@ Data: the release's data.tar (data/{dev,val,test}/<subject>_<split>.csv: no head
 downloaded and extracted once, or a local folder holding dev/ and the split's folder.
 """
 import csv
+import io
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from nanogpt.download import download_file
+from nanogpt.files import read_text, write_atomic
 
 RELEASE_URL = "https://people.eecs.berkeley.edu/~hendrycks/data.tar"
 LETTERS = ("A", "B", "C", "D")
@@ -79,8 +81,7 @@ def fetch_release(url, cache):
     shutil.rmtree(data, ignore_errors=True)
     os.replace(os.path.join(tmp, "data"), data)
     os.rmdir(tmp)
-    with open(marker, "w") as f:
-        f.write(url + "\n")
+    write_atomic(marker, url + "\n")
     os.remove(tar_path)
     return data
 
@@ -94,11 +95,12 @@ def data_root(path):
 
 
 def read_rows(path):
-    """Rows [question, A, B, C, D, answer] of an MMLU CSV (no header; fields may hold commas, quotes, newlines)."""
+    """Rows [question, A, B, C, D, answer] of an MMLU CSV (no header; fields may hold commas, quotes, newlines);
+    invalid UTF-8 or a malformed row is a ValueError naming file:line."""
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        line = 1
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    line = 1
+    try:
         for row in reader:
             if len(row) != 6:
                 raise ValueError(f"{path}:{line}: expected 6 columns (question, A, B, C, D, answer), got {len(row)}")
@@ -106,6 +108,8 @@ def read_rows(path):
                 raise ValueError(f"{path}:{line}: answer must be one of A, B, C, D, got {row[5]!r}")
             rows.append(row)
             line = reader.line_num + 1  # a quoted field may span lines: the next row starts after this one
+    except csv.Error as e:
+        raise ValueError(f"{path}:{line}: not a CSV row ({e})") from None
     return rows
 
 

@@ -41,6 +41,8 @@ def load(settings, k):
                   for s in mmlu.pick_subjects("", mmlu.split_subjects(root, split), split)]
     if not by_subject:
         raise FileNotFoundError(f"no {split} CSVs in {os.path.join(root, split)}")
+    if not any(by_subject):
+        raise ValueError(f"the {split} CSVs in {os.path.join(root, split)} hold no questions: empty files")
     longest = max(map(len, by_subject))
     return [problems[i] for i in range(longest) for problems in by_subject if i < len(problems)], []
 
