@@ -23,7 +23,7 @@ from configurator import configure, require  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from nanogpt import metrics  # noqa: E402
 from nanogpt.checkpoint import architecture, step_dirs  # noqa: E402
-from nanogpt.files import FileFormatError, read_jsonl  # noqa: E402
+from nanogpt.files import FileFormatError, read_jsonl, write_atomic  # noqa: E402
 
 png = "compare.png"            # the figure
 table = ""                     # also write the markdown table to this file ('' = print it only)
@@ -205,7 +205,7 @@ def plot(runs, path):
     plt.close(fig)
 
 
-if __name__ == "__main__":
+def main():
     configure(globals(), [a for a in sys.argv[1:] if a.startswith("-")])
     out_dirs = [a for a in sys.argv[1:] if not a.startswith("-")]
     require(out_dirs, "name the run folders to compare: python tools/compare.py out-a out-b ...")
@@ -215,7 +215,10 @@ if __name__ == "__main__":
     plot(runs, png)
     text = markdown_table(runs)
     if table:
-        with open(table, "w") as f:
-            f.write(text + "\n")
+        write_atomic(table, text + "\n")
     print(text)
     print(f"\nwrote {png}" + (f" and {table}" if table else ""))
+
+
+if __name__ == "__main__":
+    main()
