@@ -1,11 +1,12 @@
-"""A GPT in one file: RoPE, MQA/GQA, hybrid local (sliding-window) / global attention, cross-layer KV sharing,
-DeepSeek-V3-style mixture-of-experts, optional fp8 matmuls, and KV-cached generation.
+"""A GPT in one file: RoPE, MQA/GQA, hybrid local (sliding-window) / global attention, cross-layer
+KV sharing, DeepSeek-V3-style mixture-of-experts, optional fp8 matmuls, and KV-cached generation.
 
-Layer plan. `attn_pattern` is tiled over the layers ("LLLLLG": five sliding-window layers, then one global).
-Runs of adjacent layers of the same kind are cut into groups of `kv_share` layers that share one K/V: the first
-layer of a group (the producer) projects K and V, the others (consumers) own no K/V weights and attend to the
-producer's. With `share_global_kv` every global layer uses the first global layer's K/V (Character.AI's design).
-The KV cache stores one K/V per group: local groups in a ring of `local_window` slots, global groups in full.
+Layer plan. `attn_pattern` is tiled over the layers ("LLLLLG": five sliding-window layers, then one
+global). Runs of adjacent layers of the same kind are cut into groups of `kv_share` layers that
+share one K/V: the first layer of a group (the producer) projects K and V, the others (consumers)
+own no K/V weights and attend to the producer's. With `share_global_kv` every global layer uses the
+first global layer's K/V (Character.AI's design). The KV cache stores one K/V per group: local
+groups in a ring of `local_window` slots, global groups in full.
 """
 import functools
 import math
@@ -16,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from nanokernels.mask import attention_mask, visible_pairs  # the visibility rule, below model and kernels
+# the visibility rule, below model and kernels
+from nanokernels.mask import attention_mask, visible_pairs
 
 
 @dataclass
@@ -26,10 +28,13 @@ class GPTConfig:
     n_layer: int = 6
     n_embd: int = 384
     n_head: int = 6
-    n_kv_head: int = 0            # 1 = multi-query, n_head (or 0) = multi-head, in between = grouped-query
-    head_dim: int = 0             # 0 = n_embd // n_head; set for heads wider or narrower than that (e.g. Qwen3)
+    # 1 = multi-query, n_head (or 0) = multi-head, in between = grouped-query
+    n_kv_head: int = 0
+    # 0 = n_embd // n_head; set for heads wider or narrower than that (e.g. Qwen3)
+    head_dim: int = 0
     mlp: str = "swiglu"           # 'swiglu' or 'relu2'
-    mlp_hidden: int = 0           # 0: 8/3·n_embd for swiglu, 4·n_embd for relu2 (rounded up to a multiple of 64)
+    # 0: 8/3·n_embd for swiglu, 4·n_embd for relu2 (rounded up to a multiple of 64)
+    mlp_hidden: int = 0
     qk_norm: bool = True          # RMSNorm on queries and keys (stabilises higher learning rates)
     tie_embeddings: bool = False
     dropout: float = 0.0
@@ -46,9 +51,12 @@ class GPTConfig:
     moe_bias_gamma: float = 1e-3  # aux-loss-free balancing: bias step per optimizer step
     moe_aux_alpha: float = 1e-4   # sequence-wise balance loss weight (0 disables)
     norm_eps: float = 1e-6        # RMSNorm epsilon
-    logit_softcap: float = 0.0    # > 0: logits = c * tanh(logits / c) (Gemma 2; modded-nanogpt); 0 = off
-    value_embeds: int = 0         # > 0: k extra token embeddings mixed into V of the first and last k K/V producers
-    zero_init_proj: bool = False  # the residual-stream writers (o_proj, down_proj, experts' w_down) start at zero
+    # > 0: logits = c * tanh(logits / c) (Gemma 2; modded-nanogpt); 0 = off
+    logit_softcap: float = 0.0
+    # > 0: k extra token embeddings mixed into V of the first and last k K/V producers
+    value_embeds: int = 0
+    # the residual-stream writers (o_proj, down_proj, experts' w_down) start at zero
+    zero_init_proj: bool = False
 
     def __post_init__(self):
         def check(ok, message):
@@ -57,10 +65,12 @@ class GPTConfig:
         self.n_kv_head = self.n_kv_head or self.n_head
         if not self.head_dim:
             check(self.n_head >= 1 and self.n_embd % self.n_head == 0,
-                  f"n_embd {self.n_embd} must be divisible by n_head {self.n_head} (or set head_dim)")
+                  f"n_embd {self.n_embd} must be divisible by n_head {self.n_head} "
+                  "(or set head_dim)")
             self.head_dim = self.n_embd // self.n_head
         check(self.attn_pattern and set(self.attn_pattern) <= {"L", "G"},
-              f"attn_pattern {self.attn_pattern!r} may only contain L (local) and G (global), e.g. 'LLLLLG'")
+              f"attn_pattern {self.attn_pattern!r} may only contain L (local) and G (global), "
+              "e.g. 'LLLLLG'")
         check(self.n_head % self.n_kv_head == 0,
               f"n_head {self.n_head} must be a multiple of n_kv_head {self.n_kv_head}")
         check(self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even for RoPE")
@@ -70,8 +80,10 @@ class GPTConfig:
         check(self.mlp in ("swiglu", "relu2"), f"mlp must be 'swiglu' or 'relu2', got {self.mlp!r}")
         if self.n_expert:
             check(1 <= self.n_expert_active <= self.n_expert,
-                  f"n_expert_active {self.n_expert_active} must be between 1 and n_expert {self.n_expert}")
-            check(0 <= self.n_dense_layers <= self.n_layer, "n_dense_layers must be in [0, n_layer]")
+                  f"n_expert_active {self.n_expert_active} must be between 1 and "
+                  f"n_expert {self.n_expert}")
+            check(0 <= self.n_dense_layers <= self.n_layer,
+                  "n_dense_layers must be in [0, n_layer]")
 
     @property
     def hidden(self):
@@ -86,7 +98,7 @@ class GPTConfig:
 
 
 def layer_plan(cfg):
-    """For each layer: (kind 'L'/'G', its KV-sharing group id, whether it produces the group's K/V)."""
+    """For each layer: (kind 'L'/'G', KV-sharing group id, whether it produces the group's K/V)."""
     kinds = [cfg.attn_pattern[i % len(cfg.attn_pattern)] for i in range(cfg.n_layer)]
     plan, n_kv_groups, run_start = [], 0, 0
     global_kv_group = None
@@ -107,8 +119,9 @@ def layer_plan(cfg):
 
 
 def value_embed_plan(cfg):
-    """{layer: value-embedding table}: table j feeds the j-th K/V-producing layer from the start and the j-th from
-    the end (modded-nanogpt's pattern: the same token identity re-enters V near the input and near the output)."""
+    """{layer: value-embedding table}: table j feeds the j-th K/V-producing layer from the start and
+    the j-th from the end (modded-nanogpt's pattern: the same token identity re-enters V near the
+    input and near the output)."""
     producers = [i for i, (_, _, produces) in enumerate(layer_plan(cfg)) if produces]
     plan = {}
     for j in range(min(cfg.value_embeds, len(producers))):
@@ -116,7 +129,7 @@ def value_embed_plan(cfg):
     return plan
 
 
-# ----------------------------------------------------------------------------------------------------------- parts
+# -------------------------------------------------------------------------------------------- parts
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-6):
@@ -129,10 +142,12 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(start, length, head_dim, theta, device):
-    """cos and sin (length, head_dim/2) for positions start..start+length-1; computed per call (cheap,
-    compile-friendly)."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    freqs = torch.outer(torch.arange(start, start + length, device=device, dtype=torch.float32), inv_freq)
+    """cos and sin (length, head_dim/2) for positions start..start+length-1; computed per call
+    (cheap, compile-friendly)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
+                         / head_dim)
+    freqs = torch.outer(torch.arange(start, start + length, device=device, dtype=torch.float32),
+                        inv_freq)
     return freqs.cos(), freqs.sin()
 
 
@@ -144,31 +159,37 @@ def apply_rope(x, cos, sin):
 
 
 def attend(q, k, v, window, impl, dropout=0.0):
-    """Causal attention of q (B, Hq, Tq, D) over k, v (B, Hkv, Tk, D), keys aligned to the end of the query span."""
+    """Causal attention of q (B, Hq, Tq, D) over k, v (B, Hkv, Tk, D), keys aligned to the end of
+    the query span."""
     t_q, t_k = q.size(2), k.size(2)
     if window is not None and window >= t_k:
         window = None  # a window covering every key is plain causal attention
     if impl == "triton" and dropout == 0.0:
         from nanokernels.attention import flash_attention, flash_decode
-        if t_q == 1 and not torch.is_grad_enabled():  # a decode step: query heads of a K/V group share each K/V read
+        # a decode step: query heads of a K/V group share each K/V read
+        if t_q == 1 and not torch.is_grad_enabled():
             return flash_decode(q, k, v, window=window)
         return flash_attention(q, k, v, window=window)
     gqa = q.size(1) != k.size(1)
-    if t_q == 1:  # one query at the end sees the last `window` keys it is given (all of them without a window)
+    # one query at the end sees the last `window` keys it is given (all of them without a window)
+    if t_q == 1:
         if window is not None:
             k, v = k[:, :, -window:], v[:, :, -window:]
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=gqa)
     if window is None and t_q == t_k:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
+                                              enable_gqa=gqa)
     mask = attention_mask(t_q, t_k, window, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                          enable_gqa=gqa)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg, kind, kv_group, produces_kv, attn_impl="sdpa", takes_value_embed=False):
         super().__init__()
         self.cfg, self.kv_group, self.produces_kv = cfg, kv_group, produces_kv
-        self.attn_impl = attn_impl  # the kernel: a choice of the process running the model, not of its config
+        # the kernel: a choice of the process running the model, not of its config
+        self.attn_impl = attn_impl
         self.window = cfg.local_window if kind == "L" else None
         d, hd = cfg.n_embd, cfg.head_dim
         self.q_proj = nn.Linear(d, cfg.n_head * hd, bias=False)
@@ -182,8 +203,9 @@ class Attention(nn.Module):
             self.ve_mix = nn.Parameter(torch.full((2,), 0.5))
 
     def forward(self, x, cos, sin, kv, cache, ve=None):
-        """Returns (output, kv): a producer computes kv = (k, v, window); a consumer is handed its producer's.
-        ve: this layer's value embedding of the tokens (B, T, n_kv_head * head_dim), mixed into V."""
+        """Returns (output, kv): a producer computes kv = (k, v, window); a consumer is handed its
+        producer's. ve: this layer's value embedding of the tokens (B, T, n_kv_head * head_dim),
+        mixed into V."""
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, -1, hd).transpose(1, 2)), cos, sin)
@@ -192,10 +214,12 @@ class Attention(nn.Module):
             k = apply_rope(self.k_norm(self.k_proj(x).view(B, T, -1, hd).transpose(1, 2)), cos, sin)
             v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
             if ve is not None:
-                v = self.ve_mix[0] * v + self.ve_mix[1] * ve.view(B, T, -1, hd).transpose(1, 2).to(v.dtype)
+                v = (self.ve_mix[0] * v
+                     + self.ve_mix[1] * ve.view(B, T, -1, hd).transpose(1, 2).to(v.dtype))
             if cache is not None:
                 k, v, decoding = cache.update(self.kv_group, k, v)
-                window = None if decoding else window  # a decode step's ring holds exactly its window
+                # a decode step's ring holds exactly its window
+                window = None if decoding else window
             kv = (k, v, window)
         k, v, window = kv
         dropout = self.cfg.dropout if self.training else 0.0
@@ -213,13 +237,15 @@ class MLP(nn.Module):
 
     def forward(self, x):
         """(output, None): the same contract as MoE, which also returns its balance loss."""
-        h = F.silu(self.gate_proj(x)) * self.up_proj(x) if self.swiglu else F.relu(self.up_proj(x)).square()
+        h = (F.silu(self.gate_proj(x)) * self.up_proj(x) if self.swiglu
+             else F.relu(self.up_proj(x)).square())
         return self.down_proj(h), None
 
 
 class MoE(nn.Module):
-    """DeepSeek-V3 mixture-of-experts: sigmoid router, top-k chosen with a selection-only bias, gates normalised
-    over the chosen experts, shared always-on experts, auxiliary-loss-free balancing, no token dropping."""
+    """DeepSeek-V3 mixture-of-experts: sigmoid router, top-k chosen with a selection-only bias,
+    gates normalised over the chosen experts, shared always-on experts, auxiliary-loss-free
+    balancing, no token dropping."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -233,24 +259,31 @@ class MoE(nn.Module):
         nn.init.normal_(self.w_up, std=0.02)
         nn.init.normal_(self.w_down, std=0.02)
         self.shared = MLP(cfg, cfg.n_shared_expert * h) if cfg.n_shared_expert else None
-        self.register_buffer("bias", torch.zeros(E))        # selection-only bias, updated by update_bias()
-        # tokens routed per expert since the last bias update: a running count, so gradient accumulation and
-        # checkpoint recomputes need no plumbing (a recompute counts twice; the sign update does not change)
+        # selection-only bias, updated by update_bias()
+        self.register_buffer("bias", torch.zeros(E))
+        # tokens routed per expert since the last bias update: a running count, so gradient
+        # accumulation and checkpoint recomputes need no plumbing (a recompute counts twice; the
+        # sign update does not change)
         self.register_buffer("load", torch.zeros(E), persistent=False)
-        self.fp8_linear = None                              # set by model.convert_fp8(): runs experts in fp8
-        self.dense_dispatch = False  # every expert on every token: static shapes, for XLA (set by parallel.py)
+        # set by model.convert_fp8(): runs experts in fp8
+        self.fp8_linear = None
+        # every expert on every token: static shapes, for XLA (set by parallel.py)
+        self.dense_dispatch = False
 
     def forward(self, x):
-        """(output, balance loss: a scalar tensor while training with moe_aux_alpha > 0, else None)."""
+        """(output, balance loss: a scalar tensor while training with moe_aux_alpha > 0,
+        else None)."""
         B, T, d = x.shape
         tokens = x.reshape(-1, d)
-        scores = torch.sigmoid(self.router(tokens).to(torch.promote_types(x.dtype, torch.float32)))  # (N, E)
+        scores = torch.sigmoid(
+            self.router(tokens).to(torch.promote_types(x.dtype, torch.float32)))  # (N, E)
         chosen = torch.topk(scores + self.bias, self.cfg.n_expert_active, dim=-1).indices
         gates = scores.gather(1, chosen)
         gates = gates / gates.sum(-1, keepdim=True)
         aux_loss = None
         if self.training:
-            self.load += F.one_hot(chosen, self.cfg.n_expert).sum((0, 1)).to(self.load.dtype)  # static shape
+            # static shape
+            self.load += F.one_hot(chosen, self.cfg.n_expert).sum((0, 1)).to(self.load.dtype)
             aux_loss = self.balance_loss(scores.view(B, T, -1), chosen.view(B, T, -1))
         if self.dense_dispatch:
             out = self.run_experts_dense(tokens, chosen, gates.to(x.dtype))
@@ -261,7 +294,8 @@ class MoE(nn.Module):
         return out.view(B, T, d), aux_loss
 
     def run_experts(self, tokens, chosen, gates):
-        """Sort (token, expert) pairs by expert; run each expert on its contiguous slice; scatter-add back."""
+        """Sort (token, expert) pairs by expert; run each expert on its contiguous slice;
+        scatter-add back."""
         k = chosen.size(1)
         order = chosen.flatten().argsort(stable=True)
         token_of = order // k
@@ -272,27 +306,33 @@ class MoE(nn.Module):
             h = torch._grouped_mm(xs, self.w_up.transpose(1, 2), offs=offsets)
             ys = torch._grouped_mm(self.activation(h), self.w_down.transpose(1, 2), offs=offsets)
         else:
-            ys = torch.cat([self.expert(e, chunk) for e, chunk in enumerate(xs.split(counts.tolist()))])
+            ys = torch.cat([self.expert(e, chunk)
+                            for e, chunk in enumerate(xs.split(counts.tolist()))])
         ys = ys * gates.flatten()[order, None]
         return torch.zeros_like(tokens).index_add_(0, token_of, ys.to(tokens.dtype))
 
     def run_experts_dense(self, tokens, chosen, gates):
-        """Shape-static dispatch: E times the expert FLOPs, fine for the small MoE configs run on XLA."""
-        weights = torch.zeros(tokens.size(0), self.cfg.n_expert, dtype=gates.dtype, device=tokens.device)
+        """Shape-static dispatch: E times the expert FLOPs, fine for the small MoE configs
+        run on XLA."""
+        weights = torch.zeros(tokens.size(0), self.cfg.n_expert, dtype=gates.dtype,
+                              device=tokens.device)
         weights = weights.scatter(1, chosen, gates)                                   # (N, E)
         h = self.activation(torch.einsum("nd,ehd->enh", tokens, self.w_up.to(tokens.dtype)))
         ys = torch.einsum("enh,edh->end", h, self.w_down.to(tokens.dtype))
         return torch.einsum("end,ne->nd", ys, weights)
 
     def use_grouped_mm(self, xs):
-        aligned = all(n % 8 == 0 for n in (self.w_up.size(1), self.w_down.size(1), self.w_down.size(2)))
-        return (hasattr(torch, "_grouped_mm") and xs.is_cuda and xs.dtype == torch.bfloat16 and aligned
-                and self.fp8_linear is None)
+        aligned = all(n % 8 == 0
+                      for n in (self.w_up.size(1), self.w_down.size(1), self.w_down.size(2)))
+        return (hasattr(torch, "_grouped_mm") and xs.is_cuda and xs.dtype == torch.bfloat16
+                and aligned and self.fp8_linear is None)
 
     def expert(self, e, x):
         if self.fp8_linear is not None:  # fp8 quantizes the fp32 master weights itself
-            return self.fp8_linear(self.activation(self.fp8_linear(x, self.w_up[e])), self.w_down[e])
-        return F.linear(self.activation(F.linear(x, self.w_up[e].to(x.dtype))), self.w_down[e].to(x.dtype))
+            return self.fp8_linear(self.activation(self.fp8_linear(x, self.w_up[e])),
+                                   self.w_down[e])
+        return F.linear(self.activation(F.linear(x, self.w_up[e].to(x.dtype))),
+                        self.w_down[e].to(x.dtype))
 
     def activation(self, h):
         if self.cfg.mlp == "swiglu":
@@ -301,7 +341,8 @@ class MoE(nn.Module):
         return F.relu(h).square()
 
     def balance_loss(self, scores, chosen):
-        """DeepSeek-V3 sequence-wise balance loss: alpha * sum_i f_i * P_i per sequence, averaged over sequences."""
+        """DeepSeek-V3 sequence-wise balance loss: alpha * sum_i f_i * P_i per sequence, averaged
+        over sequences."""
         if not self.cfg.moe_aux_alpha:
             return None
         E, k, T = self.cfg.n_expert, self.cfg.n_expert_active, scores.size(1)
@@ -312,7 +353,8 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def update_bias(self, load):
-        """bias_i -= gamma * sign(load_i - mean load) for the step's load (summed over ranks); restarts the count."""
+        """bias_i -= gamma * sign(load_i - mean load) for the step's load (summed over ranks);
+        restarts the count."""
         self.bias -= self.cfg.moe_bias_gamma * torch.sign(load - load.mean())  # no load: no change
         self.load.zero_()
 
@@ -321,17 +363,21 @@ class Block(nn.Module):
     def __init__(self, cfg, layer, kind, kv_group, produces_kv, attn_impl="sdpa"):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.attn = Attention(cfg, kind, kv_group, produces_kv, attn_impl, layer in value_embed_plan(cfg))
+        self.attn = Attention(cfg, kind, kv_group, produces_kv, attn_impl,
+                              layer in value_embed_plan(cfg))
         self.mlp_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.mlp = MoE(cfg) if cfg.n_expert and layer >= cfg.n_dense_layers else MLP(cfg, cfg.hidden)
+        self.mlp = (MoE(cfg) if cfg.n_expert and layer >= cfg.n_dense_layers
+                    else MLP(cfg, cfg.hidden))
         self.dropout = nn.Dropout(cfg.dropout)
-        self.checkpoint = False  # activation checkpointing: keep only the input, recompute the rest in backward
+        # activation checkpointing: keep only the input, recompute the rest in backward
+        self.checkpoint = False
 
     def forward(self, x, cos, sin, kv=None, cache=None, ve=None):
-        """Returns (x, kv, the MoE balance loss or None). K/V travel as arguments and results, not in a shared dict:
-        FSDP copies containers."""
+        """Returns (x, kv, the MoE balance loss or None). K/V travel as arguments and results, not
+        in a shared dict: FSDP copies containers."""
         if self.checkpoint and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, kv, cache, ve, use_reentrant=False)
+            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, kv, cache, ve,
+                                                     use_reentrant=False)
         return self._forward(x, cos, sin, kv, cache, ve)
 
     def _forward(self, x, cos, sin, kv, cache, ve):
@@ -341,15 +387,17 @@ class Block(nn.Module):
         return x + self.dropout(h), kv, balance
 
 
-# ------------------------------------------------------------------------------------------------------- KV cache
+# ----------------------------------------------------------------------------------------- KV cache
 
 class KVCache:
-    """One K/V per sharing group: local groups in a ring of `local_window` slots, global groups for the context.
-    The first call is the prefill (up to block_size tokens); later calls add one token each."""
+    """One K/V per sharing group: local groups in a ring of `local_window` slots, global groups for
+    the context. The first call is the prefill (up to block_size tokens); later calls add one token
+    each."""
 
     def __init__(self, cfg):
         self.pos, self.block_size, self.k, self.v = 0, cfg.block_size, {}, {}
-        self.slots = {kv_group: min(cfg.local_window, cfg.block_size) if kind == "L" else cfg.block_size
+        self.slots = {kv_group: (min(cfg.local_window, cfg.block_size) if kind == "L"
+                                 else cfg.block_size)
                       for kind, kv_group, produces in layer_plan(cfg) if produces}
 
     def update(self, kv_group, k, v):
@@ -368,11 +416,13 @@ class KVCache:
         if T != 1:
             raise ValueError("after the prefill the cache takes one token per step")
         if self.pos >= self.block_size:
-            raise ValueError(f"cache is full ({self.block_size} positions): start a new one from a cropped context")
+            raise ValueError(f"cache is full ({self.block_size} positions): "
+                             "start a new one from a cropped context")
         slot = self.pos % size
         self.k[kv_group][:, :, slot] = k[:, :, 0]
         self.v[kv_group][:, :, slot] = v[:, :, 0]
-        n = min(self.pos + 1, size)  # ring order does not matter: softmax is permutation-invariant over keys
+        # ring order does not matter: softmax is permutation-invariant over keys
+        n = min(self.pos + 1, size)
         return self.k[kv_group][:, :, :n], self.v[kv_group][:, :, :n], True
 
     @staticmethod
@@ -386,9 +436,10 @@ class KVCache:
         return total
 
 
-# --------------------------------------------------------------------------------------------------- output head
+# -------------------------------------------------------------------------------------- output head
 
-LOSS_CHUNK_ELEMENTS = 2**25  # logits per loss chunk (128 MiB in fp32): rows per chunk = this // vocab_size
+# logits per loss chunk (128 MiB in fp32): rows per chunk = this // vocab_size
+LOSS_CHUNK_ELEMENTS = 2**25
 
 
 def softcapped(logits, softcap):
@@ -396,15 +447,17 @@ def softcapped(logits, softcap):
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of x @ weight.T against targets (-1: ignored), never holding more than one chunk of
-    rows' logits. Each chunk's logits give its loss and at once its gradients for x and weight (a sum's gradient
-    only needs scaling in backward), so nothing is recomputed. Matmuls run in the autocast dtype, softmax in fp32."""
+    """Summed cross-entropy of x @ weight.T against targets (-1: ignored), never holding more than
+    one chunk of rows' logits. Each chunk's logits give its loss and at once its gradients for x and
+    weight (a sum's gradient only needs scaling in backward), so nothing is recomputed. Matmuls run
+    in the autocast dtype, softmax in fp32."""
 
     @staticmethod
     def forward(ctx, x, weight, targets, softcap, chunk_rows):
         device = x.device.type
         compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        w, acc = weight.to(compute), torch.promote_types(compute, torch.float32)  # acc: fp32, or fp64 in tests
+        # acc: fp32, or fp64 in tests
+        w, acc = weight.to(compute), torch.promote_types(compute, torch.float32)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_x = torch.empty_like(x) if need_grad else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_grad else None
@@ -416,7 +469,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             counted = (tc >= 0).to(acc)
             picked = logits.gather(1, tc.clamp(min=0)[:, None])[:, 0]
             loss += ((lse - picked) * counted).sum()
-            if need_grad:  # d loss / d logits = softmax - one_hot, on counted rows; through the cap: * (1 - tanh^2)
+            # d loss / d logits = softmax - one_hot, on counted rows; through the cap:
+            # * (1 - tanh^2)
+            if need_grad:
                 d = (logits - lse[:, None]).exp_()
                 d.scatter_add_(1, tc.clamp(min=0)[:, None], -torch.ones_like(d[:, :1]))
                 d *= counted[:, None]
@@ -438,9 +493,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
 
 class LMHead(nn.Linear):
-    """The output projection. Given targets it returns the summed loss without the (rows, vocab) logits
-    (ChunkedCrossEntropy), or with per_token the cross-entropy of each row, differentiable, from chunks whose
-    logits are recomputed in backward (DPO). Every use goes through the module call, so FSDP2 gathers the weight."""
+    """The output projection. Given targets it returns the summed loss without the (rows, vocab)
+    logits (ChunkedCrossEntropy), or with per_token the cross-entropy of each row, differentiable,
+    from chunks whose logits are recomputed in backward (DPO). Every use goes through the module
+    call, so FSDP2 gathers the weight."""
 
     def forward(self, x, targets=None, softcap=0.0, per_token=False):
         if targets is None:
@@ -452,35 +508,43 @@ class LMHead(nn.Linear):
 
         def chunk_losses(xc, tc):
             logits = F.linear(xc, self.weight)
-            logits = softcapped(logits.to(torch.promote_types(logits.dtype, torch.float32)), softcap)
+            logits = softcapped(logits.to(torch.promote_types(logits.dtype, torch.float32)),
+                                softcap)
             return F.cross_entropy(logits, tc, ignore_index=-1, reduction="none")
-        checkpointed = functools.partial(torch.utils.checkpoint.checkpoint, chunk_losses, use_reentrant=False)
+        checkpointed = functools.partial(torch.utils.checkpoint.checkpoint, chunk_losses,
+                                         use_reentrant=False)
         run = checkpointed if torch.is_grad_enabled() else chunk_losses
-        return torch.cat([run(x[i:i + chunk_rows], targets[i:i + chunk_rows]) for i in range(0, len(x), chunk_rows)])
+        return torch.cat([run(x[i:i + chunk_rows], targets[i:i + chunk_rows])
+                          for i in range(0, len(x), chunk_rows)])
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Next tokens (B, 1) from last-position logits (B, V): greedy at temperature 0, else top-k / nucleus sampling."""
+    """Next tokens (B, 1) from last-position logits (B, V): greedy at temperature 0, else top-k /
+    nucleus sampling."""
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
-    # max first and a temperature no smaller than the dtype can hold: a vanishing temperature tends to greedy
-    logits = (logits - logits.amax(-1, keepdim=True)) / max(temperature, torch.finfo(logits.dtype).tiny)
+    # max first and a temperature no smaller than the dtype can hold: a vanishing temperature
+    # tends to greedy
+    logits = ((logits - logits.amax(-1, keepdim=True))
+              / max(temperature, torch.finfo(logits.dtype).tiny))
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(-1, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        # keep the smallest prefix whose mass reaches top_p
+        drop = cumulative - sorted_logits.softmax(-1) > top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)
 
 
-# ----------------------------------------------------------------------------------------------------------- model
+# -------------------------------------------------------------------------------------------- model
 
 class GPT(nn.Module):
     def __init__(self, cfg, attn_impl="sdpa"):
-        """attn_impl: 'sdpa' (PyTorch) or 'triton' (nanokernels/attention.py); a runtime choice, not saved with cfg."""
+        """attn_impl: 'sdpa' (PyTorch) or 'triton' (nanokernels/attention.py); a runtime choice,
+        not saved with cfg."""
         super().__init__()
         if attn_impl not in ("sdpa", "triton"):
             raise ValueError(f"attn_impl must be 'sdpa' or 'triton', got {attn_impl!r}")
@@ -488,7 +552,8 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.n_kv_head * cfg.head_dim)
                                           for _ in range(cfg.value_embeds))
-        self.blocks = nn.ModuleList(Block(cfg, i, *spec, attn_impl) for i, spec in enumerate(layer_plan(cfg)))
+        self.blocks = nn.ModuleList(Block(cfg, i, *spec, attn_impl)
+                                    for i, spec in enumerate(layer_plan(cfg)))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.lm_head = LMHead(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -496,7 +561,8 @@ class GPT(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        """(Re)initialise every parameter and buffer: also how a model built on the meta device is materialised."""
+        """(Re)initialise every parameter and buffer: also how a model built on the meta device is
+        materialised."""
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -513,30 +579,35 @@ class GPT(nn.Module):
             nn.init.normal_(module.w_down, std=writer_std)
             module.bias.zero_()
             module.load.zero_()
-        for name in ("o_proj", "down_proj"):  # residual-stream writers: GPT-2's 1/sqrt(2·layers) scaling
+        # residual-stream writers: GPT-2's 1/sqrt(2·layers) scaling
+        for name in ("o_proj", "down_proj"):
             if hasattr(module, name):
                 nn.init.normal_(getattr(module, name).weight, std=writer_std)
 
     def forward(self, idx, targets=None, cache=None, per_token=False):
         """Two paths.
-        Loss (targets given; -1 marks a position without a loss): returns (ce, balance). ce is the cross-entropy
-        summed over the counted targets, or per position (B, T) with per_token (0 where not counted); the logits
-        are never held whole. balance is the MoE balance loss at strength moe_aux_alpha, summed over the MoE
-        layers (a scalar; 0 outside training or without it); the objective adds it, once per batch.
-        States (no targets): returns the final-norm hidden states (B, T, n_embd); logits(h) applies the head.
+        Loss (targets given; -1 marks a position without a loss): returns (ce, balance). ce is the
+        cross-entropy summed over the counted targets, or per position (B, T) with per_token (0
+        where not counted); the logits are never held whole. balance is the MoE balance loss at
+        strength moe_aux_alpha, summed over the MoE layers (a scalar; 0 outside training or without
+        it); the objective adds it, once per batch.
+        States (no targets): returns the final-norm hidden states (B, T, n_embd); logits(h) applies
+        the head.
         With a cache, idx continues the cached context and cache.pos advances."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size and cache is None:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
         cos, sin = rope_tables(start, T, self.config.head_dim, self.config.rope_theta, idx.device)
-        x, shared_kv = self.wte(idx), {}  # shared_kv: each sharing group's K/V, from its producer layer
+        # shared_kv: each sharing group's K/V, from its producer layer
+        x, shared_kv = self.wte(idx), {}
         balance = torch.zeros((), device=idx.device)
         value_embeds = [table(idx) for table in self.value_embeds]
         ve_of = value_embed_plan(self.config)
         for i, block in enumerate(self.blocks):
             kv_group, ve = block.attn.kv_group, value_embeds[ve_of[i]] if i in ve_of else None
-            x, shared_kv[kv_group], layer_balance = block(x, cos, sin, shared_kv.get(kv_group), cache, ve)
+            x, shared_kv[kv_group], layer_balance = block(x, cos, sin, shared_kv.get(kv_group),
+                                                          cache, ve)
             if layer_balance is not None:
                 balance = balance + layer_balance
         x = self.norm(x)
@@ -551,12 +622,13 @@ class GPT(nn.Module):
         """The output head (and the softcap) on hidden states (..., n_embd), in at least fp32."""
         return self.lm_head(h, softcap=self.config.logit_softcap)
 
-    # ------------------------------------------------------------------------------------------------- counting
+    # ------------------------------------------------------------------------------------- counting
 
     def num_params(self, active=False):
-        """Parameters excluding the input and value embeddings (lookups, not matmuls); active: only the top-k share
-        of the routed experts."""
-        n = sum(p.numel() for p in self.parameters()) - sum(p.numel() for p in self.value_embeds.parameters())
+        """Parameters excluding the input and value embeddings (lookups, not matmuls); active: only
+        the top-k share of the routed experts."""
+        n = (sum(p.numel() for p in self.parameters())
+             - sum(p.numel() for p in self.value_embeds.parameters()))
         if not self.config.tie_embeddings:
             n -= self.wte.weight.numel()
         if active:
@@ -567,19 +639,23 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token (forward + backward): 6·active matmul params + attention over visible keys."""
+        """Training FLOPs per token (forward + backward): 6·active matmul params + attention over
+        visible keys."""
         cfg = self.config
         attn = 0
         for kind, _, _ in layer_plan(cfg):
-            visible = visible_pairs(seq_len, cfg.local_window if kind == "L" else None) / seq_len  # keys per query
+            # keys per query
+            visible = visible_pairs(seq_len, cfg.local_window if kind == "L" else None) / seq_len
             attn += 12 * cfg.n_head * cfg.head_dim * visible
         return 6 * self.num_params(active=True) + attn
 
     def convert_fp8(self, recipe="tensorwise"):
-        """Run the attention projections, MLPs and experts in fp8 (nanokernels/fp8.py). The embedding, lm_head, router
-        and norms stay in higher precision, as in DeepSeek-V3. Returns the layers left alone for their dims."""
+        """Run the attention projections, MLPs and experts in fp8 (nanokernels/fp8.py). The
+        embedding, lm_head, router and norms stay in higher precision, as in DeepSeek-V3. Returns
+        the layers left alone for their dims."""
         from nanokernels.fp8 import convert_to_fp8, fp8_linear, fp8_supported
-        skipped = convert_to_fp8(self.blocks, recipe, filter_fn=lambda layer, name: not name.endswith("router"))
+        skipped = convert_to_fp8(self.blocks, recipe,
+                                 filter_fn=lambda layer, name: not name.endswith("router"))
         for i, block in enumerate(self.blocks):
             if isinstance(block.mlp, MoE):
                 if fp8_supported(self.config.n_embd, self.config.expert_hidden):
@@ -592,27 +668,29 @@ class GPT(nn.Module):
         return [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
 
     def expert_loads(self):
-        """(MoE layers, experts): tokens routed to each expert since the last bias update; None for a dense model.
-        Under data parallelism the caller sums them over ranks before update_expert_biases."""
+        """(MoE layers, experts): tokens routed to each expert since the last bias update; None for
+        a dense model. Under data parallelism the caller sums them over ranks before
+        update_expert_biases."""
         moe_layers = self.moe_layers()
         return torch.stack([m.load for m in moe_layers]) if moe_layers else None
 
     @torch.no_grad()
     def update_expert_biases(self, loads):
-        """Aux-loss-free balancing, once after each optimizer step: each expert's load moves its selection bias.
-        Returns the mean over MoE layers of max/mean expert load (a tensor, read at log intervals only)."""
+        """Aux-loss-free balancing, once after each optimizer step: each expert's load moves its
+        selection bias. Returns the mean over MoE layers of max/mean expert load (a tensor, read at
+        log intervals only)."""
         for m, load in zip(self.moe_layers(), loads):
             m.update_bias(load)
         return (loads.max(1).values / loads.mean(1).clamp(min=1)).mean()
 
-    # -------------------------------------------------------------------------------- generation
+    # ----------------------------------------------------------------------------------- generation
 
     @torch.no_grad()
-    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
-                        vocab_limit=None):
-        """Yield the next tokens (B, 1) after idx (B, T), one step at a time, sampled with the KV cache. Past
-        block_size the cache is rebuilt from the last 3/4 block of the context. vocab_limit: ids from here on
-        (a padded vocabulary's spare rows) are never sampled."""
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                        generator=None, vocab_limit=None):
+        """Yield the next tokens (B, 1) after idx (B, T), one step at a time, sampled with the KV
+        cache. Past block_size the cache is rebuilt from the last 3/4 block of the context.
+        vocab_limit: ids from here on (a padded vocabulary's spare rows) are never sampled."""
         block, cache = self.config.block_size, None
         for _ in range(max_new_tokens):
             if cache is None or cache.pos >= block:
