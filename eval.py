@@ -145,9 +145,10 @@ def in_task_order(results):
 
 def stale_notes(rows, iter_num):
     """A note for each task whose result comes from another iteration of the checkpoint than the current one."""
-    stale = {(row[0], row[7]) for row in rows if row[7] != iter_num}
-    return [f"{task}: measured at iter {i}, the checkpoint is now at iter {iter_num}: rerun it to refresh"
-            for task, i in sorted(stale, key=str)]
+    task, measured_at = COLUMNS.index("task"), COLUMNS.index("iter")
+    stale = dict.fromkeys((row[task], row[measured_at]) for row in rows if row[measured_at] != iter_num)
+    return [f"{name}: measured at iter {i}, the checkpoint is now at iter {iter_num}: rerun it to refresh"
+            for name, i in stale]
 
 
 def save(results, ckpt, config):
