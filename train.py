@@ -400,7 +400,7 @@ def objective(batch):
     preference pairs the DPO loss (mean over its pairs) with rewards, margin and accuracies."""
     if train_loader.pairs:
         return dpo_objective(model, reference, batch, dpo_beta, dpo_label_smoothing, dpo_ipo)
-    _, loss = model(*batch, reduction="sum")
+    loss, _ = model(*batch)
     return loss, {"loss": loss.detach().float()}
 
 
@@ -509,7 +509,8 @@ while True:
     scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)
-    imbalance = raw_model.update_expert_biases()  # MoE only: expert biases follow the step's loads
+    loads = raw_model.expert_loads()  # MoE only: expert biases follow the step's loads over every rank
+    imbalance = raw_model.update_expert_biases(sum_over_ranks(loads)) if loads is not None else None
     cut_xla_graph(device)
     iter_num += 1
 

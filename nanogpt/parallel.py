@@ -107,9 +107,9 @@ def wrap_fsdpv2(model):
     devices = xr.global_runtime_device_count()
     xs.set_global_mesh(xs.Mesh(np.arange(devices), (devices, 1), ("fsdp", "model")))
 
-    def shard_output(output, mesh):  # the model returns (logits or None, loss): shard any logits along the batch
-        if output[0] is not None:
-            xs.mark_sharding(output[0], mesh, ("fsdp",) + (None,) * (output[0].dim() - 1))
+    def shard_output(output, mesh):  # hidden states (the state path) along the batch; the loss path's scalars stay
+        if isinstance(output, torch.Tensor):
+            xs.mark_sharding(output, mesh, ("fsdp",) + (None,) * (output.dim() - 1))
     policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={Block})
     return SpmdFullyShardedDataParallel(model, mesh=xs.get_global_mesh(), auto_wrap_policy=policy,
                                         shard_output=shard_output)
@@ -124,8 +124,12 @@ def describe_xla_sharding(model):
 
 
 def wrap_for_training(model, mode, compile, device):
-    """The model the loop calls: XLA's FSDPv2 wrapper, then torch.compile (under FSDP2 each block was compiled
-    before sharding), then DDP. DDP leaves buffers per rank: MoE loads are summed by the model itself."""
+    """The model the loop calls: on XLA, MoE layers dispatch densely (static shapes) and under SPMD the FSDPv2
+    wrapper; then torch.compile (under FSDP2 each block was compiled before sharding), then DDP. DDP leaves buffers
+    per rank: the loop sums the MoE loads over ranks before updating the expert biases."""
+    if device_type(device) == "xla":
+        for moe in model.moe_layers():
+            moe.dense_dispatch = True
     if mode == "xla_spmd":
         model = wrap_fsdpv2(model)
     if compile and mode != "fsdp":

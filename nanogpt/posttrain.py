@@ -68,7 +68,7 @@ def adapt_checkpoint(checkpoint, spec, vocab_size):
 
 def response_logprobs(model, x, y):
     """(B,) log-probability of each row's targets y given x, summed over the positions where y != -1 (the response)."""
-    _, token_losses = model(x, y, reduction="none")
+    token_losses, _ = model(x, y, per_token=True)
     return -token_losses.sum(1)
 
 

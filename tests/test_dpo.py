@@ -87,7 +87,7 @@ def test_response_logprobs_sum_the_response_tokens(seed):
     y = torch.randint(0, 50, (3, 16))
     y[torch.rand(3, 16) < 0.5] = -1
     with torch.no_grad():
-        logits, _ = model(x, all_logits=True)
+        logits = model.logits(model(x))
         got = response_logprobs(model, x, y)
     logp = logits.double().log_softmax(-1).gather(2, y.clamp(min=0)[..., None])[..., 0]
     assert torch.allclose(got, (logp * (y >= 0)).sum(1), rtol=1e-6, atol=1e-6)
