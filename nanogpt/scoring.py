@@ -244,6 +244,8 @@ class Scorer:
         if room < 1:
             raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in block_size "
                              f"{self.block_size}")
+        if max_new_tokens <= 0:
+            return [""] * len(prompts)
         prompts = [p[-room:] for p in prompts]
         texts = [None] * len(prompts)
         for rows in tqdm(batches_by_length(list(map(len, prompts)), self.batch_size), desc=desc, leave=False):

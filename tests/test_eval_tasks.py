@@ -409,6 +409,7 @@ def test_generation_stops_at_stop_strings_eot_and_the_budget():
     assert scorer.generate(prompts, 9, stop=("fg", "cd")) == ["b", "de", "ghab"]  # cut before the earliest stop
     tok.eot = tok.stoi["h"]  # pretend "h" is EOT: a row ends there, EOT excluded
     assert scorer.generate(prompts, 9) == ["bcdefg", "defg", "g"]
+    assert scorer.generate(prompts, 0) == ["", "", ""]  # no budget: empty texts, not None
 
 
 def test_batched_generation_matches_one_prompt_at_a_time(seed):
