@@ -35,7 +35,8 @@ from nanogpt.parallel import (barrier, cut_xla_graph, describe_xla_sharding, fin
                       mean_over_ranks, shard_batch, shard_fsdp2, sum_over_ranks, wrap_for_training, xla_compilations)
 from nanogpt.runtime import ATTN_IMPLS, DTYPE_SETTINGS, autocast_for, device_type as device_type_of
 from nanogpt.runtime import peak_flops as device_peak_flops, resolve_attn_impl, resolve_dtype
-from nanogpt.posttrain import adapt_checkpoint, dpo_objective
+from nanogpt.objectives import batch_weights, make_objective
+from nanogpt.posttrain import adapt_checkpoint
 from nanogpt.tokenizer import GPT2_VOCAB_SIZE, VOCAB_MULTIPLE, Tokenizer, dataset_tokenizer, model_vocab_size
 
 # ----------------------------------------------------------------------------------------------------------- config
@@ -395,23 +396,13 @@ def run_joules():
     return joules_before + energy.sum_over_ranks(meter.joules(), device if device_type == "cuda" else "cpu")
 
 
-def objective(batch):
-    """(loss of one micro-batch, its metrics as tensors): the summed cross-entropy over its counted targets, or for
-    preference pairs the DPO loss (mean over its pairs) with rewards, margin and accuracies."""
-    if train_loader.pairs:
-        return dpo_objective(model, reference, batch, dpo_beta, dpo_label_smoothing, dpo_ipo)
-    loss, _ = model(*batch)
-    return loss, {"loss": loss.detach().float()}
+objective_kind = "dpo" if train_loader.pairs else "next_token"
+objective = make_objective(objective_kind, model, gradient_accumulation_steps,
+                           reference if train_loader.pairs else None, dpo_beta, dpo_label_smoothing, dpo_ipo)
 
 
 def batch_weight(batches):
-    """(weight of each micro-batch's loss, trained tokens): W / (targets counted over the global batch), so the
-    step's gradient, averaged over ranks by DDP and FSDP, is the mean over every counted target whatever the masks;
-    for pairs 1 / micro-batches (each holds batch_size pairs)."""
-    if train_loader.pairs:
-        return 1 / len(batches), None
-    counted = sum_over_ranks(sum((y >= 0).sum() for _, y in batches).float())
-    return world_size / counted.clamp(min=1), counted
+    return batch_weights(objective_kind, batches, world_size)
 
 
 @torch.no_grad()
@@ -427,7 +418,7 @@ def estimate_loss():
         totals = {}
         for batch in batches:
             with autocast:
-                _, batch_metrics = objective(batch)
+                _, batch_metrics = objective(batch, weight)
             for k, v in batch_metrics.items():
                 totals[k] = totals.get(k, 0.0) + v * weight  # summed on the device: one host sync per split
             cut_xla_graph(device)
@@ -499,8 +490,8 @@ while True:
     step_metrics = {}
     for micro_step, batch in enumerate(batches):
         with gradient_sync(model, micro_step == gradient_accumulation_steps - 1), autocast:
-            loss, batch_metrics = objective(batch)
-        scaler.scale(loss * weight).backward()
+            loss, batch_metrics = objective(batch, weight)
+        scaler.scale(loss).backward()
         for k, v in batch_metrics.items():
             step_metrics[k] = step_metrics.get(k, 0.0) + v * weight
     if grad_clip:

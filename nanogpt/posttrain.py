@@ -1,4 +1,4 @@
-"""What post-training adds to the training loop: a base checkpoint made ready for the chat tokens, the summed
+"""What post-training adds to the training loop: a base checkpoint made ready for the chat tokens, the
 log-probability of a response, and the DPO loss.
 
 New tokens. A base GPT-2 model never saw the chat tokens (tokenizer.chat_spec(), ids 50257..50262): their input
@@ -8,15 +8,16 @@ the checkpoint's trained rows (ids below its tokenizer's vocabulary), so a new t
 instead of noise, and grows a checkpoint with an unpadded vocabulary (50,257 rows) to the run's padded one (50,304),
 the added rows also the mean.
 
-DPO (Rafailov et al. 2023). With log-probs summed over each response's tokens, for policy π and frozen reference,
+DPO (Rafailov et al. 2023). With log-probs of each response, for policy π and frozen reference,
     h = (log π(chosen) - log π(rejected)) - (log π_ref(chosen) - log π_ref(rejected))
     DPO   loss = -log σ(β h)
     cDPO  loss = -(1 - ε) log σ(β h) - ε log σ(-β h)   (label smoothing ε: a label is wrong with probability ε)
     IPO   loss = (h - 1/(2β))²                          (Azar et al. 2023: h is pulled to a target, not to infinity)
 averaged over the pairs. The reward of a reply is β (log π - log π_ref); the margin is chosen minus rejected reward,
 the accuracy the fraction of pairs whose chosen reward is higher (a tie, as at the first step, counts as wrong).
-IPO's paper writes h with sequence log-likelihoods as here; TRL feeds it per-token averages instead (pass those to
-get its variant).
+DPO's log-probs are summed over the response's tokens. IPO's are their mean per response token (length-normalised,
+as TRL computes it): a summed h grows with the reply's length, so the target 1/(2β) would mean a different thing
+for short and long replies.
 """
 from typing import NamedTuple
 
@@ -66,17 +67,22 @@ def adapt_checkpoint(checkpoint, spec, vocab_size):
 
 # ------------------------------------------------------------------------------------------------------------ DPO
 
-def response_logprobs(model, x, y):
-    """(B,) log-probability of each row's targets y given x, summed over the positions where y != -1 (the response)."""
-    token_losses, _ = model(x, y, per_token=True)
-    return -token_losses.sum(1)
+def response_logprobs(model, x, y, mean=False):
+    """((B,) log-probability of each row's targets y given x over the positions where y != -1 (the response):
+    summed, or with `mean` per response token; the forward's MoE balance loss)."""
+    token_losses, balance = model(x, y, per_token=True)
+    logprobs = -token_losses.sum(1)
+    if mean:
+        logprobs = logprobs / (y >= 0).sum(1).clamp(min=1)
+    return logprobs, balance
 
 
-def pair_logprobs(model, x_chosen, y_chosen, x_rejected, y_rejected):
-    """(chosen, rejected) response log-probs from one forward over both (a DDP model must see one forward per
-    backward; TRL's concatenated forward)."""
-    logprobs = response_logprobs(model, torch.cat([x_chosen, x_rejected]), torch.cat([y_chosen, y_rejected]))
-    return logprobs.chunk(2)
+def pair_logprobs(model, x_chosen, y_chosen, x_rejected, y_rejected, mean=False):
+    """(chosen, rejected, balance loss): response log-probs from one forward over both (a DDP model must see one
+    forward per backward; TRL's concatenated forward)."""
+    logprobs, balance = response_logprobs(model, torch.cat([x_chosen, x_rejected]), torch.cat([y_chosen, y_rejected]),
+                                          mean)
+    return (*logprobs.chunk(2), balance)
 
 
 class DPOStats(NamedTuple):
@@ -90,8 +96,8 @@ class DPOStats(NamedTuple):
 
 def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta=0.1, label_smoothing=0.0,
              ipo=False):
-    """DPO (or cDPO with label_smoothing, or IPO) on (B,) summed response log-probs; no gradient reaches the
-    reference's tensors."""
+    """DPO (or cDPO with label_smoothing, or IPO) on (B,) response log-probs (summed for DPO, per-token means for
+    IPO: see pair_logprobs); no gradient reaches the reference's tensors."""
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     if not 0 <= label_smoothing < 0.5:
@@ -112,10 +118,11 @@ def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejecte
 
 
 def dpo_objective(model, reference, batch, beta, label_smoothing=0.0, ipo=False):
-    """(DPO loss of a micro-batch of pairs (x_chosen, y_chosen, x_rejected, y_rejected), its statistics as detached
-    fp32 tensors) with `reference` frozen: the training loop's objective for preference data."""
-    policy = pair_logprobs(model, *batch)
+    """(DPO loss of a micro-batch of pairs (x_chosen, y_chosen, x_rejected, y_rejected), the policy forward's MoE
+    balance loss, the statistics as detached fp32 tensors) with `reference` frozen. IPO compares per-token mean
+    log-probs, DPO summed ones."""
+    *policy, balance = pair_logprobs(model, *batch, mean=ipo)
     with torch.no_grad():
-        frozen = pair_logprobs(reference, *batch)
+        *frozen, _ = pair_logprobs(reference, *batch, mean=ipo)
     stats = dpo_loss(*policy, *frozen, beta, label_smoothing, ipo)
-    return stats.loss, {k: v.detach().float() for k, v in stats._asdict().items()}
+    return stats.loss, balance, {k: v.detach().float() for k, v in stats._asdict().items()}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from nanogpt.posttrain import adapt_checkpoint, dpo_loss, pair_logprobs, response_logprobs
+from nanogpt.posttrain import adapt_checkpoint, dpo_loss, dpo_objective, pair_logprobs, response_logprobs
 from nanogpt.tokenizer import chat_spec
 
 # Fixed summed log-probs of three pairs: policy chosen / rejected, reference chosen / rejected.
@@ -88,12 +88,38 @@ def test_response_logprobs_sum_the_response_tokens(seed):
     y[torch.rand(3, 16) < 0.5] = -1
     with torch.no_grad():
         logits = model.logits(model(x))
-        got = response_logprobs(model, x, y)
+        got, _ = response_logprobs(model, x, y)
+        mean, _ = response_logprobs(model, x, y, mean=True)
     logp = logits.double().log_softmax(-1).gather(2, y.clamp(min=0)[..., None])[..., 0]
     assert torch.allclose(got, (logp * (y >= 0)).sum(1), rtol=1e-6, atol=1e-6)
+    assert torch.allclose(mean, (logp * (y >= 0)).sum(1) / (y >= 0).sum(1), rtol=1e-6, atol=1e-6)
     with torch.no_grad():
-        chosen, rejected = pair_logprobs(model, x, y, x.flip(0), y.flip(0))
+        chosen, rejected, _ = pair_logprobs(model, x, y, x.flip(0), y.flip(0))
     assert torch.allclose(chosen, got, atol=1e-9) and torch.allclose(rejected, got.flip(0), atol=1e-9)
+
+
+def hand_logprob(model, x, y, mean):
+    """One response's log-probability from the full logits, token by token: summed, or the mean per counted token."""
+    logp = model.logits(model(x[None]))[0].double().log_softmax(-1)
+    picked = [logp[t, y[t]] for t in range(len(y)) if y[t] >= 0]
+    return sum(picked) / len(picked) if mean else sum(picked)
+
+
+@pytest.mark.parametrize("ipo", [False, True], ids=["dpo_sums", "ipo_means"])
+def test_dpo_sums_and_ipo_averages_the_response_tokens(seed, ipo):
+    cfg = GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_embd=16, n_head=2)
+    policy, reference = GPT(cfg).double().eval(), GPT(cfg).double().eval()
+    xc, yc, xr, yr = (torch.randint(0, 50, (2, 16)) for _ in range(4))
+    yc[:, :5], yr[:, :9] = -1, -1  # responses of different lengths: a sum and a mean differ
+    beta = 0.5
+    with torch.no_grad():
+        loss, _, _ = dpo_objective(policy, reference, (xc, yc, xr, yr), beta, ipo=ipo)
+        h = [(hand_logprob(policy, xc[i], yc[i], ipo) - hand_logprob(policy, xr[i], yr[i], ipo))
+             - (hand_logprob(reference, xc[i], yc[i], ipo) - hand_logprob(reference, xr[i], yr[i], ipo))
+             for i in range(2)]
+    hand = (sum((v - 1 / (2 * beta)) ** 2 for v in h) if ipo else sum(-torch.nn.functional.logsigmoid(beta * v)
+                                                                           for v in h)) / 2
+    assert loss.item() == pytest.approx(hand.item(), rel=1e-9)
 
 
 # ------------------------------------------------------------------------------------------------------ new tokens

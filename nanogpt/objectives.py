@@ -1,0 +1,42 @@
+"""The training objective, chosen once before the loop: what one micro-batch contributes to the step's gradient.
+
+    'next_token'  pretraining and SFT (SFT's data marks the targets it does not train with -1): cross-entropy
+    'dpo'         preference pairs against a frozen reference model: DPO, cDPO or IPO (nanogpt/posttrain.py)
+
+A step averages over its whole global batch (micro-batches x ranks): `batch_weights` gives each micro-batch's weight
+so that summing the weighted losses over micro-batches, and averaging gradients over ranks (DDP, FSDP), is the mean
+over every counted target, or over every pair. The MoE balance loss (model.py: already a mean over a micro-batch's
+sequences, at strength moe_aux_alpha) is added at 1 / micro-batches, so it too ends up a mean over the global batch,
+whatever the accumulation or the world size. Evaluation reports the cross-entropy (or DPO loss) only.
+"""
+from nanogpt.parallel import sum_over_ranks
+from nanogpt.posttrain import dpo_objective
+
+KINDS = ("next_token", "dpo")
+
+
+def batch_weights(kind, batches, world_size):
+    """(weight of each micro-batch's loss, targets counted over the global batch or None): for next_token
+    world_size / counted (the cross-entropy is a sum), for dpo 1 / micro-batches (its loss is a mean over pairs)."""
+    if kind == "dpo":
+        return 1 / len(batches), None
+    counted = sum_over_ranks(sum((y >= 0).sum() for _, y in batches).float())
+    return world_size / counted.clamp(min=1), counted
+
+
+def make_objective(kind, model, accumulation, reference=None, beta=0.1, label_smoothing=0.0, ipo=False):
+    """objective(batch, weight) -> (the micro-batch's loss to backpropagate, its metrics as detached tensors, not
+    yet weighted). accumulation: micro-batches per step. dpo: `reference` is the frozen model, beta, label_smoothing
+    and ipo as in posttrain.dpo_loss."""
+    if kind not in KINDS:
+        raise ValueError(f"objective must be one of {KINDS}, got {kind!r}")
+
+    def next_token(batch, weight):
+        ce, balance = model(*batch)
+        return ce * weight + balance / accumulation, {"loss": ce.detach().float()}
+
+    def dpo(batch, weight):
+        loss, balance, stats = dpo_objective(model, reference, batch, beta, label_smoothing, ipo)
+        return loss * weight + balance / accumulation, stats
+
+    return dpo if kind == "dpo" else next_token
