@@ -393,7 +393,8 @@ peak = (peak_flops or device_peak_flops(device)) * world_size
 
 def run_joules():
     """Energy of the whole run so far: every node, earlier phases of a resumed run included (a collective)."""
-    return joules_before + energy.sum_over_ranks(meter.joules(), device if device_type == "cuda" else "cpu")
+    joules = torch.tensor(meter.joules(), dtype=torch.float64, device=device if device_type == "cuda" else "cpu")
+    return joules_before + sum_over_ranks(joules).item()
 
 
 objective_kind = "dpo" if train_loader.pairs else "next_token"

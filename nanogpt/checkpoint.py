@@ -10,12 +10,17 @@ from dataclasses import asdict
 
 import torch
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, layer_plan
+from nanogpt.files import atomic_path
 from nanogpt.tokenizer import Tokenizer
 
 # model_args keys that older checkpoints saved but that are not part of the architecture (the attention kernel is
 # chosen by the process that runs the model): ignored when reading
 NOT_ARCHITECTURE = ("attn_impl",)
+# "Same architecture" (resuming, a new phase, merging): every GPTConfig field is architecture, defaults resolved,
+# except these training-only ones, which change neither the weights' shapes nor the function they compute: context
+# length, dropout, the MoE balancing strengths and the initialisation. A run takes them from its settings.
+TRAINING_ONLY = ("block_size", "dropout", "moe_bias_gamma", "moe_aux_alpha", "zero_init_proj")
 
 
 def to_cpu(obj):
@@ -33,22 +38,24 @@ class CheckpointWriteError(OSError):
     pass
 
 
+def write_error(path, error):
+    """A CheckpointWriteError saying why `path` could not be written (a full disk is named as such: torch reports it
+    as 'unexpected pos ...') and whether a previous checkpoint is kept; called while the temp file still exists."""
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free  # the temp file still holds its space
+    full = getattr(error, "errno", None) == errno.ENOSPC or free < 2**20
+    reason = f"no space left on the disk ({free / 2**20:.1f} MiB free)" if full else str(error)
+    kept = "the previous checkpoint is kept" if os.path.exists(path) else "no checkpoint was written"
+    return CheckpointWriteError(f"could not write {path}: {reason}; {kept}")
+
+
 def save_checkpoint(state, path):
-    """torch.save to path.tmp<PID>, then rename over path. On failure the temp file goes and the previous
-    checkpoint stays; a full disk is named as such (torch reports it as 'unexpected pos ...')."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never a mix
-    except (OSError, RuntimeError) as e:
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free  # the temp file still holds its space
-        full = getattr(e, "errno", None) == errno.ENOSPC or free < 2**20
-        reason = f"no space left on the disk ({free / 2**20:.1f} MiB free)" if full else str(e)
-        kept = "the previous checkpoint is kept" if os.path.exists(path) else "no checkpoint was written"
-        raise CheckpointWriteError(f"could not write {path}: {reason}; {kept}") from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """torch.save through a temp file renamed over path (nanogpt/files.py). On failure the temp file goes and the
+    previous checkpoint stays."""
+    with atomic_path(path) as tmp:
+        try:
+            torch.save(state, tmp)
+        except (OSError, RuntimeError) as e:
+            raise write_error(path, e) from e
 
 
 def read_state(path, map_location="cpu"):
@@ -88,13 +95,28 @@ def architecture(ckpt):
     return {k: v for k, v in ckpt["model_args"].items() if k not in NOT_ARCHITECTURE}
 
 
+def architecture_fields(cfg):
+    """A GPTConfig's architecture as a dict, defaults resolved (widths left at 0 and their computed values compare
+    equal, and 'LG' on 4 layers is 'LGLG'); the TRAINING_ONLY fields left out."""
+    args = dict(asdict(cfg), mlp_hidden=cfg.hidden, moe_hidden=cfg.expert_hidden if cfg.n_expert else 0,
+                attn_pattern="".join(kind for kind, _, _ in layer_plan(cfg)),
+                local_window=cfg.local_window if "L" in cfg.attn_pattern else None)
+    return {k: v for k, v in args.items() if k not in TRAINING_ONLY}
+
+
+def architecture_differences(a, b):
+    """{field: (a's value, b's value)} for each architecture field where GPTConfigs a and b differ."""
+    mine, theirs = architecture_fields(a), architecture_fields(b)
+    return {k: (v, theirs[k]) for k, v in mine.items() if theirs[k] != v}
+
+
 def architecture_for(settings, explicit, ckpt=None):
-    """GPTConfig's fields for a run: its settings, or when it starts from a checkpoint the checkpoint's own (context
-    and dropout stay the settings'). A setting given explicitly (`explicit`: names) that contradicts the checkpoint
-    is an error, never silently dropped."""
+    """GPTConfig's fields for a run: its settings, or when it starts from a checkpoint the checkpoint's architecture
+    (the TRAINING_ONLY fields stay the settings'). A setting given explicitly (`explicit`: names) that contradicts
+    the checkpoint is an error, never silently dropped."""
     if ckpt is None:
         return settings
-    theirs = {k: v for k, v in asdict(GPTConfig(**architecture(ckpt))).items() if k not in ("block_size", "dropout")}
+    theirs = {k: v for k, v in asdict(GPTConfig(**architecture(ckpt))).items() if k not in TRAINING_ONLY}
     clash = {k: (theirs[k], settings[k]) for k in explicit & theirs.keys() & settings.keys()
              if theirs[k] != settings[k]}
     if clash:
@@ -104,10 +126,8 @@ def architecture_for(settings, explicit, ckpt=None):
 
 
 def check_compatible(ckpt, cfg):
-    """A ValueError unless a checkpoint's weights fit the model of `cfg`: context and dropout may change."""
-    theirs = asdict(GPTConfig(**architecture(ckpt)))  # defaults filled in as they were when it was written
-    differ = {k: (theirs.get(k), v) for k, v in asdict(cfg).items()
-              if k not in ("block_size", "dropout") and theirs.get(k) != v}
+    """A ValueError unless a checkpoint's weights fit the model of `cfg` (architecture_differences is empty)."""
+    differ = architecture_differences(GPTConfig(**architecture(ckpt)), cfg)
     if differ:
         raise ValueError(f"the checkpoint's model differs from this config (checkpoint, config): {differ}; "
                          "set the same values (or start from scratch)")

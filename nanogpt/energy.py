@@ -2,7 +2,7 @@
 thread, summed over nodes, and turned into kWh x PUE x grid carbon intensity = kg CO2e.
 
     meter = energy.Meter(energy.power_source(device_type, local_rank, power_estimate_w), start_joules=resumed)
-    joules = energy.sum_over_ranks(meter.joules(), device)   # a collective: every rank calls it
+    joules = parallel.sum_over_ranks(torch.tensor(meter.joules(), dtype=torch.float64)).item()  # every rank calls it
     print(energy.describe(joules, meter.source.label, pue, carbon_intensity_g_per_kwh))
 
 Where power comes from, the first that works on this node:
@@ -183,14 +183,6 @@ class Meter:
         self.thread.join()
         return self.sample()
 
-
-def sum_over_ranks(joules, device="cpu"):
-    """The total over all processes of a torchrun job (a collective: every rank calls it); `device` must suit the
-    backend (a CUDA device for NCCL)."""
-    import torch
-
-    from nanogpt.parallel import sum_over_ranks as summed
-    return summed(torch.tensor(joules, dtype=torch.float64, device=device)).item()
 
 # ------------------------------------------------------------------------------------------------- kWh and CO2e
 

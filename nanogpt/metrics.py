@@ -4,6 +4,8 @@ import json
 import os
 import sys
 
+from nanogpt.files import atomic_path, read_jsonl, write_atomic
+
 FILE, PLOT = "metrics.jsonl", "loss.png"
 
 
@@ -18,18 +20,13 @@ def append(out_dir, row):
 
 def write(out_dir, rows):
     """Replace the file with these rows (temp file + rename)."""
-    path = os.path.join(out_dir, FILE)
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    os.replace(path + ".tmp", path)
+    write_atomic(os.path.join(out_dir, FILE), "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def read(out_dir):
+    """The rows so far; a last line cut by a killed run is dropped with a warning."""
     path = os.path.join(out_dir, FILE)
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(path, tolerate_cut_tail=True) if os.path.exists(path) else []
 
 
 def keep_until(out_dir, iter_num):
@@ -73,11 +70,9 @@ def plot(out_dir):
     fig.tight_layout()
     path = os.path.join(out_dir, PLOT)
     try:
-        fig.savefig(path + ".tmp.png")
-        os.replace(path + ".tmp.png", path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
     except OSError as e:  # a plot is not worth stopping a run for
         print(f"warning: could not write {path} ({e.strerror})", file=sys.stderr)
-        if os.path.exists(path + ".tmp.png"):
-            os.remove(path + ".tmp.png")
     finally:
         plt.close(fig)

@@ -6,11 +6,13 @@ import random
 import time
 
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nanogpt import energy, metrics
 from nanogpt.checkpoint import load_checkpoint
+from nanogpt.parallel import sum_over_ranks
 from tests.conftest import TINY, run_script
 
 
@@ -105,7 +107,7 @@ def rank_worker(rank, store, watts, results):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     source = energy.power_source("cpu", local_rank=rank, power_estimate_w=watts, powercap=results)
     measured = source.joules_since_last(source.last_time + 3.0)  # rank 0: 3 s at `watts`; rank 1 counts none
-    total = energy.sum_over_ranks(measured + 10.0 * (rank + 1))
+    total = sum_over_ranks(torch.tensor(measured + 10.0 * (rank + 1), dtype=torch.float64)).item()
     with open(os.path.join(results, f"rank{rank}"), "w") as f:
         json.dump([measured, total], f)
     dist.barrier()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from nanogpt.checkpoint import load_model, save_checkpoint
+from nanogpt.checkpoint import TRAINING_ONLY, architecture_for, check_compatible, load_model, save_checkpoint
 from tests.conftest import run_script
 from tools import merge
 
@@ -93,6 +93,27 @@ def test_checkpoints_merge_and_mismatches_are_named(tmp_path, seed):
     save_checkpoint(other, str(tmp_path / "vocab" / "ckpt.pt"))
     with pytest.raises(ValueError, match="another vocabulary"):
         merge.merged_checkpoint("linear", [str(tmp_path / "a"), str(tmp_path / "vocab")])
+
+
+def test_one_rule_for_the_same_architecture_in_resume_and_merge(tmp_path, seed):
+    """Training-only fields may differ and resolved defaults compare equal, for check_compatible and merge alike;
+    an architecture field may not, for either."""
+    base = dict(block_size=16, vocab_size=11, n_layer=2, n_embd=16, n_head=2, mlp="relu2", n_expert=4,
+                moe_hidden=32, attn_pattern="LG", local_window=8)
+    a = tiny_checkpoint(tmp_path / "a", **base)
+    same = dict(base, block_size=32, dropout=0.1, moe_bias_gamma=0.0, moe_aux_alpha=0.0, zero_init_proj=True,
+                mlp_hidden=64, attn_pattern="LGLG")  # 64 = 4 * n_embd: relu2's default width, written out
+    assert set(TRAINING_ONLY) <= set(same)
+    tiny_checkpoint(tmp_path / "same", **same)
+    check_compatible(a, GPTConfig(**same))
+    merge.merged_checkpoint("linear", [str(tmp_path / "a"), str(tmp_path / "same")])
+    args = architecture_for(dict(same, n_layer=3), set(), a)
+    assert args["moe_aux_alpha"] == 0.0 and args["block_size"] == 32 and args["n_layer"] == 2  # settings: training
+    tiny_checkpoint(tmp_path / "wider", **dict(base, moe_hidden=48))
+    with pytest.raises(ValueError, match="moe_hidden"):
+        check_compatible(a, GPTConfig(**dict(base, moe_hidden=48)))
+    with pytest.raises(ValueError, match="moe_hidden 32 vs 48"):
+        merge.merged_checkpoint("linear", [str(tmp_path / "a"), str(tmp_path / "wider")])
 
 
 def test_merge_command(tmp_path, seed):

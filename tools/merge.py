@@ -22,16 +22,15 @@ With task vectors tau_i = model_i - base:
 """
 import os
 import sys
-from dataclasses import asdict
 from typing import Literal
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from configurator import configure, require  # noqa: E402
-from model import GPTConfig, layer_plan  # noqa: E402
-from nanogpt.checkpoint import (architecture, clean_state_dict, has_checkpoint, read_checkpoint,  # noqa: E402
-                                save_checkpoint)
+from model import GPTConfig  # noqa: E402
+from nanogpt.checkpoint import (architecture, architecture_differences, clean_state_dict,  # noqa: E402
+                                has_checkpoint, read_checkpoint, save_checkpoint)
 
 METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare", "dare_ties")
 TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare", "dare_ties")
@@ -127,23 +126,11 @@ def describe_vocabulary(spec):
     return "GPT-2 BPE" if spec["kind"] == "gpt2" else f"the {spec.get('name', spec['kind'])} tokenizer"
 
 
-def architecture_of(ckpt):
-    """What shapes the weights and the function, defaults resolved (an imported model states the widths a trained
-    one leaves at 0, and 'LG' on 4 layers is 'LGLG'); not context length, dropout, or training-only terms."""
-    cfg = GPTConfig(**architecture(ckpt))
-    args = dict(asdict(cfg), mlp_hidden=cfg.hidden, moe_hidden=cfg.expert_hidden if cfg.n_expert else 0,
-                attn_pattern="".join(kind for kind, _, _ in layer_plan(cfg)),
-                local_window=cfg.local_window if "L" in cfg.attn_pattern else None)
-    for name in ("block_size", "dropout", "moe_bias_gamma", "moe_aux_alpha", "zero_init_proj"):
-        args.pop(name, None)
-    return args
-
-
 def check_same_architecture(ckpts, names):
     """A ValueError naming the first difference in architecture or vocabulary from the first model."""
-    first, first_vocab = architecture_of(ckpts[0]), ckpts[0].get("tokenizer", {"kind": "gpt2"})
+    first, first_vocab = GPTConfig(**architecture(ckpts[0])), ckpts[0].get("tokenizer", {"kind": "gpt2"})
     for ckpt, name in zip(ckpts[1:], names[1:]):
-        differ = {k: (first.get(k), v) for k, v in architecture_of(ckpt).items() if first.get(k) != v}
+        differ = architecture_differences(first, GPTConfig(**architecture(ckpt)))
         if differ:
             listed = ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in differ.items())
             raise ValueError(f"{name} is another architecture than {names[0]}: {listed}")
