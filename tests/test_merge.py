@@ -9,6 +9,7 @@ import torch
 
 from model import GPT, GPTConfig
 from nanogpt.checkpoint import TRAINING_ONLY, architecture_for, check_compatible, load_model, save_checkpoint
+from nanogpt.tokenizer import chat_spec
 from tests.conftest import run_script
 from tools import merge
 
@@ -91,8 +92,32 @@ def test_checkpoints_merge_and_mismatches_are_named(tmp_path, seed):
     other = tiny_checkpoint(tmp_path / "vocab")
     other["tokenizer"] = {"kind": "char", "chars": CHARS.upper()}
     save_checkpoint(other, str(tmp_path / "vocab" / "ckpt.pt"))
-    with pytest.raises(ValueError, match="another vocabulary"):
+    with pytest.raises(ValueError, match="another vocabulary") as error:
         merge.merged_checkpoint("linear", [str(tmp_path / "a"), str(tmp_path / "vocab")])
+    assert "differ at id 0" in str(error.value)
+
+
+def test_vocabulary_differences_name_what_differs():
+    plain, chat = {"kind": "gpt2"}, chat_spec()
+    assert "special tokens none vs" in merge.vocabulary_difference(plain, chat)  # both 'GPT-2 BPE' before
+    assert "<|user_start|>" in merge.vocabulary_difference(plain, chat)
+    assert merge.vocabulary_difference({"kind": "char", "chars": "ab"}, {"kind": "char", "chars": "abc"}) == \
+        "2 characters vs 3"
+    assert merge.vocabulary_difference(plain, {"kind": "char", "chars": "ab"}) == "a gpt2 tokenizer vs a char one"
+
+
+@pytest.mark.parametrize("method, extra, unused", [
+    ("slerp", ["--weights=0.5,0.5"], "--weights"), ("linear", ["--base=BASE"], "--base"),
+    ("linear", ["--t=0.3", "--density=0.5"], "--density, --t"), ("ties", ["--base=BASE", "--t=0.3"], "--t"),
+])
+def test_a_setting_the_method_does_not_use_is_refused(tmp_path, method, extra, unused):
+    for name in ("base", "a", "b"):
+        tiny_checkpoint(tmp_path / name)
+    extra = [e.replace("BASE", str(tmp_path / "base")) for e in extra]
+    bad = run_script("tools/merge.py", f"--method={method}", f"--models={tmp_path / 'a'},{tmp_path / 'b'}",
+                     *extra, f"--out_dir={tmp_path / 'x'}", check=False)
+    assert bad.returncode == 2 and f"--method={method} does not use {unused}" in bad.stderr, bad.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_one_rule_for_the_same_architecture_in_resume_and_merge(tmp_path, seed):
@@ -125,8 +150,8 @@ def test_merge_command(tmp_path, seed):
     assert "merged 2 models (ties)" in result.stdout
     model, tokenizer, ckpt = load_model(str(out))
     assert ckpt["config"]["merge"]["method"] == "ties" and tokenizer.vocab_size == 11
-    bad = run_script("tools/merge.py", "--method=slerp", f"--models={tmp_path / 'a'},{tmp_path / 'b'},{tmp_path / 'base'}",
-                     f"--out_dir={tmp_path / 'x'}", check=False)
+    three = f"--models={tmp_path / 'a'},{tmp_path / 'b'},{tmp_path / 'base'}"
+    bad = run_script("tools/merge.py", "--method=slerp", three, f"--out_dir={tmp_path / 'x'}", check=False)
     assert bad.returncode == 2 and bad.stderr.strip() == "config error: slerp merges exactly two models, got 3"
 
 

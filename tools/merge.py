@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-from configurator import configure, require  # noqa: E402
+from configurator import configure, given, require  # noqa: E402
 from model import GPTConfig  # noqa: E402
 from nanogpt.checkpoint import (architecture, architecture_differences, clean_state_dict,  # noqa: E402
                                 has_checkpoint, read_checkpoint, save_checkpoint)
@@ -120,10 +120,20 @@ def merge_tensor(method, tensors, base_tensor, weights, t, density, generator):
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
-def describe_vocabulary(spec):
+def vocabulary_difference(spec, other):
+    """How two tokenizer specs differ, in words that tell them apart."""
+    if spec["kind"] != other["kind"]:
+        return f"a {spec['kind']} tokenizer vs a {other['kind']} one"
     if spec["kind"] == "char":
-        return f"a {len(spec['chars'])}-character vocabulary"
-    return "GPT-2 BPE" if spec["kind"] == "gpt2" else f"the {spec.get('name', spec['kind'])} tokenizer"
+        a, b = spec["chars"], other["chars"]
+        if len(a) != len(b):
+            return f"{len(a)} characters vs {len(b)}"
+        i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        return f"character vocabularies that differ at id {i} ({a[i]!r} vs {b[i]!r})"
+    if spec["kind"] == "gpt2":
+        return (f"GPT-2 BPE with special tokens {sorted(spec.get('special', {})) or 'none'} vs "
+                f"{sorted(other.get('special', {})) or 'none'}")
+    return f"the {spec.get('name', 'hf')} tokenizer vs {other.get('name', 'hf')} (their vocabularies differ)"
 
 
 def check_same_architecture(ckpts, names):
@@ -136,8 +146,8 @@ def check_same_architecture(ckpts, names):
             raise ValueError(f"{name} is another architecture than {names[0]}: {listed}")
         vocab = ckpt.get("tokenizer", {"kind": "gpt2"})
         if vocab != first_vocab:
-            raise ValueError(f"{name} has another vocabulary than {names[0]}: {describe_vocabulary(vocab)} vs "
-                             f"{describe_vocabulary(first_vocab)}")
+            raise ValueError(f"{name} has another vocabulary than {names[0]}: "
+                             f"{vocabulary_difference(vocab, first_vocab)}")
 
 
 def merge_checkpoints(method, model_ckpts, base_ckpt=None, weights=None, t=0.5, density=0.2, seed=0):
@@ -185,6 +195,16 @@ def check_settings(method, sources, base_source, weights, t, density):
     require(0 < density <= 1, f"density must be in (0, 1], got {density}")
 
 
+def check_used(method, given_settings):
+    """A setting the method never reads is an error, not a silent no-op."""
+    used = {"linear": {"weights"}, "slerp": {"t"}, "task_arithmetic": {"base", "weights"},
+            "ties": {"base", "weights", "density"}, "dare": {"base", "weights", "density", "seed"},
+            "dare_ties": {"base", "weights", "density", "seed"}}[method]
+    unused = sorted((given_settings & {"base", "weights", "t", "density", "seed"}) - used)
+    require(not unused, f"--method={method} does not use {', '.join('--' + k for k in unused)}: drop it or "
+            "choose a method that uses it")
+
+
 if __name__ == "__main__":
     configure(globals())
     sources = [s for s in models.split(",") if s]
@@ -192,6 +212,7 @@ if __name__ == "__main__":
             f"got {weights!r}")
     weight_list = [float(w) for w in weights] or None
     check_settings(method, sources, base, weight_list, t, density)
+    check_used(method, given())
     require(overwrite or not has_checkpoint(out_dir), f"{out_dir} already holds a checkpoint: pass --overwrite=True "
             "or another --out_dir")
     try:
