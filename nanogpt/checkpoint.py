@@ -6,6 +6,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 from dataclasses import asdict
 
 import torch
@@ -244,6 +245,20 @@ def save_sharded(out_dir, step, model, optimizer, meta, keep=2):
         for old in step_dirs(out_dir)[:-keep]:
             shutil.rmtree(old)
     dist.barrier()
+
+
+def save_run(out_dir, meta, model, raw_model, optimizer, mode, master, keep=2):
+    """A training run's checkpoint: ckpt.pt from rank 0 (meta plus weights and optimizer state, on the CPU), or
+    under FSDP a sharded step folder written by every rank. A failed write stops the run with its one-line reason
+    (under torchrun the launcher then stops the other ranks); the previous checkpoint is kept."""
+    if mode == "fsdp":
+        save_sharded(out_dir, meta["iter_num"], model, optimizer, meta, keep=keep)
+    elif master:
+        try:
+            save_checkpoint(to_cpu(dict(meta, model=raw_model.state_dict(), optimizer=optimizer.state_dict())),
+                            os.path.join(out_dir, "ckpt.pt"))
+        except OSError as e:
+            sys.exit(str(e))
 
 
 def load_sharded(path, model, optimizer):

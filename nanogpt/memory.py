@@ -12,9 +12,15 @@ What is counted, per GPU:
 - overhead: CUDA context, workspaces and allocator slack (a flat 2 GiB).
 """
 import math
+import os
 from dataclasses import asdict
 
+import torch
+
 from model import LOSS_CHUNK_ELEMENTS, GPTConfig, KVCache, MoE
+from nanogpt import energy
+from nanogpt.optim import state_bytes
+from nanogpt.tokenizer import GPT2_VOCAB_SIZE, VOCAB_MULTIPLE, Tokenizer, model_vocab_size
 
 GIB = 2**30
 
@@ -108,3 +114,35 @@ def print_model_report(model, seq_len, kv_context):
     for name, b in (("this model", ours), ("GQA-8", gqa8), ("MHA", mha)):
         print(f"  {name:10s} {b / kv_context:>10,.0f} bytes/token {b / 2**20:>10,.1f} MiB")
     print(f"  this model needs {gqa8 / ours:.1f}x less than GQA-8 and {mha / ours:.1f}x less than MHA")
+
+
+def plan_for(model, config, world_size, device, device_type, dtype):
+    """(per-GPU memory plan, GPU memory in GiB or None) of a run's settings: planned for a bf16 GPU run, whatever
+    runs it now; the GPU memory is gpu_mem_gb, else the detected GPU's."""
+    plan = memory_plan(model, config["batch_size"], config["block_size"], world_size, config["fsdp"],
+                       config["activation_checkpoint"], config["ac_every"],
+                       act_bytes=4 if dtype == "float32" and device_type == "cuda" else 2,
+                       optimizer_bytes=state_bytes(config["optimizer"], model, config["muon_normalize"]))
+    detected = torch.cuda.get_device_properties(device).total_memory / GIB if device_type == "cuda" else None
+    return plan, config["gpu_mem_gb"] or detected
+
+
+def dry_run_vocab_size(config):
+    """The model vocabulary of the configured dataset when it is prepared, else GPT-2's (a plan needs no data)."""
+    name = next(iter(config["datasets"] or {config["dataset"]: 1}))
+    try:
+        return model_vocab_size(Tokenizer.for_dataset(os.path.join(config["data_root"], name)))
+    except (OSError, ValueError):
+        return -(-GPT2_VOCAB_SIZE // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def print_dry_run(model, config, world_size, tokens_per_iter, plan, gpu):
+    """The dry run: parameters, FLOPs and KV cache, the memory plan, and the energy projection of the whole run.
+    A ValueError for an unknown projection_gpu."""
+    print_model_report(model, config["block_size"], config["kv_context"])
+    print(f"memory per GPU, world size {world_size}, batch_size {config['batch_size']}, fsdp={config['fsdp']}, "
+          f"activation_checkpoint={config['activation_checkpoint']!r}:")
+    print(format_plan(plan, gpu))
+    run_flops = model.flops_per_token(config["block_size"]) * tokens_per_iter * config["max_iters"]
+    print(energy.describe_projection(run_flops, world_size, config["projection_gpu"], config["projection_mfu"],
+                                     config["pue"], config["carbon_intensity_g_per_kwh"]))

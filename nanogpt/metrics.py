@@ -4,6 +4,7 @@ import json
 import os
 import sys
 
+from nanogpt import energy
 from nanogpt.files import atomic_path, read_jsonl, write_atomic
 
 FILE, PLOT = "metrics.jsonl", "loss.png"
@@ -37,6 +38,36 @@ def keep_until(out_dir, iter_num):
     kept = [r for r in rows if r["iter"] < iter_num or (r["iter"] == iter_num and "val_loss" not in r)]
     if len(kept) != len(rows):
         write(out_dir, kept)
+
+
+def log_eval(out_dir, iter_num, evaluated, lr, elapsed, joules, power_label, pue, g_per_kwh):
+    """An evaluation: its line printed, its row appended, the plot redrawn. evaluated: {split: {metric: value}}."""
+    more = {f"val_{k}": v for k, v in evaluated["val"].items() if k != "loss"}  # DPO: rewards, accuracies
+    train_loss, val_loss = evaluated["train"]["loss"], evaluated["val"]["loss"]
+    print(f"step {iter_num}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"
+          + "".join(f", {k} {v:.4f}" for k, v in more.items())
+          + f", {energy.describe(joules, power_label, pue, g_per_kwh)}")
+    append(out_dir, {"iter": iter_num, "train_loss": train_loss, "val_loss": val_loss, **more, "lr": lr,
+                     "time": elapsed, "energy_kwh": energy.kwh(joules),
+                     "co2_kg": energy.co2_kg(joules, pue, g_per_kwh)})
+    plot(out_dir)
+
+
+def log_train(out_dir, iter_num, loss, logged, lr, dt, tokens_per_iter, mfu, joules, pue, g_per_kwh,
+              imbalance=None, mixture=None, compilations=None):
+    """A training log line and its row: the step's loss, lr, speed, energy, and what applies of the other metrics
+    (`logged`: DPO's statistics, SFT's trained tokens), the MoE load imbalance, the data mixture, XLA compilations."""
+    extra = "".join(f", {k} {v:.4f}" if isinstance(v, float) else f", {k} {v:,}" for k, v in logged.items())
+    moe = f", expert load max/mean {imbalance:.2f}" if imbalance is not None else ""
+    mix = f", mixture {[round(f, 3) for f in mixture]}" if mixture is not None and len(mixture) > 1 else ""
+    xla = f", {compilations} XLA compilations" if compilations is not None else ""
+    print(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
+          f"{tokens_per_iter / dt:,.0f} tok/s, mfu {f'{100 * mfu:.1f}%' if mfu else 'n/a'}{extra}, "
+          f"{energy.kwh(joules):.4g} kWh{moe}{mix}{xla}")
+    append(out_dir, {"iter": iter_num, "loss": loss, "lr": lr, "ms_per_iter": dt * 1000,
+                     "tokens_per_s": tokens_per_iter / dt, "mfu": mfu, "expert_imbalance": imbalance,
+                     "energy_kwh": energy.kwh(joules), "co2_kg": energy.co2_kg(joules, pue, g_per_kwh),
+                     **logged, "mixture": mixture, "xla_compilations": compilations})
 
 
 def plot(out_dir):

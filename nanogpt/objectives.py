@@ -9,7 +9,9 @@ over every counted target, or over every pair. The MoE balance loss (model.py: a
 sequences, at strength moe_aux_alpha) is added at 1 / micro-batches, so it too ends up a mean over the global batch,
 whatever the accumulation or the world size. Evaluation reports the cross-entropy (or DPO loss) only.
 """
-from nanogpt.parallel import sum_over_ranks
+import torch
+
+from nanogpt.parallel import cut_xla_graph, mean_over_ranks, sum_over_ranks
 from nanogpt.posttrain import dpo_objective
 
 KINDS = ("next_token", "dpo")
@@ -40,3 +42,17 @@ def make_objective(kind, model, accumulation, reference=None, beta=0.1, label_sm
         return loss * weight + balance / accumulation, stats
 
     return dpo if kind == "dpo" else next_token
+
+
+@torch.no_grad()
+def evaluate(objective, kind, batches, world_size, device):
+    """The objective's metrics over one split's evaluation batches, averaged over ranks: the mean loss over the
+    counted targets, or for pairs the mean DPO statistics (the model in eval mode: no balance loss)."""
+    weight, _ = batch_weights(kind, batches, world_size)
+    totals = {}
+    for batch in batches:
+        _, batch_metrics = objective(batch, weight)
+        for k, v in batch_metrics.items():
+            totals[k] = totals.get(k, 0.0) + v * weight  # summed on the device: one host sync per split
+        cut_xla_graph(device)
+    return {k: mean_over_ranks(v).item() for k, v in totals.items()}

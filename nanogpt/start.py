@@ -1,0 +1,218 @@
+"""How a run starts, and the model it starts with. Three kinds of start:
+
+    scratch    fresh weights (init_from='scratch'); out_dir must not hold a trained checkpoint unless overwrite
+    resume     this run's own checkpoint: out_dir/ckpt.pt, or under FSDP its newest step_N/ folder (weights and
+               optimizer in shards, everything else in its meta.pt); optimizer, loader, RNG and counters continue
+    new phase  another run's weights (a run folder, ckpt.pt or hf:FOLDER), adapted to the data's tokenizer, with a
+               fresh optimizer and data stream; a DPO run's frozen reference model is this starting point
+
+Errors are ValueError / OSError / RuntimeError with a message that says what to do; train.py prints it and stops.
+"""
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, fields
+
+import torch
+
+from model import GPT, GPTConfig
+from nanogpt import metrics
+from nanogpt.checkpoint import (
+    architecture_for,
+    check_compatible,
+    clean_state_dict,
+    has_checkpoint,
+    load_checkpoint,
+    read_checkpoint,
+    read_state,
+    remove_stale_writes,
+    step_dirs,
+)
+from nanogpt.loader import BatchLoader, PrefixLoader
+from nanogpt.memory import advice, fits, format_plan, plan_for
+from nanogpt.optim import load_optimizer_state
+from nanogpt.parallel import barrier, shard_fsdp2
+from nanogpt.posttrain import adapt_checkpoint
+from nanogpt.tokenizer import Tokenizer, dataset_tokenizer, model_vocab_size
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AUTO_PREPARED = ("shakespeare_char", "shakespeare")  # small enough to prepare unasked; others print their command
+
+
+@dataclass
+class Placement:
+    """Where and how this process runs (from the device settings and torchrun)."""
+    rank: int
+    local_rank: int
+    world_size: int
+    device: str
+    mode: str            # 'single', 'ddp', 'fsdp' or 'xla_spmd' (nanogpt/parallel.py)
+    device_type: str
+    dtype: str           # 'float32', 'bfloat16' or 'float16'
+    ptdtype: torch.dtype
+    compile: bool
+    attn_kernel: str
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def prepare_out_dir(out_dir, init_from, overwrite, master):
+    """Refuse to replace a trained checkpoint by accident; create out_dir and clear what killed writers left."""
+    if init_from != "resume" and has_checkpoint(out_dir) and not overwrite:
+        raise ValueError(f"{out_dir} already holds a trained checkpoint: continue it with --init_from=resume, train "
+                         "into another --out_dir, or pass --overwrite=True to replace it")
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        stale = remove_stale_writes(out_dir)
+        if stale:
+            print(f"removed unfinished checkpoint writes of killed runs in {out_dir}: {', '.join(stale)}")
+
+
+def dataset_dirs(data_root, mix, master):
+    """(folders, weights) of a dataset mixture {name: weight}; prepares the tiny-Shakespeare sets when missing.
+    A ValueError when preparing fails."""
+    dirs = [os.path.join(data_root, name) for name in mix]
+    for name, d in zip(mix, dirs):
+        missing = not any(f.startswith("train_") for f in os.listdir(d)) if os.path.isdir(d) else True
+        if missing and master and name in AUTO_PREPARED:
+            script = os.path.join(REPO, "data", name, "prepare.py")
+            print(f"no shards in {d}: running {script}")
+            if subprocess.run([sys.executable, script, "--out_dir", d]).returncode != 0:
+                raise ValueError(f"could not prepare {name} (the reason is above)")
+    barrier()
+    return dirs, list(mix.values())
+
+
+def make_loaders(config, data_dirs, mix_weights, place):
+    """(training loader, {split: evaluation loader}, the data's tokenizer). The evaluation loaders have their own
+    seed; with val_tokens the val split is exactly its first val_tokens tokens, in order."""
+    rank, world, batch, block = place.rank, place.world_size, config["batch_size"], config["block_size"]
+    train_loader = BatchLoader(data_dirs, "train", batch, block, rank, world, config["seed"], mix_weights)
+    eval_loaders = {split: BatchLoader(data_dirs, split, batch, block, rank, world, config["seed"] + 7, mix_weights)
+                    for split in ("train", "val")}
+    if config["val_tokens"]:
+        eval_loaders["val"] = PrefixLoader(data_dirs[0], "val", config["val_tokens"], batch, block, rank, world)
+    return train_loader, eval_loaders, dataset_tokenizer(data_dirs)
+
+
+def resume_path(out_dir, mode):
+    """The checkpoint a resumed run continues: out_dir/ckpt.pt, or under FSDP the newest complete step_N/."""
+    if mode != "fsdp":
+        return os.path.join(out_dir, "ckpt.pt")
+    steps = step_dirs(out_dir)
+    if not steps:
+        raise ValueError(f"init_from='resume' but {out_dir} holds no complete sharded checkpoint (step_*/)")
+    return steps[-1]
+
+
+def load_start(path, tokenizer, master):
+    """A checkpoint to start a new phase from (weights only), adapted to the data's tokenizer: rows for special
+    tokens new to it (chat fine-tuning of a base model) start at the mean embedding, and the run says so."""
+    checkpoint, note = adapt_checkpoint(read_checkpoint(path), tokenizer.spec, model_vocab_size(tokenizer))
+    if note and master:
+        print(f"{path}: {note}")
+    return checkpoint
+
+
+def read_start(init_from, resume_from, mode, tokenizer, master):
+    """The checkpoint dict the run starts from, or None for scratch. A sharded run's meta.pt holds all but the
+    weights and optimizer (they load after the model is sharded: load_sharded)."""
+    if init_from not in ("scratch", "resume"):
+        return load_start(init_from, tokenizer, master)
+    if init_from == "scratch":
+        return None
+    checkpoint = read_state(os.path.join(resume_from, "meta.pt")) if mode == "fsdp" else load_checkpoint(resume_from)
+    if checkpoint.get("tokenizer", tokenizer.spec) != tokenizer.spec:
+        raise ValueError(f"the checkpoint was trained with the {Tokenizer(checkpoint['tokenizer']).describe()} "
+                         f"tokenizer but the data is {tokenizer.describe()}: use the data it was trained on")
+    return checkpoint
+
+
+def build_meta_model(config, explicit, vocab_size, place, checkpoint=None):
+    """The model on the meta device (shapes only, no memory), with fp8 and activation checkpointing applied.
+    config: the run's settings; explicit: the names given on the command line or in config files."""
+    settings = {f.name: config[f.name] for f in fields(GPTConfig) if f.name in config}
+    args = dict(architecture_for(settings, explicit, checkpoint), vocab_size=vocab_size,
+                block_size=config["block_size"])
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**args), attn_impl=place.attn_kernel)
+    if config["fp8"]:
+        if place.device_type == "xla":
+            raise ValueError("fp8 is not supported on XLA (its kernels are Triton): set fp8=False")
+        skipped = model.convert_fp8(config["fp8_recipe"])
+        if skipped and place.master:
+            print(f"fp8: kept in higher precision for their dims (not multiples of 16): {', '.join(skipped)}")
+    for i, block in enumerate(model.blocks):
+        selected = config["activation_checkpoint"] == "selective" and i % config["ac_every"] == 0
+        block.checkpoint = config["activation_checkpoint"] == "full" or selected
+    return model
+
+
+def build_model(config, explicit, vocab_size, place, checkpoint=None):
+    """Build on the meta device (the architecture of `checkpoint` when given), check the memory plan, shard with
+    FSDP2 if asked, then materialise and initialise on the device (each rank only its shard), and load the
+    checkpoint's weights if it has them."""
+    model = build_meta_model(config, explicit, vocab_size, place, checkpoint)
+    plan, gpu = plan_for(model, config, place.world_size, place.device, place.device_type, place.dtype)
+    if gpu and not fits(plan, gpu):
+        print(format_plan(plan, gpu))
+        raise ValueError("this run does not fit in GPU memory; change one of:\n  - " + "\n  - ".join(
+            advice(plan, gpu, config["fsdp"], place.world_size, config["activation_checkpoint"])))
+    if place.mode == "fsdp":
+        shard_fsdp2(model, place.ptdtype, place.compile)
+    model.to_empty(device=place.device)
+    if model.config.tie_embeddings and place.mode != "fsdp":
+        model.lm_head.weight = model.wte.weight  # materialising gave the two modules separate tensors
+    torch.manual_seed(config["seed"])  # the same initial weights on every rank
+    model.init_weights()
+    if checkpoint is not None and "model" in checkpoint:  # (a sharded run's weights load later, with its optimizer)
+        check_compatible(checkpoint, model.config)
+        state = clean_state_dict(checkpoint["model"])
+        if place.mode == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+            set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+        else:
+            model.load_state_dict(state)
+    torch.manual_seed(config["seed"] + place.rank)
+    return model
+
+
+def reference_model(config, explicit, vocab_size, place, tokenizer, reference_from):
+    """DPO's frozen model: the phase's starting point (for a resumed run, the one its checkpoint names)."""
+    start = load_start(reference_from, tokenizer, place.master) if reference_from not in ("scratch", "resume") else None
+    return build_model(config, explicit, vocab_size, place, start).eval().requires_grad_(False)
+
+
+@dataclass
+class Progress:
+    """The counters a run carries from checkpoint to checkpoint."""
+    iter_num: int = 0
+    best_val_loss: float = float("inf")
+    train_seconds: float = 0.0
+    joules_before: float = 0.0  # energy of earlier phases of a resumed run
+
+
+def resume(state, resume_from, opt, train_loader, place, out_dir):
+    """Continue a run from its checkpoint state (under FSDP the optimizer already came with the shards): the
+    optimizer, the training loader's position, the RNG, the counters. Returns its Progress."""
+    needed = {"loader", "iter_num", "best_val_loss", "rng"} | ({"optimizer"} if place.mode != "fsdp" else set())
+    missing = sorted(needed - set(state))
+    if missing:
+        raise ValueError(f"{resume_from} holds no training state to resume ({', '.join(missing)} missing): start a "
+                         f"new phase from its weights with --init_from={resume_from} (and another out_dir)")
+    try:
+        if place.mode != "fsdp":
+            load_optimizer_state(opt, state["optimizer"])
+        train_loader.load_state_dict(state["loader"])
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{resume_from}: cannot resume from it ({e})") from None
+    torch.set_rng_state(state["rng"]["torch"])
+    if place.device_type == "cuda" and state["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"].cpu())
+    if place.master:
+        print(f"resumed from {resume_from} at iter {state['iter_num']}")
+        metrics.keep_until(out_dir, state["iter_num"])  # drop what the interrupted run logged after its checkpoint
+    return Progress(state["iter_num"], state["best_val_loss"], state.get("train_seconds", 0.0),
+                    state.get("energy_joules", 0.0))
