@@ -74,7 +74,7 @@ n_shared_expert = 1            # always-on experts
 moe_hidden = 0                 # expert width; 0 = mlp width / n_expert_active
 n_dense_layers = 1             # the first layers keep a dense MLP
 moe_bias_gamma = 1e-3          # aux-loss-free balancing: bias step per optimizer step
-moe_aux_alpha = 1e-4           # sequence-wise balance loss weight (0 disables)
+moe_aux_alpha = 1e-4           # sequence-wise balance loss: its weight beside the per-token mean loss (0 disables)
 logit_softcap = 0.0            # > 0: logits = c tanh(logits / c) (Gemma 2, modded-nanogpt); 0 = off
 value_embeds = 0               # > 0: k extra token embeddings mixed into V of the first and last k layers
 zero_init_proj = False         # residual-stream writers (o_proj, down_proj) start at zero (modded-nanogpt)
@@ -175,7 +175,7 @@ def place_process():
     dtype_name, ptdtype = resolve_dtype(dtype, kind)
     compiled = kind == "cuda" if compile is None else compile and kind != "xla"
     return start.Placement(rank, local_rank, world_size, dev, mode, kind, dtype_name, ptdtype, compiled,
-                     resolve_attn_impl(attn_impl, kind))
+                           resolve_attn_impl(attn_impl, kind))
 
 
 def report_dry_run(config, explicit, place, tokens_per_iter):

@@ -1,12 +1,14 @@
 """train.py and sample.py end to end, in subprocesses: exact resume, the quick run's CLI, failure messages."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from nanogpt.checkpoint import load_checkpoint, save_checkpoint
-from tests.conftest import SHARED, TINY, run_script
+from tests.conftest import ROOT, SHARED, TINY, run_script
 
 
 def train_losses(out_dir):
@@ -152,3 +154,12 @@ def test_speedrun_config_plans_and_runs_shrunk_on_the_cpu(tmp_path, seed):
     assert "final val loss" in result.stdout
     evals = [json.loads(line) for line in open(out / "metrics.jsonl") if "val_loss" in line]
     assert [r["iter"] for r in evals] == [0, 3, 6] and evals[-1]["val_loss"] < evals[0]["val_loss"]
+
+
+def test_importing_train_runs_nothing(tmp_path):
+    """train.py runs under `if __name__ == "__main__"`: importing it reads no arguments and touches no files."""
+    code = ("import sys; sys.argv = ['train.py', '--max_iters=not-a-number', '--out_dir=never']; import train; "
+            "print(train.batch_size, callable(train.main))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.split() == ["32", "True"], result.stderr
+    assert not os.path.exists(os.path.join(ROOT, "never"))
