@@ -51,7 +51,7 @@ def test_next_token_balance_gradient_under_accumulation(seed, masked):
     (ce / (y >= 0).sum() + balance).backward()
     direct = router_grads(model)
     got = accumulated(model, "next_token", [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)])
-    assert torch.allclose(got, direct, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(got, direct, rtol=1e-9, atol=1e-10)  # float64 sums in another order
     ce, balance = model(x, y)  # the old weighting, the balance loss inside the summed loss: alpha / counted
     ((ce + balance) / (y >= 0).sum()).backward()
     assert not torch.allclose(router_grads(model), direct, rtol=1e-3, atol=0)
@@ -73,7 +73,7 @@ def test_dpo_balance_gradient_under_accumulation(seed):
     direct = router_grads(model)
     batches = [(xc[i:i + 2], yc[i:i + 2], xr[i:i + 2], yr[i:i + 2]) for i in (0, 2)]
     got = accumulated(model, "dpo", batches, reference)
-    assert torch.allclose(got, direct, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(got, direct, rtol=1e-9, atol=1e-10)  # float64 sums in another order
     *policy, _ = pair_logprobs(model, xc, yc, xr, yr)  # without the balance loss, as DPO trained before
     dpo_loss(*policy, *frozen, beta=0.1).loss.backward()
     assert not torch.allclose(router_grads(model), direct, rtol=1e-3, atol=0)
