@@ -4,9 +4,13 @@ import copy
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT, GPTConfig
 from nanogpt.objectives import batch_weights, make_objective
+from nanogpt.parallel import gradient_sync
 from nanogpt.posttrain import dpo_loss, pair_logprobs
 
 ALPHA = 0.05  # large, so that a wrongly scaled balance term moves the router's gradient visibly
@@ -85,3 +89,34 @@ def test_evaluation_and_dense_models_have_no_balance_loss():
     assert model(x, y)[1].item() == 0.0
     dense = GPT(GPTConfig(**dict(CFG, n_expert=0))).train()
     assert dense(x, y)[1].item() == 0.0
+
+
+def ddp_worker(rank, store, seed, results):
+    """Half of the batch per rank, two micro-batches each, gradients averaged by DDP."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.manual_seed(seed)
+    model = tiny_moe()
+    x, y = tokens(8, masked=True)
+    ddp = DDP(model, broadcast_buffers=False, find_unused_parameters=True)  # an expert may see no token
+    mine = [(x[i:i + 2], y[i:i + 2]) for i in (4 * rank, 4 * rank + 2)]
+    objective = make_objective("next_token", ddp, len(mine))
+    weight, _ = batch_weights("next_token", mine, world_size=2)
+    for step, batch in enumerate(mine):
+        with gradient_sync(ddp, step == len(mine) - 1):
+            loss, _ = objective(batch, weight)
+            loss.backward()
+    torch.save(router_grads(model), f"{results}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_balance_gradient_under_two_process_ddp(tmp_path, seed):
+    mp.spawn(ddp_worker, args=(str(tmp_path / "store"), seed, str(tmp_path)), nprocs=2)
+    torch.manual_seed(seed)
+    model = tiny_moe()
+    x, y = tokens(8, masked=True)
+    ce, balance = model(x, y)
+    (ce / (y >= 0).sum() + balance).backward()
+    direct = router_grads(model)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert torch.allclose(got, direct, rtol=1e-9, atol=1e-10)
