@@ -153,6 +153,7 @@ def check_settings(config):
     require(init_from in ("scratch", "resume") or os.path.exists(init_from.removeprefix("hf:")),
             f"init_from must be 'scratch', 'resume', a run folder or ckpt.pt, or hf:FOLDER (a Hugging Face model); "
             f"{init_from!r} is none of them")
+    require(out_dir.strip(), "out_dir must name a folder, got ''")
     require(not os.path.exists(out_dir) or os.path.isdir(out_dir), f"out_dir {out_dir!r} is a file: name a folder")
     for name in datasets or [dataset]:  # a name, not a path: nothing outside data_root is read or run
         require(re.fullmatch(r"[\w.-]+", name) and name.strip(".") != "", f"dataset names are folder names in "
@@ -222,7 +223,8 @@ def save(config, model, raw_model, opt, progress, val_loss, joules, train_loader
     meta = {"model_args": {f.name: getattr(raw_model.config, f.name) for f in fields(GPTConfig)}, "config": config,
             "iter_num": progress.iter_num, "best_val_loss": progress.best_val_loss, "val_loss": val_loss,
             "train_seconds": progress.train_seconds, "reference_from": reference_from, "energy_joules": joules,
-            "loader": train_loader.state_dict(), "tokenizer": tokenizer.spec, "rng": rng}
+            "loader": train_loader.state_dict(), "tokenizer": tokenizer.spec, "rng": rng,
+            "objective": "dpo" if train_loader.pairs else "next_token"}
     save_run(out_dir, meta, model, raw_model, opt, place.mode, place.master, keep_checkpoints)
 
 
@@ -251,25 +253,35 @@ def main():
     meter = energy.Meter(energy.power_source(place.device_type, place.local_rank, power_estimate_w))  # this node
 
     # data
+    created = not os.path.exists(out_dir)
+
+    def refuse(message):  # a run refused before it wrote anything leaves no folder behind
+        if created and master:
+            start.remove_if_unused(out_dir)
+        finish(message)
     try:
-        start.prepare_out_dir(out_dir, init_from, overwrite, master)
+        _lock = start.prepare_out_dir(out_dir, init_from, overwrite, master)  # held until the process exits
         data_dirs, mix_weights = start.dataset_dirs(data_root, datasets or {dataset: 1.0}, master)
         train_loader, eval_loaders, tokenizer = start.make_loaders(config, data_dirs, mix_weights, place)
     except (OSError, ValueError) as e:  # missing or corrupt shards, no tokenizer record: the message says what to do
-        finish(str(e))
+        refuse(str(e))
+    kind = "dpo" if train_loader.pairs else "next_token"  # pretraining and SFT: next_token
+    if kind != "dpo" and explicit & set(start.DPO_SETTINGS):
+        refuse(f"config error: {', '.join(sorted(explicit & set(start.DPO_SETTINGS)))} only apply to preference "
+               f"pairs (DPO), and {datasets or dataset} holds none: drop them")
     eval_starts = {split: loader.state_dict() for split, loader in eval_loaders.items()}  # rewound to at every eval
 
     # model: from scratch, resumed, or a new phase's weights (nanogpt/start.py); DPO's frozen reference beside it
     try:
         resume_from = start.resume_path(out_dir, place.mode) if init_from == "resume" else None
-        checkpoint = start.read_start(init_from, resume_from, place.mode, tokenizer, master)
+        checkpoint = start.read_start(init_from, resume_from, place.mode, tokenizer, master, kind)
         vocab_size = checkpoint["model_args"]["vocab_size"] if checkpoint else model_vocab_size(tokenizer)
         model = start.build_model(config, explicit, vocab_size, place, checkpoint)
         reference_from = checkpoint.get("reference_from", "scratch") if init_from == "resume" else init_from
         reference = (start.reference_model(config, explicit, vocab_size, place, tokenizer, reference_from)
                      if train_loader.pairs else None)
     except (OSError, RuntimeError, ValueError) as e:  # the message says which file and what to do
-        finish(str(e))
+        refuse(str(e))
     if master:
         print(f"{model.num_params():,} parameters ({model.num_params(active=True):,} active), "
               f"{tokens_per_iter:,} tokens/iter, device {place.device} {place.dtype}, {place.mode} over "
@@ -297,7 +309,6 @@ def main():
     model = parallel.wrap_for_training(model, place.mode, place.compile, place.device)
     if place.mode == "xla_spmd" and master:
         print(parallel.describe_xla_sharding(model))
-    kind = "dpo" if train_loader.pairs else "next_token"  # pretraining and SFT: next_token
     objective = make_objective(kind, model, accumulation, reference, dpo_beta, dpo_label_smoothing, dpo_ipo)
     flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
     peak = (peak_flops or device_peak_flops(place.device)) * place.world_size

@@ -67,8 +67,9 @@ def read_state(path, map_location="cpu"):
         found = re.search(r"unsupported GLOBAL (\S+)", str(e))
         what = f"it names {found.group(1)}" if found else "it holds more than tensors and plain data"
         raise RuntimeError(f"{path} is not a readable checkpoint of this repo ({what}); nothing in it was run") from e
-    except Exception as e:
-        raise RuntimeError(f"{path} is not a readable checkpoint of this repo ({str(e).splitlines()[0]}); "
+    except Exception as e:  # a zero-byte or cut file says nothing: name what it is
+        reason = str(e).splitlines()[0] if str(e) else f"{os.path.getsize(path)} bytes, {type(e).__name__}"
+        raise RuntimeError(f"{path} is not a readable checkpoint of this repo ({reason}); "
                            "nothing in it was run") from e
 
 
@@ -179,6 +180,8 @@ def load_model(out_dir, device="cpu", attn_impl="sdpa"):
     any source read_checkpoint takes: a run folder, a step_N/ folder, a ckpt.pt, or hf:FOLDER."""
     ckpt = read_checkpoint(out_dir)
     model = model_from_checkpoint(ckpt, out_dir, attn_impl).to(device).eval()
+    for moe in model.moe_layers():  # XLA compiles static shapes: every expert on every token
+        moe.dense_dispatch = str(device).startswith("xla")
     return model, Tokenizer(ckpt.get("tokenizer", {"kind": "gpt2"})), ckpt
 
 

@@ -8,7 +8,9 @@
 
 Errors are ValueError / OSError / RuntimeError with a message that says what to do; train.py prints it and stops.
 """
+import fcntl
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, fields
@@ -58,16 +60,48 @@ class Placement:
         return self.rank == 0
 
 
+LOCK_FILE = ".train.lock"
+DPO_SETTINGS = ("dpo_beta", "dpo_label_smoothing", "dpo_ipo")  # read by the DPO objective only
+
+
+def lock_out_dir(out_dir):
+    """An exclusive lock on out_dir for as long as the returned file stays open. The OS drops a flock when its
+    process ends, however it ends, so a crashed run never leaves the folder locked."""
+    handle = open(os.path.join(out_dir, LOCK_FILE), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise ValueError(f"{out_dir} is in use by another train.py (pid {holder}): wait for it to end, or train "
+                         "into another --out_dir") from None
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
 def prepare_out_dir(out_dir, init_from, overwrite, master):
-    """Refuse to replace a trained checkpoint by accident; create out_dir and clear what killed writers left."""
+    """Refuse to replace a trained checkpoint by accident; create and lock out_dir (rank 0 holds the lock: the
+    returned handle) and clear what killed writers left."""
     if init_from != "resume" and has_checkpoint(out_dir) and not overwrite:
         raise ValueError(f"{out_dir} already holds a trained checkpoint: continue it with --init_from=resume, train "
                          "into another --out_dir, or pass --overwrite=True to replace it")
-    if master:
-        os.makedirs(out_dir, exist_ok=True)
-        stale = remove_stale_writes(out_dir)
-        if stale:
-            print(f"removed unfinished checkpoint writes of killed runs in {out_dir}: {', '.join(stale)}")
+    if not master:
+        return None
+    os.makedirs(out_dir, exist_ok=True)
+    lock = lock_out_dir(out_dir)
+    stale = remove_stale_writes(out_dir)
+    if stale:
+        print(f"removed unfinished checkpoint writes of killed runs in {out_dir}: {', '.join(stale)}")
+    return lock
+
+
+def remove_if_unused(out_dir):
+    """Remove a folder this run created when it holds nothing but the run's lock (a run refused before writing)."""
+    if os.path.isdir(out_dir) and set(os.listdir(out_dir)) <= {LOCK_FILE}:
+        shutil.rmtree(out_dir)
 
 
 def dataset_dirs(data_root, mix, master):
@@ -116,14 +150,19 @@ def load_start(path, tokenizer, master):
     return checkpoint
 
 
-def read_start(init_from, resume_from, mode, tokenizer, master):
+def read_start(init_from, resume_from, mode, tokenizer, master, objective):
     """The checkpoint dict the run starts from, or None for scratch. A sharded run's meta.pt holds all but the
-    weights and optimizer (they load after the model is sharded: load_sharded)."""
+    weights and optimizer (they load after the model is sharded: load_sharded). A resume keeps its objective
+    ('next_token' or 'dpo'): other data would turn the run into another one."""
     if init_from not in ("scratch", "resume"):
         return load_start(init_from, tokenizer, master)
     if init_from == "scratch":
         return None
     checkpoint = read_state(os.path.join(resume_from, "meta.pt")) if mode == "fsdp" else load_checkpoint(resume_from)
+    if checkpoint.get("objective", objective) != objective:
+        out_dir = os.path.dirname(resume_from) if mode != "fsdp" else os.path.dirname(resume_from.rstrip("/"))
+        raise ValueError(f"{out_dir} is a {checkpoint['objective']} run and this data trains {objective}: start "
+                         f"the new phase from it with --init_from={out_dir} and another --out_dir")
     if checkpoint.get("tokenizer", tokenizer.spec) != tokenizer.spec:
         raise ValueError(f"the checkpoint was trained with the {Tokenizer(checkpoint['tokenizer']).describe()} "
                          f"tokenizer but the data is {tokenizer.describe()}: use the data it was trained on")

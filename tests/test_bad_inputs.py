@@ -264,8 +264,8 @@ def test_full_disk_keeps_the_previous_checkpoint(small_disk, data_root):
     (small_disk / "filler").write_bytes(b"\0" * (free - 64 * 1024))  # leaves less than a checkpoint
     result = run_script("train.py", *common, "--max_iters=8", "--init_from=resume", check=False)
     assert_one_clear_line(result, "no space left", "the previous checkpoint is kept")
-    assert (out / "ckpt.pt").read_bytes() == before and sorted(os.listdir(out)) == ["ckpt.pt", "loss.png",
-                                                                                   "metrics.jsonl"]
+    assert (out / "ckpt.pt").read_bytes() == before and sorted(os.listdir(out)) == [".train.lock", "ckpt.pt",
+                                                                                   "loss.png", "metrics.jsonl"]
 
 
 # ---------------------------------------------------------------------------------------------- a new user offline

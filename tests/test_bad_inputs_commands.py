@@ -1,6 +1,6 @@
 """Bad input to the commands and tools not covered elsewhere: one line naming the file, non-zero exit, no traceback."""
 import pytest
-from conftest import run_script
+from conftest import TINY, run_script
 
 
 def assert_one_line(result, *needles):
@@ -45,3 +45,69 @@ def test_consolidate_writes_the_newest_step_as_one_checkpoint(tmp_path, seed):
     ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["iter_num"] == 4
     assert all(torch.equal(ckpt["model"][k], v) for k, v in model.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------------- train.py
+
+
+def train(data_root, out, *args, check=False):
+    return run_script("train.py", *TINY, f"--data_root={data_root}", f"--out_dir={out}", *args, check=check)
+
+
+def test_an_empty_out_dir_setting_is_refused():
+    assert_one_line(run_script("train.py", "--out_dir=", check=False), "out_dir must name a folder")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--dpo_beta=0.2"], "dpo_beta only apply to preference pairs"),
+    (["--dpo_ipo=True", "--dpo_beta=0.5"], "dpo_beta, dpo_ipo only apply"),
+    (["--dataset=nosuch"], "nosuch"),
+])
+def test_a_refused_run_leaves_no_folder_and_dpo_settings_need_pairs(data_root, tmp_path, args, needle):
+    out = tmp_path / "never"
+    assert_one_line(train(data_root, out, *args), needle)
+    assert not out.exists()
+
+
+def test_a_second_run_into_a_busy_out_dir_is_refused_and_a_killed_run_leaves_no_lock(data_root, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    from nanogpt import start
+    out = tmp_path / "busy"
+    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *TINY, f"--data_root={data_root}",
+                              f"--out_dir={out}", "--max_iters=100000", "--eval_interval=100000"], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lock = out / start.LOCK_FILE
+        deadline = time.time() + 120
+        while not (lock.exists() and lock.read_text().strip() == str(first.pid)) and time.time() < deadline:
+            time.sleep(0.2)
+        assert first.poll() is None, "the first run ended early"
+        second = train(data_root, out, "--overwrite=True")
+        assert_one_line(second, str(out), "in use by another train.py", f"pid {first.pid}")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    start.lock_out_dir(str(out)).close()  # the killed run's lock went with its process
+
+
+def test_resuming_with_another_objective_is_refused(data_root, tmp_path):
+    import torch
+
+    from nanogpt.checkpoint import read_state, save_checkpoint
+    out = tmp_path / "run"
+    train(data_root, out, "--max_iters=2", "--eval_interval=2", check=True)
+    ckpt = read_state(str(out / "ckpt.pt"))
+    assert ckpt["objective"] == "next_token"
+    ckpt["objective"] = "dpo"  # as a DPO run's checkpoint records it
+    save_checkpoint(ckpt, str(out / "ckpt.pt"))
+    before = (out / "ckpt.pt").read_bytes()
+    assert_one_line(train(data_root, out, "--init_from=resume", "--max_iters=4"), "is a dpo run",
+                    "trains next_token", f"--init_from={out}")
+    assert (out / "ckpt.pt").read_bytes() == before and torch.is_tensor(ckpt["rng"]["torch"])
