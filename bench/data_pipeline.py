@@ -30,7 +30,7 @@ SHAKESPEARE = [os.path.join(ROOT, "data", "shakespeare", "input.txt"),
                os.path.join(os.path.dirname(ROOT), "shared", "data", "tinyshakespeare", "input.txt")]
 
 
-def load_documents(path, mb):
+def read_documents(path, mb):
     """Paragraphs of path, or of Tiny Shakespeare repeated to about `mb` MB."""
     if path is None:
         path = next(p for p in SHAKESPEARE if os.path.exists(p))
@@ -68,7 +68,7 @@ def main():
                         help="from train.py config/train_7b.py --dry_run=True")
     args = parser.parse_args()
 
-    source, docs = load_documents(args.input, args.mb)
+    source, docs = read_documents(args.input, args.mb)
     mb = sum(len(d.encode()) for d in docs) / 1e6
     print(f"# Data pipeline benchmark\n\n{datetime.datetime.now():%Y-%m-%d %H:%M}, {os.cpu_count()} CPUs "
           f"(load average {os.getloadavg()[0]:.1f}), {platform.processor() or platform.machine()}, "

@@ -1,6 +1,10 @@
 """Checkpoints: written to a temp file and renamed (a crash never leaves a half-written file as the latest), read
 without running code (torch.load with weights_only=True: tensors and plain containers only), and loaded with
-errors that say what went wrong. `load_model` is what sample.py and eval_mmlu.py use."""
+errors that say what went wrong. `load_model` is what sample.py, chat.py and the evaluations use.
+
+Names follow one rule across the library: `read_*` returns plain data read from files (a checkpoint dict,
+tensors, rows), `load_*` returns live objects or fills them (a model, a scorer, an optimizer's state), and
+`X_from_Y` builds one thing from another in memory."""
 import errno
 import os
 import pickle
@@ -73,7 +77,7 @@ def read_state(path, map_location="cpu"):
                            "nothing in it was run") from e
 
 
-def load_checkpoint(path, map_location="cpu"):
+def read_checkpoint_file(path, map_location="cpu"):
     if not os.path.exists(path):
         out_dir = (os.path.dirname(path) or ".") if path.endswith(".pt") else path  # else: a run not trained yet
         raise FileNotFoundError(f"no checkpoint at {path}: train one first, e.g. `python train.py --out_dir={out_dir}`")
@@ -155,7 +159,7 @@ def read_checkpoint(source):
     these."""
     if source.startswith("hf:"):
         from nanogpt import hf
-        return hf.load(source[3:])
+        return hf.read_hf_checkpoint(source[3:])
     if os.path.isdir(source) and os.path.exists(os.path.join(source, "meta.pt")):
         return consolidate(source)
     if os.path.isdir(source):
@@ -163,7 +167,7 @@ def read_checkpoint(source):
         if not os.path.exists(os.path.join(source, "ckpt.pt")) and sharded:
             return consolidate(sharded[-1])
         source = os.path.join(source, "ckpt.pt")
-    return load_checkpoint(source)
+    return read_checkpoint_file(source)
 
 
 def results_dir(source):

@@ -1,7 +1,7 @@
 """Hugging Face models in: a local folder in the Llama, Mistral, Qwen2, Qwen3, dots.llm1 (`dots1`) or GLM-4-MoE
 (`glm4_moe`) layout becomes this repo's checkpoint dict, for init_from='hf:PATH', sample.py and the eval scripts.
 
-    ckpt = hf.load("path/to/folder")     # {"model": state_dict, "model_args": ..., "tokenizer": spec, ...}
+    ckpt = hf.read_hf_checkpoint("path/to/folder")  # {"model": state_dict, "model_args": ..., "tokenizer": spec}
 
 The folder holds config.json, the weights as safetensors (model.safetensors, or shards listed in
 model.safetensors.index.json; pickled pytorch_model.bin files are refused: loading them can run code) and a
@@ -415,7 +415,7 @@ def state_from_hf(tensors, cfg, routed_scale=1.0):
     return state
 
 
-def load(path):
+def read_hf_checkpoint(path):
     """A checkpoint dict (model, model_args, tokenizer, config) from a Hugging Face folder; Unsupported (a
     ValueError) with the reason when we cannot compute that model exactly."""
     config_file = os.path.join(path, "config.json")

@@ -24,7 +24,7 @@ from nanogpt.checkpoint import (
     check_compatible,
     clean_state_dict,
     has_checkpoint,
-    load_checkpoint,
+    read_checkpoint_file,
     read_checkpoint,
     read_state,
     remove_stale_writes,
@@ -141,7 +141,7 @@ def resume_path(out_dir, mode):
     return steps[-1]
 
 
-def load_start(path, tokenizer, master):
+def read_phase_start(path, tokenizer, master):
     """A checkpoint to start a new phase from (weights only), adapted to the data's tokenizer: rows for special
     tokens new to it (chat fine-tuning of a base model) start at the mean embedding, and the run says so."""
     checkpoint, note = adapt_checkpoint(read_checkpoint(path), tokenizer.spec, model_vocab_size(tokenizer))
@@ -155,10 +155,13 @@ def read_start(init_from, resume_from, mode, tokenizer, master, objective):
     weights and optimizer (they load after the model is sharded: load_sharded). A resume keeps its objective
     ('next_token' or 'dpo'): other data would turn the run into another one."""
     if init_from not in ("scratch", "resume"):
-        return load_start(init_from, tokenizer, master)
+        return read_phase_start(init_from, tokenizer, master)
     if init_from == "scratch":
         return None
-    checkpoint = read_state(os.path.join(resume_from, "meta.pt")) if mode == "fsdp" else load_checkpoint(resume_from)
+    if mode == "fsdp":
+        checkpoint = read_state(os.path.join(resume_from, "meta.pt"))
+    else:
+        checkpoint = read_checkpoint_file(resume_from)
     if checkpoint.get("objective", objective) != objective:
         out_dir = os.path.dirname(resume_from) if mode != "fsdp" else os.path.dirname(resume_from.rstrip("/"))
         raise ValueError(f"{out_dir} is a {checkpoint['objective']} run and this data trains {objective}: start "
@@ -220,7 +223,8 @@ def build_model(config, explicit, vocab_size, place, checkpoint=None):
 
 def reference_model(config, explicit, vocab_size, place, tokenizer, reference_from):
     """DPO's frozen model: the phase's starting point (for a resumed run, the one its checkpoint names)."""
-    start = load_start(reference_from, tokenizer, place.master) if reference_from not in ("scratch", "resume") else None
+    new_phase = reference_from not in ("scratch", "resume")
+    start = read_phase_start(reference_from, tokenizer, place.master) if new_phase else None
     return build_model(config, explicit, vocab_size, place, start).eval().requires_grad_(False)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanogpt.checkpoint import load_checkpoint, save_checkpoint
+from nanogpt.checkpoint import read_checkpoint_file, save_checkpoint
 from nanogpt.shards import write_shard
 from nanogpt.tokenizer import save_dataset_spec
 from tests.conftest import SHARED, TINY, run_script
@@ -189,7 +189,7 @@ def test_overwrite_setting_replaces_the_run(data_root, tmp_path):
     common = [*TINY, f"--data_root={data_root}", "--eval_interval=4", f"--out_dir={out}"]
     run_script("train.py", *common, "--max_iters=8")
     run_script("train.py", *common, "--max_iters=4", "--overwrite=True")
-    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["iter_num"] == 4
+    assert read_checkpoint_file(os.path.join(out, "ckpt.pt"))["iter_num"] == 4
     assert max(json.loads(line)["iter"] for line in open(os.path.join(out, "metrics.jsonl"))) == 4
 
 
@@ -229,7 +229,7 @@ def test_metrics_after_a_resume_hold_one_clean_curve(trained, data_root, tmp_pat
 def test_resume_from_a_weights_only_file_says_what_to_do(trained, data_root, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    ckpt = load_checkpoint(os.path.join(trained, "ckpt.pt"))
+    ckpt = read_checkpoint_file(os.path.join(trained, "ckpt.pt"))
     save_checkpoint({"model": ckpt["model"], "model_args": ckpt["model_args"], "tokenizer": ckpt["tokenizer"]},
                     str(out / "ckpt.pt"))
     result = run_script("train.py", *TINY, f"--data_root={data_root}", f"--out_dir={out}", "--init_from=resume",

@@ -31,7 +31,7 @@ def test_consolidate_writes_the_newest_step_as_one_checkpoint(tmp_path, seed):
     import torch.distributed.checkpoint as dcp
 
     from model import GPT, GPTConfig
-    from nanogpt.checkpoint import load_checkpoint, save_checkpoint
+    from nanogpt.checkpoint import read_checkpoint_file, save_checkpoint
     model = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=16, vocab_size=37))
     for step in ("step_000002", "step_000004"):  # the newest one counts
         with torch.no_grad():
@@ -42,7 +42,7 @@ def test_consolidate_writes_the_newest_step_as_one_checkpoint(tmp_path, seed):
                         str(tmp_path / step / "meta.pt"))
     result = run_script("tools/consolidate.py", str(tmp_path))
     assert "step_000004" in result.stdout
-    ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
+    ckpt = read_checkpoint_file(str(tmp_path / "ckpt.pt"))
     assert ckpt["iter_num"] == 4
     assert all(torch.equal(ckpt["model"][k], v) for k, v in model.state_dict().items())
 

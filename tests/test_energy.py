@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nanogpt import energy, metrics
-from nanogpt.checkpoint import load_checkpoint
+from nanogpt.checkpoint import read_checkpoint_file
 from nanogpt.parallel import sum_over_ranks
 from tests.conftest import TINY, run_script
 
@@ -140,7 +140,7 @@ def test_training_reports_energy_and_a_resume_continues_it(tmp_path, data_root):
     out = str(tmp_path / "out")
     common = [*TINY, f"--data_root={data_root}", "--eval_interval=4", f"--out_dir={out}", "--power_estimate_w=100"]
     first = run_script("train.py", *common, "--max_iters=4")
-    saved = load_checkpoint(os.path.join(out, "ckpt.pt"))["energy_joules"]
+    saved = read_checkpoint_file(os.path.join(out, "ckpt.pt"))["energy_joules"]
     run_script("train.py", *common, "--max_iters=8", "--init_from=resume")
     evals = [r for r in metrics.read(out) if "val_loss" in r]
     assert first.stdout.splitlines()[-1].startswith("final val loss") and "kg CO2e (" in first.stdout.splitlines()[-1]

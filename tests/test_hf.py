@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from nanogpt.checkpoint import load_checkpoint
+from nanogpt.checkpoint import read_checkpoint_file
 from tests.conftest import ROOT, SHARED, TINY, run_script
 
 transformers = pytest.importorskip("transformers")
@@ -95,7 +95,7 @@ def resolved(args):
 def test_import_computes_the_transformers_model(tmp_path, seed, kind):
     theirs = transformers_model(kind, tmp_path, shard=kind == "llama")
     assert (kind != "llama") or os.path.exists(tmp_path / "model.safetensors.index.json")
-    ckpt = hf.load(str(tmp_path))
+    ckpt = hf.read_hf_checkpoint(str(tmp_path))
     ours = GPT(GPTConfig(**ckpt["model_args"])).eval()
     ours.load_state_dict(ckpt["model"])
     assert max_logit_difference(ours, theirs, SMALL["vocab_size"]) <= 1e-5
@@ -109,7 +109,7 @@ def test_export_loads_in_transformers_and_round_trips(tmp_path, seed, kind):
     assert export_hf.export(ckpt, str(tmp_path / "hf")) == kind
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", **EAGER).eval()
     assert max_logit_difference(ours, theirs, cfg.vocab_size) <= 1e-5
-    back = hf.load(str(tmp_path / "hf"))
+    back = hf.read_hf_checkpoint(str(tmp_path / "hf"))
     assert back["model"].keys() == ckpt["model"].keys()
     assert all(torch.equal(back["model"][k], v) for k, v in ckpt["model"].items())
     assert resolved(back["model_args"]) == resolved(ckpt["model_args"]) and back["tokenizer"] == ckpt["tokenizer"]
@@ -155,7 +155,7 @@ def test_import_refuses_what_we_cannot_compute(tmp_path, seed, kind, change, rea
         config = json.loads((tmp_path / "config.json").read_text())
         (tmp_path / "config.json").write_text(json.dumps(dict(config, **change)))
     with pytest.raises(ValueError, match=reason):
-        hf.load(str(tmp_path))
+        hf.read_hf_checkpoint(str(tmp_path))
 
 
 @pytest.mark.parametrize("chat", [False, True])
@@ -175,7 +175,7 @@ def test_gpt2_tokenizer_files_encode_like_tiktoken(tmp_path, seed, chat):
                       transformers.AutoTokenizer.from_pretrained(tmp_path)):
         assert tokenizer.encode(text) == expected and tokenizer.decode(expected) == text
         assert tokenizer.eos_token_id == ours.eot
-    assert hf.load(str(tmp_path))["tokenizer"] == spec
+    assert hf.read_hf_checkpoint(str(tmp_path))["tokenizer"] == spec
 
 
 def test_other_vocabularies_run_through_the_tokenizers_wrapper(tmp_path, seed):
@@ -190,7 +190,7 @@ def test_other_vocabularies_run_through_the_tokenizers_wrapper(tmp_path, seed):
     bpe.save(str(tmp_path / "tokenizer.json"))
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(dict(config, eos_token_id=1)))
-    spec = hf.load(str(tmp_path))["tokenizer"]
+    spec = hf.read_hf_checkpoint(str(tmp_path))["tokenizer"]
     assert spec["kind"] == "hf" and spec["eot"] == 1
     ours, theirs = hf.HFTokenizer(spec), transformers.AutoTokenizer.from_pretrained(tmp_path)
     text = corpus[0] + " </s> " + corpus[1]
@@ -230,7 +230,7 @@ def test_train_and_sample_take_a_hugging_face_folder(tmp_path, data_root):
     out = str(tmp_path / "out")  # the architecture comes from the folder (its SwiGLU MLP, not train.py's ReLU^2)
     run_script("train.py", *TINY, f"--data_root={data_root}", "--max_iters=2", "--eval_interval=2",
                f"--out_dir={out}", f"--init_from=hf:{tmp_path / 'hf'}")
-    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["model_args"]["mlp"] == "swiglu"
+    assert read_checkpoint_file(os.path.join(out, "ckpt.pt"))["model_args"]["mlp"] == "swiglu"
     refused = run_script("train.py", *TINY, "--n_layer=6", f"--data_root={data_root}", f"--out_dir={out}-6",
                          f"--init_from=hf:{tmp_path / 'hf'}", check=False)  # a setting that contradicts the folder
     assert refused.returncode != 0 and "'n_layer': (2, 6)" in refused.stderr and "Traceback" not in refused.stderr

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from nanogpt.checkpoint import load_checkpoint, save_checkpoint
+from nanogpt.checkpoint import read_checkpoint_file, save_checkpoint
 from nanogpt.posttrain import pair_logprobs
 from nanogpt.tokenizer import chat_spec
 from tests.conftest import run_script
@@ -81,8 +81,8 @@ def test_masked_loss_equals_a_hand_computed_float64_mean_over_assistant_tokens(t
     from nanogpt.loader import BatchLoader
     loader = BatchLoader([os.path.join(data, "chat")], "val", 2, 64, seed=1337 + 7)
     x, y = loader.next_batch()
-    model = GPT(GPTConfig(**load_checkpoint(init)["model_args"])).double()
-    model.load_state_dict(load_checkpoint(init)["model"])
+    model = GPT(GPTConfig(**read_checkpoint_file(init)["model_args"])).double()
+    model.load_state_dict(read_checkpoint_file(init)["model"])
     logits = model.logits(model(x)).double()
     picked = [(b, t) for b in range(2) for t in range(64) if y[b, t] >= 0]
     hand = sum(torch.logsumexp(logits[b, t], 0) - logits[b, t, y[b, t]] for b, t in picked) / len(picked)
@@ -122,7 +122,7 @@ def test_dpo_prefers_chosen_replies_and_keeps_its_reference_frozen(tmp_path):
     batch = val.next_batch()
     models = []
     for path in (out / "ckpt.pt", init):
-        ckpt = load_checkpoint(str(path))
+        ckpt = read_checkpoint_file(str(path))
         m = GPT(GPTConfig(**ckpt["model_args"])).eval()
         m.load_state_dict(ckpt["model"])
         models.append(m)

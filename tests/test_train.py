@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from nanogpt.checkpoint import load_checkpoint, save_checkpoint
+from nanogpt.checkpoint import read_checkpoint_file, save_checkpoint
 from tests.conftest import ROOT, SHARED, TINY, run_script
 
 
@@ -65,11 +65,11 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, data_root):
     out = str(tmp_path / "out")
     common = TINY + [f"--data_root={data_root}", f"--out_dir={out}", "--eval_interval=4"]
     run_script("train.py", *common, "--max_iters=4")
-    before = load_checkpoint(os.path.join(out, "ckpt.pt"))["model"]
+    before = read_checkpoint_file(os.path.join(out, "ckpt.pt"))["model"]
     result = run_script("train.py", *common, "--max_iters=12", "--init_from=resume", "--learning_rate=1e30",
                  "--grad_clip=0.0", "--warmup_iters=0", check=False)
     assert result.returncode != 0 and "not finite" in result.stderr
-    after = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    after = read_checkpoint_file(os.path.join(out, "ckpt.pt"))
     assert after["iter_num"] == 4 and all(torch.equal(before[k], v) for k, v in after["model"].items())
 
 
@@ -84,7 +84,7 @@ def test_checkpoint_write_failure_keeps_previous(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_checkpoint({"model": {}, "model_args": {"n_layer": 2}}, path)
     monkeypatch.undo()
-    assert load_checkpoint(path)["model_args"] == {"n_layer": 1} and os.listdir(tmp_path) == ["ckpt.pt"]
+    assert read_checkpoint_file(path)["model_args"] == {"n_layer": 1} and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
@@ -94,7 +94,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not a checkpoint"):
         path = str(tmp_path / "x.pt")
         torch.save({"weights": 1}, path)
-        load_checkpoint(path)
+        read_checkpoint_file(path)
 
 
 def test_checkpoint_trained_with_triton_samples_and_evaluates_on_cpu(tmp_path, data_root):
@@ -105,11 +105,11 @@ def test_checkpoint_trained_with_triton_samples_and_evaluates_on_cpu(tmp_path, d
     run_script("train.py", *TINY, "--attn_impl=triton", f"--data_root={data_root}", "--max_iters=4",
                "--eval_interval=4", f"--out_dir={out}", env={"TRITON_INTERPRET": "1"})
     ckpt_path = os.path.join(out, "ckpt.pt")
-    assert "attn_impl" not in load_checkpoint(ckpt_path)["model_args"]
+    assert "attn_impl" not in read_checkpoint_file(ckpt_path)["model_args"]
     no_interpreter = {"TRITON_INTERPRET": None}
     for legacy in (False, True):
         if legacy:  # older checkpoints kept the kernel in model_args
-            ckpt = load_checkpoint(ckpt_path)
+            ckpt = read_checkpoint_file(ckpt_path)
             ckpt["model_args"]["attn_impl"] = "triton"
             save_checkpoint(ckpt, ckpt_path)
         sample = run_script("sample.py", f"--out_dir={out}", "--start=ROMEO:", "--num_samples=1",

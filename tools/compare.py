@@ -73,7 +73,7 @@ def cumulative_times(times):
     return out
 
 
-def load_run(out_dir):
+def read_run(out_dir):
     """Everything compare needs of one run, as plain lists and numbers."""
     rows = read_metrics(out_dir)
     train = [r for r in rows if r.get("loss") is not None]
@@ -211,7 +211,7 @@ def main():
     require(out_dirs, "name the run folders to compare: python tools/compare.py out-a out-b ...")
     for d in out_dirs:
         require(os.path.isdir(d), f"{d} is not a folder: name run folders (out_dir of train.py)")
-    runs = [load_run(d) for d in out_dirs]
+    runs = [read_run(d) for d in out_dirs]
     plot(runs, png)
     text = markdown_table(runs)
     if table:

@@ -173,7 +173,7 @@ def rows_of_file(path, convert, read):
     return rows
 
 
-def load_rows(files, name, convert, settings, read=read_jsonl):
+def read_task_rows(files, name, convert, settings, read=read_jsonl):
     """The converted rows of a task file (downloaded and checked when needed)."""
     return rows_of_file(files.path(name, settings, lambda p: rows_of_file(p, convert, read)), convert, read)
 
@@ -272,9 +272,9 @@ class MultipleChoice:
 
     def run(self, scorer, settings):
         start, k = time.time(), settings.shots(self.num_fewshot, bool(self.shot_file))
-        questions = load_rows(self.files, self.eval_file, self.to_question, settings, self.read)
+        questions = read_task_rows(self.files, self.eval_file, self.to_question, settings, self.read)
         questions = questions[:settings.limit or None]
-        pool = load_rows(self.files, self.shot_file, self.to_question, settings, self.read) if k else []
+        pool = read_task_rows(self.files, self.shot_file, self.to_question, settings, self.read) if k else []
         texts = self.texts(questions, pool, k, settings.fewshot_seed)
         pairs = [encode_pair(scorer.encode, context, choice, scorer.tok.eot) for context, choice, _ in texts]
         # a question's choices share their shots and context: computed once (scoring.Scorer.plan)
@@ -290,7 +290,7 @@ class MultipleChoice:
 @dataclass
 class Generation:
     name: str
-    load: Callable               # (settings, shots wanted) -> (problems, shot pool); a problem has an .id
+    read_questions: Callable     # (settings, shots wanted) -> (problems, shot pool); a problem has an .id
     num_fewshot: int             # 0: zero-shot only
     prompt: Callable             # (problem, shots) -> prompt text
     stop: tuple                  # the output ends before the first of these
@@ -299,7 +299,7 @@ class Generation:
 
     def run(self, scorer, settings):
         start, k = time.time(), settings.shots(self.num_fewshot, self.num_fewshot > 0)
-        problems, pool = self.load(settings, k)
+        problems, pool = self.read_questions(settings, k)
         problems = problems[:settings.limit or None]
         prompts = [scorer.encode(self.prompt(p, draw_shots(pool, k, p.id, settings.fewshot_seed))) for p in problems]
         outputs = scorer.generate(prompts, settings.max_new_tokens, self.stop, desc=self.name)

@@ -12,7 +12,7 @@ answer).
 import re
 from dataclasses import dataclass
 
-from nanogpt.tasks.common import Files, Generation, load_rows
+from nanogpt.tasks.common import Files, Generation, read_task_rows
 
 BASE_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data"
 FILES = Files("gsm8k", {name: f"{BASE_URL}/{name}" for name in ("train.jsonl", "test.jsonl")})
@@ -35,11 +35,11 @@ def to_pair(row):
     return row["question"], row["answer"]
 
 
-def load(settings, k):
+def read_questions(settings, k):
     """(test problems, train problems as shots)."""
     def problems(name):
         return [Problem(f"{name.removesuffix('.jsonl')}/{i}", *pair)
-                for i, pair in enumerate(load_rows(FILES, name, to_pair, settings))]
+                for i, pair in enumerate(read_task_rows(FILES, name, to_pair, settings))]
     return problems("test.jsonl"), problems("train.jsonl") if k else []
 
 
@@ -70,5 +70,5 @@ def grade(output, problem):
             "exact_match_flexible": int(normalize(flexible) == target)}
 
 
-TASK = Generation("gsm8k", load, num_fewshot=5, prompt=prompt, stop=STOP, grade=grade,
+TASK = Generation("gsm8k", read_questions, num_fewshot=5, prompt=prompt, stop=STOP, grade=grade,
                   metrics=("exact_match_strict", "exact_match_flexible"))

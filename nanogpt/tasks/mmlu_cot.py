@@ -31,7 +31,7 @@ class Problem:
     row: list
 
 
-def load(settings, k):
+def read_questions(settings, k):
     """(problems, no shots): every subject's questions of the split, interleaved subject by subject."""
     root = mmlu.data_root(settings.data_dir) if settings.data_dir else \
         mmlu.fetch_release(mmlu.RELEASE_URL, os.path.join(settings.cache_dir, "mmlu"))
@@ -70,5 +70,5 @@ def grade(output, problem):
             "failed_flexible": int(flexible is None)}
 
 
-TASK = Generation("mmlu_cot", load, num_fewshot=0, prompt=prompt, stop=STOP, grade=grade,
+TASK = Generation("mmlu_cot", read_questions, num_fewshot=0, prompt=prompt, stop=STOP, grade=grade,
                   metrics=("acc_strict", "acc_flexible", "failed_strict", "failed_flexible"))
