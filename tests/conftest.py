@@ -40,6 +40,16 @@ def run_script(script, *args, env=None, check=True, timeout=600):
     return result
 
 
+def assert_one_clear_line(result, *needles):
+    """Exit status non-zero, no traceback, and the message (the last stderr line) names what to change."""
+    err = result.stderr.strip()
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    last = err.splitlines()[-1] if err else ""
+    for needle in needles:
+        assert needle in last, f"{needle!r} not in {last!r}"
+
+
 @pytest.fixture
 def seed():
     """A fresh seed per test, printed (pytest shows it for a failing test); replay with TEST_SEED=<seed>."""

@@ -15,20 +15,10 @@ import torch
 from nanogpt.checkpoint import read_checkpoint_file, save_checkpoint
 from nanogpt.shards import write_shard
 from nanogpt.tokenizer import save_dataset_spec
-from tests.conftest import SHARED, TINY, run_script
+from tests.conftest import SHARED, TINY, assert_one_clear_line, run_script
 
 OFFLINE = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": None,
            "no_proxy": None}  # every download fails at once, as on a machine without a network
-
-
-def assert_one_clear_line(result, *needles):
-    """Exit status non-zero, no traceback, and the message (the last stderr line) names what to change."""
-    err = result.stderr.strip()
-    assert result.returncode != 0, result.stdout[-2000:]
-    assert "Traceback" not in err, err[-3000:]
-    last = err.splitlines()[-1] if err else ""
-    for needle in needles:
-        assert needle in last, f"{needle!r} not in {last!r}"
 
 
 @pytest.fixture(scope="module")

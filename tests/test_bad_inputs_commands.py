@@ -1,13 +1,12 @@
 """Bad input to the commands and tools not covered elsewhere: one line naming the file, non-zero exit, no traceback."""
 import pytest
-from conftest import TINY, run_script
+from conftest import TINY, assert_one_clear_line, run_script
 
 
 def assert_one_line(result, *needles):
-    assert result.returncode != 0, result.stdout
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and all(n in lines[0] for n in needles), result.stderr
+    """assert_one_clear_line, and nothing else on stderr."""
+    assert_one_clear_line(result, *needles)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 @pytest.mark.parametrize("layout", ["missing", "empty", "damaged step"])

@@ -14,23 +14,13 @@ from model import GPT, GPTConfig
 from nanogpt.checkpoint import save_checkpoint
 from nanogpt.shards import write_shard
 from nanogpt.tokenizer import save_dataset_spec
-from tests.conftest import ROOT, SHARED, TINY, run_script
+from tests.conftest import ROOT, SHARED, TINY, assert_one_clear_line, run_script
 
 OFFLINE = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": None,
            "no_proxy": None}  # a download that was not refused first fails at once
 CHARS = string.printable
 SHAKESPEARE = os.path.join(SHARED, "data", "tinyshakespeare", "input.txt")
 BAD_UTF8 = b'\n{"b": "\xff"}\n'  # invalid UTF-8 on line 2
-
-
-def assert_one_clear_line(result, *needles):
-    """Exit status non-zero, no traceback, and the message (the last stderr line) names what to change."""
-    err = result.stderr.strip()
-    assert result.returncode != 0, result.stdout[-2000:]
-    assert "Traceback" not in err, err[-3000:]
-    last = err.splitlines()[-1] if err else ""
-    for needle in needles:
-        assert needle in last, f"{needle!r} not in {last!r}"
 
 
 def run_in(folder, script, *args):
@@ -216,22 +206,17 @@ def test_empty_or_damaged_task_files_stop_with_one_line(files, task, needles, ru
     assert_one_clear_line(result, *needles)
 
 
-def test_invalid_utf8_in_an_mmlu_csv_names_file_and_line(run_dir, tmp_path):
+@pytest.mark.parametrize("content, needles", [
+    (b"q,a,b,c,d,A\nq2,\xff,b,c,d,B\n", ["dev/marketing_dev.csv:2", "UTF-8"]),  # invalid UTF-8: file and line
+    (b"", ["no questions", "marketing"]),                                       # empty CSVs
+])
+def test_bad_mmlu_csvs_stop_with_one_line(run_dir, tmp_path, content, needles):
     for split in ("dev", "test"):
         (tmp_path / split).mkdir()
-        (tmp_path / split / f"marketing_{split}.csv").write_bytes(b"q,a,b,c,d,A\nq2,\xff,b,c,d,B\n")
+        (tmp_path / split / f"marketing_{split}.csv").write_bytes(content)
     result = run_script("eval_mmlu.py", f"--out_dir={run_dir}", f"--data_dir={tmp_path}", "--device=cpu",
                         check=False)
-    assert_one_clear_line(result, f"{tmp_path / 'dev' / 'marketing_dev.csv'}:2", "UTF-8")
-
-
-def test_empty_mmlu_csvs_stop_with_one_line(run_dir, tmp_path):
-    for split in ("dev", "test"):
-        (tmp_path / split).mkdir()
-        (tmp_path / split / f"marketing_{split}.csv").write_bytes(b"")
-    result = run_script("eval_mmlu.py", f"--out_dir={run_dir}", f"--data_dir={tmp_path}", "--device=cpu",
-                        check=False)
-    assert_one_clear_line(result, "no questions", "marketing")
+    assert_one_clear_line(result, *needles)
 
 
 @pytest.fixture(scope="module")
