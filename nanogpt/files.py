@@ -5,6 +5,7 @@ sees half a file. Reads of JSON and JSON-lines name the file (and the line) in t
 file whose last line was cut by a crash keeps every complete line before it.
 """
 import contextlib
+import gzip
 import json
 import os
 import tempfile
@@ -96,3 +97,24 @@ def read_jsonl(path, tolerate_cut_tail=False):
                 break
             raise FileFormatError(f"{path}:{n}: not valid JSON ({e.msg})") from None
     return rows
+
+
+def numbered_jsonl(path):
+    """(line number, object) for each non-blank line of a JSONL file, gzipped or not; bad JSON or UTF-8 names
+    file:line."""
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    number = 0
+    try:
+        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as f:
+            for number, raw in enumerate(f, 1):
+                line = raw.decode("utf-8")
+                if line.strip():
+                    try:
+                        yield number, json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{number}: not a JSON object ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{number}: not valid UTF-8 (byte {e.start} of the line)") from None
+    except (OSError, EOFError) as e:  # a truncated gzip
+        raise ValueError(f"{path}: not readable as {'gzipped ' if gzipped else ''}JSON lines ({e})") from None

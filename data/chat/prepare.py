@@ -23,8 +23,6 @@ A pair is one row: its chosen then its rejected sequence, each padded to block_s
 longer than that is dropped and counted.
 """
 import argparse
-import gzip
-import json
 import os
 import sys
 from collections import Counter
@@ -36,6 +34,7 @@ from tqdm import tqdm  # noqa: E402
 
 from nanogpt.chat_format import check_messages, render, render_reply  # noqa: E402
 from nanogpt.download import run_main  # noqa: E402
+from nanogpt.files import numbered_jsonl  # noqa: E402
 from nanogpt.shards import RowWriter, check_out_dir, clear_dataset, write_rows_info  # noqa: E402
 from nanogpt.tokenizer import Tokenizer, chat_spec, save_dataset_spec  # noqa: E402
 
@@ -44,27 +43,6 @@ FORMATS = ('{"messages": [...]} (a conversation) or {"prompt": [...], "chosen": 
 
 
 # ----------------------------------------------------------------------------------------------------- reading
-
-def read_jsonl(path):
-    """(line number, object) for each non-blank line of a JSONL file, gzipped or not; bad JSON or UTF-8 names
-    file:line."""
-    with open(path, "rb") as f:
-        gzipped = f.read(2) == b"\x1f\x8b"
-    number = 0
-    try:
-        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as f:
-            for number, raw in enumerate(f, 1):
-                line = raw.decode("utf-8")
-                if line.strip():
-                    try:
-                        yield number, json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{number}: not a JSON object ({e.msg})") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}:{number}: not valid UTF-8 (byte {e.start} of the line)") from None
-    except (OSError, EOFError) as e:  # a truncated gzip
-        raise ValueError(f"{path}: not readable as {'gzipped ' if gzipped else ''}JSON lines ({e})") from None
-
 
 def parse_record(record):
     """('conversations', messages) or ('pairs', (prompt, chosen, rejected)); a ValueError saying what is wrong."""
@@ -87,7 +65,7 @@ def read_items(paths):
     """(kind, items) of the JSONL files: all conversations or all pairs; a ValueError naming file:line otherwise."""
     kind, items = None, []
     for path in paths:
-        for number, record in read_jsonl(path):
+        for number, record in numbered_jsonl(path):
             try:
                 record_kind, item = parse_record(record)
             except ValueError as e:

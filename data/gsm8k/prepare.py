@@ -15,8 +15,9 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
-from data.chat.prepare import check_args, parser_for, read_jsonl, split_val, write_dataset  # noqa: E402
+from data.chat.prepare import check_args, parser_for, split_val, write_dataset  # noqa: E402
 from nanogpt.download import download_file, run_main  # noqa: E402
+from nanogpt.files import numbered_jsonl  # noqa: E402
 
 BASE_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data"
 FILES = ("train.jsonl", "test.jsonl")
@@ -39,7 +40,7 @@ def conversation(record, calculator="strip"):
 def read_problems(path, calculator="strip"):
     """The conversations of a GSM8K JSONL file; a ValueError naming file:line for a record that is not GSM8K's."""
     problems = []
-    for number, record in read_jsonl(path):
+    for number, record in numbered_jsonl(path):
         try:
             problems.append(conversation(record, calculator))
         except ValueError as e:
@@ -51,7 +52,7 @@ def read_problems(path, calculator="strip"):
 
 def check_file(path):
     """A downloaded file counts when its first record is a GSM8K problem (an HTML error page is not)."""
-    conversation(next(read_jsonl(path), (0, None))[1])
+    conversation(next(numbered_jsonl(path), (0, None))[1])
 
 
 def input_files(args):

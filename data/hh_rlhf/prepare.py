@@ -21,8 +21,9 @@ from collections import defaultdict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
-from data.chat.prepare import check_args, parser_for, read_jsonl, split_val, write_dataset  # noqa: E402
+from data.chat.prepare import check_args, parser_for, split_val, write_dataset  # noqa: E402
 from nanogpt.download import download_file, run_main  # noqa: E402
+from nanogpt.files import numbered_jsonl  # noqa: E402
 
 BASE_URL = "https://raw.githubusercontent.com/anthropics/hh-rlhf/master"  # + /{subset}/train.jsonl.gz
 SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
@@ -64,7 +65,7 @@ def pair(record):
 def read_pairs(path):
     """(pairs, {reason: skipped line numbers}) of an HH-RLHF JSONL file; a ValueError names a malformed file:line."""
     pairs, skipped = [], defaultdict(list)
-    for number, record in read_jsonl(path):
+    for number, record in numbered_jsonl(path):
         try:
             pairs.append(pair(record))
         except Skipped as e:
@@ -81,7 +82,7 @@ def check_file(path):
             raise ValueError("the server sent a Git LFS pointer, not the data: use --base_url "
                              "https://media.githubusercontent.com/media/anthropics/hh-rlhf/master")
     try:
-        pair(next(read_jsonl(path), (0, None))[1])
+        pair(next(numbered_jsonl(path), (0, None))[1])
     except Skipped:
         pass
 

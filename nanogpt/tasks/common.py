@@ -16,9 +16,8 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Callable
 
-from data.chat.prepare import read_jsonl as json_lines
 from nanogpt.download import DownloadError, download_file
-from nanogpt.files import read_text, write_atomic
+from nanogpt.files import numbered_jsonl, read_text, write_atomic
 from nanogpt.scoring import encode_pair
 
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "nanogpt-kernels")  # one folder per task family
@@ -136,7 +135,7 @@ def convert_rows(path, numbered, convert):
 
 def read_jsonl(path, convert):
     """convert(row) for each line of a JSONL file."""
-    return convert_rows(path, json_lines(path), convert)
+    return convert_rows(path, numbered_jsonl(path), convert)
 
 
 def json_array_items(path):
