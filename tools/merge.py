@@ -205,7 +205,7 @@ def check_used(method, given_settings):
             "choose a method that uses it")
 
 
-if __name__ == "__main__":
+def main():
     configure(globals())
     sources = [s for s in models.split(",") if s]
     require(all(isinstance(w, (int, float)) for w in weights), f"--weights must be numbers, e.g. 0.7,0.3; "
@@ -222,3 +222,7 @@ if __name__ == "__main__":
     except (OSError, RuntimeError, ValueError) as e:  # a missing or unreadable model, a mismatch: one line
         raise SystemExit(str(e))
     print(f"merged {len(sources)} models ({method}) -> {os.path.join(out_dir, 'ckpt.pt')}")
+
+
+if __name__ == "__main__":
+    main()
