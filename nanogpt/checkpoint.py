@@ -17,7 +17,7 @@ import torch
 
 from model import GPT, GPTConfig, layer_plan
 from nanogpt.files import atomic_path
-from nanogpt.tokenizer import Tokenizer
+from nanogpt.tokenizer import GPT2_VOCAB_SIZE, VOCAB_MULTIPLE, Tokenizer
 
 # model_args keys that older checkpoints saved but that are not part of the architecture (the attention kernel is
 # chosen by the process that runs the model): ignored when reading
@@ -186,7 +186,21 @@ def load_model(out_dir, device="cpu", attn_impl="sdpa"):
     model = model_from_checkpoint(ckpt, out_dir, attn_impl).to(device).eval()
     for moe in model.moe_layers():  # XLA compiles static shapes: every expert on every token
         moe.dense_dispatch = str(device).startswith("xla")
-    return model, Tokenizer(ckpt.get("tokenizer", {"kind": "gpt2"})), ckpt
+    return model, Tokenizer(tokenizer_spec(ckpt, out_dir)), ckpt
+
+
+def tokenizer_spec(ckpt, source):
+    """The checkpoint's tokenizer. One that names none (written by older code or other tools) is taken as GPT-2 BPE
+    only when its vocabulary has GPT-2's size, and the reader is told; any other is refused, never decoded wrongly."""
+    if "tokenizer" in ckpt:
+        return ckpt["tokenizer"]
+    vocab = ckpt["model_args"].get("vocab_size")
+    if vocab not in (GPT2_VOCAB_SIZE, -(-GPT2_VOCAB_SIZE // VOCAB_MULTIPLE) * VOCAB_MULTIPLE):  # or padded
+        raise ValueError(f"{source}: the checkpoint names no tokenizer and its {vocab}-token vocabulary is not "
+                         "GPT-2's: add its tokenizer spec (the dataset's tokenizer.json) as ckpt['tokenizer']")
+    print(f"{source}: the checkpoint names no tokenizer; its {vocab}-token vocabulary is GPT-2's, so GPT-2 BPE is used",
+          file=sys.stderr)
+    return {"kind": "gpt2"}
 
 
 # ------------------------------------------------- sharded checkpoints (FSDP): torch.distributed.checkpoint folders

@@ -110,3 +110,21 @@ def test_resuming_with_another_objective_is_refused(data_root, tmp_path):
     assert_one_line(train(data_root, out, "--init_from=resume", "--max_iters=4"), "is a dpo run",
                     "trains next_token", f"--init_from={out}")
     assert (out / "ckpt.pt").read_bytes() == before and torch.is_tensor(ckpt["rng"]["torch"])
+
+
+@pytest.mark.parametrize("vocab_size", [65, 50304])
+def test_a_checkpoint_without_a_tokenizer_is_refused_unless_gpt2_sized(tmp_path, vocab_size):
+    """It was decoded as GPT-2 whatever its vocabulary (garbage for a character model)."""
+    from dataclasses import asdict
+
+    from model import GPT, GPTConfig
+    from nanogpt.checkpoint import save_checkpoint
+    cfg = GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=16, vocab_size=vocab_size)
+    (tmp_path / "run").mkdir()
+    save_checkpoint({"model": GPT(cfg).state_dict(), "model_args": asdict(cfg)}, str(tmp_path / "run" / "ckpt.pt"))
+    result = run_script("sample.py", f"--out_dir={tmp_path / 'run'}", "--device=cpu", "--num_samples=1",
+                        "--max_new_tokens=3", check=False)
+    if vocab_size == 65:
+        assert_one_line(result, "names no tokenizer", "65-token vocabulary is not GPT-2's")
+    else:
+        assert result.returncode == 0 and "GPT-2 BPE is used" in result.stderr, result.stderr
