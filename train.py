@@ -216,13 +216,13 @@ def run_joules(meter, place, joules_before):
     return joules_before + sum_over_ranks(joules).item()
 
 
-def save(config, model, raw_model, opt, progress, val_loss, joules, train_loader, tokenizer, reference_from, place):
+def save(config, model, raw_model, opt, progress, val_loss, joules, train_loader, tokenizer, reference_id, place):
     """This run's checkpoint: its weights and optimizer, and what resuming it needs (nanogpt/checkpoint.py)."""
     rng = {"torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state() if place.device_type == "cuda" else None}
     meta = {"model_args": {f.name: getattr(raw_model.config, f.name) for f in fields(GPTConfig)}, "config": config,
             "iter_num": progress.iter_num, "best_val_loss": progress.best_val_loss, "val_loss": val_loss,
-            "train_seconds": progress.train_seconds, "reference_from": reference_from, "energy_joules": joules,
+            "train_seconds": progress.train_seconds, **reference_id, "energy_joules": joules,
             "loader": train_loader.state_dict(), "tokenizer": tokenizer.spec, "rng": rng,
             "objective": "dpo" if train_loader.pairs else "next_token"}
     save_run(out_dir, meta, model, raw_model, opt, place.mode, place.master, keep_checkpoints)
@@ -242,8 +242,7 @@ def main():
     master = place.master
     autocast = nullcontext() if place.mode == "fsdp" else autocast_for(place.device_type, place.ptdtype)  # FSDP2 casts
     torch.manual_seed(seed + place.rank)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     accumulation = gradient_accumulation_steps  # or the count closest to total_batch_size tokens per step
     if total_batch_size:
         accumulation = max(1, round(total_batch_size / (batch_size * block_size * place.world_size)))
@@ -278,8 +277,10 @@ def main():
         vocab_size = checkpoint["model_args"]["vocab_size"] if checkpoint else model_vocab_size(tokenizer)
         model = start.build_model(config, explicit, vocab_size, place, checkpoint)
         reference_from = checkpoint.get("reference_from", "scratch") if init_from == "resume" else init_from
-        reference = (start.reference_model(config, explicit, vocab_size, place, tokenizer, reference_from)
+        resumed = checkpoint if init_from == "resume" else None  # its reference must be the one it started from
+        reference = (start.reference_model(config, explicit, vocab_size, place, tokenizer, reference_from, resumed)
                      if train_loader.pairs else None)
+        reference_id = getattr(reference, "identity", {"reference_from": reference_from})
     except (OSError, RuntimeError, ValueError) as e:  # the message says which file and what to do
         refuse(str(e))
     if master:
@@ -341,7 +342,7 @@ def main():
             if progress.iter_num > 0 and (losses["val"] < progress.best_val_loss or always_save_checkpoint):
                 progress.best_val_loss = min(progress.best_val_loss, losses["val"])
                 save(config, model, raw_model, opt, progress, losses["val"], joules, train_loader, tokenizer,
-                     reference_from, place)
+                     reference_id, place)
             if eval_only or reached:
                 break
             t_train = time.time()

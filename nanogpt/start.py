@@ -9,6 +9,7 @@
 Errors are ValueError / OSError / RuntimeError with a message that says what to do; train.py prints it and stops.
 """
 import fcntl
+import hashlib
 import os
 import shutil
 import subprocess
@@ -221,11 +222,29 @@ def build_model(config, explicit, vocab_size, place, checkpoint=None):
     return model
 
 
-def reference_model(config, explicit, vocab_size, place, tokenizer, reference_from):
-    """DPO's frozen model: the phase's starting point (for a resumed run, the one its checkpoint names)."""
+def weights_fingerprint(state):
+    """sha256 over a state dict's names, dtypes, shapes and bytes: the identity of a set of weights."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def reference_model(config, explicit, vocab_size, place, tokenizer, reference_from, resumed=None):
+    """DPO's frozen model: the phase's starting point (for a resumed run, the one its checkpoint names), with its
+    weights' fingerprint. A resumed run whose reference was replaced since it started is refused."""
     new_phase = reference_from not in ("scratch", "resume")
     start = read_phase_start(reference_from, tokenizer, place.master) if new_phase else None
-    return build_model(config, explicit, vocab_size, place, start).eval().requires_grad_(False)
+    fingerprint = weights_fingerprint(clean_state_dict(start["model"])) if start else None
+    recorded = (resumed or {}).get("reference_fingerprint")
+    if recorded and fingerprint != recorded:
+        raise ValueError(f"the DPO reference {reference_from} is not the one this run started from (its weights "
+                         "changed): restore it, or start a new phase into another --out_dir")
+    model = build_model(config, explicit, vocab_size, place, start).eval().requires_grad_(False)
+    model.identity = {"reference_from": reference_from, "reference_fingerprint": fingerprint}  # saved with the run
+    return model
 
 
 @dataclass

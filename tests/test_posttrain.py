@@ -130,3 +130,21 @@ def test_dpo_prefers_chosen_replies_and_keeps_its_reference_frozen(tmp_path):
         policy, reference = (pair_logprobs(m, *batch) for m in models)
     chosen_reward = (0.5 * (policy[0] - reference[0])).mean().item()
     assert chosen_reward == pytest.approx(after["val_chosen_reward"], rel=1e-4, abs=1e-5)
+
+
+def test_a_dpo_run_resumes_only_against_the_reference_it_started_from(tmp_path):
+    pairs = [{"prompt": [{"role": "user", "content": q}], "chosen": a, "rejected": "No."} for q, a in QA * 4]
+    data = prepare(tmp_path, "pairs", pairs)
+    init = init_checkpoint(tmp_path / "init.pt", chat_spec())
+    out = tmp_path / "dpo"
+    common = [*SMALL, f"--data_root={data}", "--dataset=pairs", "--batch_size=4", "--eval_interval=2",
+              f"--out_dir={out}"]
+    run_script("train.py", *common, f"--init_from={init}", "--max_iters=2")
+    assert len(read_checkpoint_file(str(out / "ckpt.pt"))["reference_fingerprint"]) == 64
+    run_script("train.py", *common, "--init_from=resume", "--max_iters=4")  # the same reference: resumes
+    ckpt = read_checkpoint_file(init)
+    ckpt["model"]["wte.weight"][0, 0] += 1.0  # the reference replaced by other weights at the same path
+    save_checkpoint(ckpt, init)
+    refused = run_script("train.py", *common, "--init_from=resume", "--max_iters=6", check=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert f"the DPO reference {init} is not the one this run started from" in refused.stderr.strip().splitlines()[-1]
