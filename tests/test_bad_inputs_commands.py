@@ -128,3 +128,10 @@ def test_a_checkpoint_without_a_tokenizer_is_refused_unless_gpt2_sized(tmp_path,
         assert_one_line(result, "names no tokenizer", "65-token vocabulary is not GPT-2's")
     else:
         assert result.returncode == 0 and "GPT-2 BPE is used" in result.stderr, result.stderr
+
+
+def test_resuming_with_another_model_shape_names_the_setting_in_one_line(data_root, tmp_path):
+    out = tmp_path / "run"
+    train(data_root, out, "--max_iters=2", "--eval_interval=2", check=True)
+    assert_one_line(train(data_root, out, "--init_from=resume", "--max_iters=4", "--n_layer=3", "--n_embd=48"),
+                    "'n_layer': (2, 3)", "'n_embd': (32, 48)")
