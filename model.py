@@ -696,7 +696,7 @@ class GPT(nn.Module):
             if cache is None or cache.pos >= block:
                 keep = block if cache is None else block * 3 // 4
                 cache = KVCache(self.config)
-                h = self(idx[:, -keep:], cache=cache)
+                h = self(idx[:, max(0, idx.size(1) - keep):], cache=cache)  # XLA: no start < 0
             else:
                 h = self(idx[:, -1:], cache=cache)
             logits = self.logits(h[:, -1])
