@@ -1,6 +1,6 @@
 """Bad input to the commands and tools not covered elsewhere: one line naming the file, non-zero exit, no traceback."""
 import pytest
-from conftest import TINY, assert_one_clear_line, run_script
+from conftest import SHARED, TINY, assert_one_clear_line, run_script
 
 
 def assert_one_line(result, *needles):
@@ -135,3 +135,16 @@ def test_resuming_with_another_model_shape_names_the_setting_in_one_line(data_ro
     train(data_root, out, "--max_iters=2", "--eval_interval=2", check=True)
     assert_one_line(train(data_root, out, "--init_from=resume", "--max_iters=4", "--n_layer=3", "--n_embd=48"),
                     "'n_layer': (2, 3)", "'n_embd': (32, 48)")
+
+
+@pytest.mark.parametrize("script, args", [
+    ("sample.py", ["--device=cpu"]), ("eval.py", ["--tasks=arc_easy", "--device=cpu"]),
+    ("eval_mmlu.py", ["--device=cpu", f"--data_dir={SHARED}/data/mmlu"]), ("tools/export_hf.py", ["--hf_dir={tmp}/hf"]),
+    ("train.py", [*TINY, "--init_from=resume"]),
+])
+def test_a_zero_byte_checkpoint_is_one_line_everywhere(tmp_path, script, args):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ckpt.pt").write_bytes(b"")
+    result = run_script(script, f"--out_dir={run}", *[a.format(tmp=tmp_path) for a in args], check=False)
+    assert_one_clear_line(result, str(run / "ckpt.pt"), "not a readable checkpoint")
