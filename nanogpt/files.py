@@ -100,8 +100,8 @@ def read_jsonl(path, tolerate_cut_tail=False):
 
 
 def numbered_jsonl(path):
-    """(line number, object) for each non-blank line of a JSONL file, gzipped or not; bad JSON or UTF-8 names
-    file:line."""
+    """(line number, object) for each non-blank line of a JSONL file, gzipped or not, streamed (read_jsonl reads a
+    whole small file); bad JSON or UTF-8 is a FileFormatError naming file:line."""
     with open(path, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
     number = 0
@@ -113,8 +113,8 @@ def numbered_jsonl(path):
                     try:
                         yield number, json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{number}: not a JSON object ({e.msg})") from None
+                        raise FileFormatError(f"{path}:{number}: not a JSON object ({e.msg})") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}:{number}: not valid UTF-8 (byte {e.start} of the line)") from None
+        raise FileFormatError(f"{path}:{number}: not valid UTF-8 (byte {e.start} of the line)") from None
     except (OSError, EOFError) as e:  # a truncated gzip
-        raise ValueError(f"{path}: not readable as {'gzipped ' if gzipped else ''}JSON lines ({e})") from None
+        raise FileFormatError(f"{path}: not readable as {'gzipped ' if gzipped else ''}JSON lines ({e})") from None

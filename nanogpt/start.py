@@ -164,7 +164,7 @@ def read_start(init_from, resume_from, mode, tokenizer, master, objective):
     else:
         checkpoint = read_checkpoint_file(resume_from)
     if checkpoint.get("objective", objective) != objective:
-        out_dir = os.path.dirname(resume_from) if mode != "fsdp" else os.path.dirname(resume_from.rstrip("/"))
+        out_dir = os.path.dirname(resume_from)  # resume_from: out_dir/ckpt.pt or out_dir/step_N
         raise ValueError(f"{out_dir} is a {checkpoint['objective']} run and this data trains {objective}: start "
                          f"the new phase from it with --init_from={out_dir} and another --out_dir")
     if checkpoint.get("tokenizer", tokenizer.spec) != tokenizer.spec:
