@@ -140,11 +140,11 @@ def test_speedrun_config_plans_and_runs_shrunk_on_the_cpu(tmp_path, seed):
     from nanogpt.tokenizer import save_dataset_spec
     plan = run_script("train.py", "config/speedrun_gpt2.py", "--dry_run=True", f"--data_root={tmp_path}")
     assert "parameters:" in plan.stdout and "total per GPU" in plan.stdout
-    fineweb = tmp_path / "fineweb10B"  # FineWeb-format shards of random GPT-2 ids
+    fineweb = tmp_path / "fineweb10B"  # FineWeb-format shards of random GPT-2 ids, 64 of them: learnable in 6 steps
     fineweb.mkdir()
     rng = np.random.default_rng(seed)
     for name in ("train_000000.bin", "val_000000.bin"):
-        write_shard(str(fineweb / name), rng.integers(0, 50257, 20_000), 50257)
+        write_shard(str(fineweb / name), rng.integers(0, 64, 20_000), 50257)
     save_dataset_spec(str(fineweb), {"kind": "gpt2"})
     out = tmp_path / "out"
     shrunk = ["--n_layer=2", "--n_embd=64", "--n_head=1", "--mlp_hidden=128", "--block_size=64", "--batch_size=4",
