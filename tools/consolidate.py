@@ -14,8 +14,12 @@ from nanogpt.checkpoint import consolidate_newest, step_dirs  # noqa: E402
 
 
 def main(argv):
+    usage = "usage: python tools/consolidate.py OUT_DIR   (newest OUT_DIR/step_*/ -> OUT_DIR/ckpt.pt)"
+    if argv in (["-h"], ["--help"]):
+        print(__doc__.strip() + "\n\n" + usage)
+        return
     if len(argv) != 1 or argv[0].startswith("-"):
-        sys.exit("usage: python tools/consolidate.py OUT_DIR   (newest OUT_DIR/step_*/ -> OUT_DIR/ckpt.pt)")
+        sys.exit(usage)
     out_dir = argv[0]
     logging.disable(logging.WARNING)  # DCP logs every failed read with its traceback to the root logger
     try:
