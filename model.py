@@ -57,6 +57,16 @@ class GPTConfig:
     value_embeds: int = 0
     # the residual-stream writers (o_proj, down_proj, experts' w_down) start at zero
     zero_init_proj: bool = False
+    # multi-token prediction (DeepSeek-V3): D sequential modules predicting tokens t+2 .. t+1+D
+    mtp_depth: int = 0
+    # product-key memory (Lample et al. 2019; Berges et al. 2024) in place of the MLP of these layers, e.g. (2,) or
+    # (1, 3); memory_keys^2 values of n_embd each, memory_topk of them read per head and token
+    memory_layers: tuple = ()
+    memory_keys: int = 128        # sub-keys per half: memory_keys^2 slots
+    memory_topk: int = 16         # values read per head (and sub-keys kept per half)
+    memory_heads: int = 4
+    memory_key_dim: int = 64      # query / product-key width per head (two halves of memory_key_dim / 2)
+    memory_gated: bool = True     # Memory+: the read is gated like a SwiGLU's up projection, then projected
 
     def __post_init__(self):
         def check(ok, message):
@@ -84,6 +94,15 @@ class GPTConfig:
                   f"n_expert {self.n_expert}")
             check(0 <= self.n_dense_layers <= self.n_layer,
                   "n_dense_layers must be in [0, n_layer]")
+        check(self.mtp_depth >= 0, f"mtp_depth must be >= 0, got {self.mtp_depth}")
+        self.memory_layers = tuple(self.memory_layers)  # a checkpoint may hold a list
+        check(all(isinstance(i, int) and 0 <= i < self.n_layer for i in self.memory_layers),
+              f"memory_layers {self.memory_layers!r} must list layers in [0, {self.n_layer}), e.g. (2,) or (1, 3)")
+        if self.memory_layers:
+            check(1 <= self.memory_topk <= self.memory_keys,
+                  f"memory_topk {self.memory_topk} must be between 1 and memory_keys {self.memory_keys}")
+            check(self.memory_heads >= 1 and self.memory_key_dim >= 2 and self.memory_key_dim % 2 == 0,
+                  "memory_heads must be >= 1 and memory_key_dim even (two halves)")
 
     @property
     def hidden(self):
@@ -91,6 +110,7 @@ class GPTConfig:
             return self.mlp_hidden
         width = 8 * self.n_embd // 3 if self.mlp == "swiglu" else 4 * self.n_embd
         return 64 * math.ceil(width / 64)
+
 
     @property
     def expert_hidden(self):
@@ -359,6 +379,49 @@ class MoE(nn.Module):
         self.load.zero_()
 
 
+class ProductKeyMemory(nn.Module):
+    """Product-key memory (Lample et al. 2019), as Memory+ in "Memory Layers at Scale" (Berges et al. 2024): per
+    head, a query's two halves each score their own memory_keys sub-keys; the k best of each half give k x k
+    candidate slots whose score is the sum of their halves' scores, and the k best of those (exactly the k best of
+    all memory_keys^2 slots) are read from the value table, weighted by the softmax of their scores, summed over
+    heads. Queries and keys are RMS-normalised (the paper's query/key normalisation; no batch norm). Memory+ gates
+    the read like a SwiGLU's up projection and projects it: out = W_out(read * silu(W_gate x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        H, n, dk = cfg.memory_heads, cfg.memory_keys, cfg.memory_key_dim
+        self.query = nn.Linear(cfg.n_embd, H * dk, bias=False)
+        self.sub_keys = nn.Parameter(torch.empty(H, 2, n, dk // 2))  # (head, half, key, half width)
+        # dense gradients (AdamW's "memory" group in nanogpt/optim.py, never Muon)
+        self.values = nn.EmbeddingBag(n * n, cfg.n_embd, mode="sum")
+        self.gate = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False) if cfg.memory_gated else None
+        self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False) if cfg.memory_gated else None
+
+    def lookup(self, tokens):
+        """(slots (N, heads, k), weights (N, heads, k)) for tokens (N, n_embd)."""
+        H, n, k, dk = self.cfg.memory_heads, self.cfg.memory_keys, self.cfg.memory_topk, self.cfg.memory_key_dim
+        q = self.query(tokens).view(-1, H, 2, dk // 2)
+        q, keys = F.rms_norm(q, (dk // 2,)), F.rms_norm(self.sub_keys, (dk // 2,))
+        scores = torch.einsum("nhcd,hckd->nhck", q, keys.to(q.dtype))              # (N, H, 2, n)
+        best, index = scores.topk(k, dim=-1)                                        # (N, H, 2, k)
+        pairs = best[:, :, 0, :, None] + best[:, :, 1, None, :]                     # (N, H, k, k)
+        top, flat = pairs.flatten(2).topk(k, dim=-1)                                # (N, H, k)
+        slots = index[:, :, 0].gather(2, flat // k) * n + index[:, :, 1].gather(2, flat % k)
+        return slots, top.to(torch.promote_types(top.dtype, torch.float32)).softmax(-1)
+
+    def forward(self, x):
+        """(output, None): the MLP's contract."""
+        B, T, d = x.shape
+        tokens = x.reshape(-1, d)
+        slots, weights = self.lookup(tokens)
+        read = self.values(slots.flatten(1), per_sample_weights=weights.flatten(1).to(self.values.weight.dtype))
+        read = read.to(x.dtype)
+        if self.gate is not None:
+            read = self.out_proj(read * F.silu(self.gate(tokens)))
+        return read.view(B, T, d), None
+
+
 class Block(nn.Module):
     def __init__(self, cfg, layer, kind, kv_group, produces_kv, attn_impl="sdpa"):
         super().__init__()
@@ -366,8 +429,12 @@ class Block(nn.Module):
         self.attn = Attention(cfg, kind, kv_group, produces_kv, attn_impl,
                               layer in value_embed_plan(cfg))
         self.mlp_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.mlp = (MoE(cfg) if cfg.n_expert and layer >= cfg.n_dense_layers
-                    else MLP(cfg, cfg.hidden))
+        if layer in cfg.memory_layers:
+            self.mlp = ProductKeyMemory(cfg)
+        elif cfg.n_expert and layer >= cfg.n_dense_layers:
+            self.mlp = MoE(cfg)
+        else:
+            self.mlp = MLP(cfg, cfg.hidden)
         self.dropout = nn.Dropout(cfg.dropout)
         # activation checkpointing: keep only the input, recompute the rest in backward
         self.checkpoint = False
@@ -385,6 +452,27 @@ class Block(nn.Module):
         x = x + self.dropout(h)
         h, balance = self.mlp(self.mlp_norm(x))
         return x + self.dropout(h), kv, balance
+
+
+class MTPModule(nn.Module):
+    """One multi-token-prediction depth (DeepSeek-V3): from the previous depth's hidden state at position i and the
+    embedding of token i + k, one more block predicts token i + k + 1 through the shared head."""
+
+    def __init__(self, cfg, depth, attn_impl="sdpa"):
+        super().__init__()
+        self.hidden_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.embed_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.proj = nn.Linear(2 * cfg.n_embd, cfg.n_embd, bias=False)
+        # a global-attention block of its own (layer index past the main stack: no value embedding)
+        self.block = Block(cfg, cfg.n_layer + depth - 1, "G", f"mtp{depth}", True, attn_impl)
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)  # before the shared head
+
+    def forward(self, h, embedded, cos, sin):
+        """(this depth's hidden states (B, T, n_embd), the MoE balance loss or None) from the previous depth's h
+        and the embeddings of the tokens one further ahead, both (B, T, n_embd)."""
+        x = self.proj(torch.cat((self.hidden_norm(h), self.embed_norm(embedded)), dim=-1))
+        x, _, balance = self.block(x, cos, sin)
+        return x, balance
 
 
 # ----------------------------------------------------------------------------------------- KV cache
@@ -558,6 +646,8 @@ class GPT(nn.Module):
         self.lm_head = LMHead(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        # after the head: the main weights draw the same initial values with or without MTP
+        self.mtp = nn.ModuleList(MTPModule(cfg, k, attn_impl) for k in range(1, cfg.mtp_depth + 1))
         self.init_weights()
 
     def init_weights(self):
@@ -571,6 +661,9 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         if isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
+        if isinstance(module, ProductKeyMemory):
+            nn.init.normal_(module.sub_keys)  # unit-RMS keys, as after their normalisation
+            nn.init.normal_(module.values.weight, std=module.cfg.n_embd ** -0.5)  # Lample et al.'s value init
         if isinstance(module, Attention) and hasattr(module, "ve_mix"):
             nn.init.constant_(module.ve_mix, 0.5)
         writer_std = 0.0 if self.config.zero_init_proj else std / math.sqrt(2 * self.config.n_layer)
@@ -580,19 +673,22 @@ class GPT(nn.Module):
             module.bias.zero_()
             module.load.zero_()
         # residual-stream writers: GPT-2's 1/sqrt(2·layers) scaling
-        for name in ("o_proj", "down_proj"):
+        for name in ("o_proj", "down_proj", "out_proj"):
             if hasattr(module, name):
                 nn.init.normal_(getattr(module, name).weight, std=writer_std)
 
-    def forward(self, idx, targets=None, cache=None, per_token=False):
+    def forward(self, idx, targets=None, cache=None, per_token=False, mtp=False):
         """Two paths.
         Loss (targets given; -1 marks a position without a loss): returns (ce, balance). ce is the
         cross-entropy summed over the counted targets, or per position (B, T) with per_token (0
         where not counted); the logits are never held whole. balance is the MoE balance loss at
         strength moe_aux_alpha, summed over the MoE layers (a scalar; 0 outside training or without
         it); the objective adds it, once per batch.
+        With mtp (and mtp_depth > 0) the loss path returns (ce, balance, mtp_ce): mtp_ce (mtp_depth,)
+        holds each MTP depth's cross-entropy summed over its counted targets (depth k: targets[:, k:]),
+        and balance includes the MTP blocks'.
         States (no targets): returns the final-norm hidden states (B, T, n_embd); logits(h) applies
-        the head.
+        the head. With mtp, (states, the last block's output): the MTP modules' input.
         With a cache, idx continues the cached context and cache.pos advances."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -610,13 +706,35 @@ class GPT(nn.Module):
                                                           cache, ve)
             if layer_balance is not None:
                 balance = balance + layer_balance
+        last = x  # the last block's output, where MTP starts
         x = self.norm(x)
         if cache is not None:
             cache.pos += T
         if targets is None:
-            return x
+            return (x, last) if mtp else x
         ce = self.lm_head(x.flatten(0, 1), targets.flatten(), self.config.logit_softcap, per_token)
+        if mtp and self.mtp:
+            mtp_ce, mtp_balance = self.mtp_losses(last, idx, targets, cos, sin)
+            return ce, balance + mtp_balance, mtp_ce
         return (ce.view(B, T) if per_token else ce), balance
+
+    def mtp_states(self, last, idx, cos, sin, depths=None):
+        """Yield (depth k, its hidden states (B, T - k, n_embd) after its final norm, its balance loss or None):
+        position i of depth k sees the main model up to token i and tokens i+1..i+k, and predicts token i+k+1."""
+        h = last
+        for k, module in enumerate(self.mtp[:depths], start=1):
+            n = idx.size(1) - k
+            h, balance = module(h[:, :n], self.wte(idx[:, k:]), cos[:n], sin[:n])
+            yield k, module.norm(h), balance
+
+    def mtp_losses(self, last, idx, targets, cos, sin):
+        """((mtp_depth,) summed cross-entropies, their MoE balance loss) of the MTP depths."""
+        losses, balance = [], torch.zeros((), device=idx.device)
+        for k, h, layer_balance in self.mtp_states(last, idx, cos, sin):
+            losses.append(self.lm_head(h.flatten(0, 1), targets[:, k:].flatten(), self.config.logit_softcap))
+            if layer_balance is not None:
+                balance = balance + layer_balance
+        return torch.stack(losses), balance
 
     def logits(self, h):
         """The output head (and the softcap) on hidden states (..., n_embd), in at least fp32."""
@@ -632,22 +750,25 @@ class GPT(nn.Module):
         if not self.config.tie_embeddings:
             n -= self.wte.weight.numel()
         if active:
-            for block in self.blocks:
+            for block in [*self.blocks, *(m.block for m in self.mtp)]:
                 if isinstance(block.mlp, MoE):
                     routed = block.mlp.w_up.numel() + block.mlp.w_down.numel()
                     n -= routed - routed * self.config.n_expert_active // self.config.n_expert
+                if isinstance(block.mlp, ProductKeyMemory):  # a token reads heads x topk value rows
+                    read = self.config.memory_heads * self.config.memory_topk * self.config.n_embd
+                    n -= block.mlp.values.weight.numel() - read
         return n
 
     def flops_per_token(self, seq_len):
         """Training FLOPs per token (forward + backward): 6·active matmul params + attention over
-        visible keys."""
+        visible keys; with MTP, its blocks' attention and its use of the head, once per depth."""
         cfg = self.config
         attn = 0
-        for kind, _, _ in layer_plan(cfg):
+        for kind in [kind for kind, _, _ in layer_plan(cfg)] + ["G"] * cfg.mtp_depth:
             # keys per query
             visible = visible_pairs(seq_len, cfg.local_window if kind == "L" else None) / seq_len
             attn += 12 * cfg.n_head * cfg.head_dim * visible
-        return 6 * self.num_params(active=True) + attn
+        return 6 * (self.num_params(active=True) + cfg.mtp_depth * self.lm_head.weight.numel()) + attn
 
     def convert_fp8(self, recipe="tensorwise"):
         """Run the attention projections, MLPs and experts in fp8 (nanokernels/fp8.py). The
@@ -665,7 +786,7 @@ class GPT(nn.Module):
         return skipped
 
     def moe_layers(self):
-        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
+        return [b.mlp for b in [*self.blocks, *(m.block for m in self.mtp)] if isinstance(b.mlp, MoE)]
 
     def expert_loads(self):
         """(MoE layers, experts): tokens routed to each expert since the last bias update; None for
@@ -705,6 +826,44 @@ class GPT(nn.Module):
             token = sample_next(logits, temperature, top_k, top_p, generator)
             idx = torch.cat((idx, token), dim=1)
             yield token
+
+    @torch.no_grad()
+    def mtp_drafts(self, last, tokens):
+        """Greedy guesses (1, mtp_depth) of the tokens after `tokens` (1, T), given the main model's last-block
+        output for tokens[:, :-1] (1, T - 1, n_embd). Depth k at position i reads token i + k: here the tokens
+        themselves, then the guesses so far."""
+        n = tokens.size(1) - 1
+        cos, sin = rope_tables(0, n, self.config.head_dim, self.config.rope_theta, tokens.device)
+        h, seq = last, tokens
+        for module in self.mtp:
+            h, _ = module(h, self.wte(seq[:, -n:]), cos, sin)
+            guess = self.logits(module.norm(h[:, -1])).argmax(-1, keepdim=True)
+            seq = torch.cat((seq, guess), dim=1)
+        return seq[:, tokens.size(1):]
+
+    @torch.no_grad()
+    def generate_speculative(self, idx, max_new_tokens, vocab_limit=None):
+        """Greedy decoding of one sequence idx (1, T), self-speculative (DeepSeek-V3's MTP modules draft,
+        the model verifies): yield (the tokens (1, n) accepted this step, drafts accepted of those proposed).
+        Each step is one forward over the last block_size tokens (no KV cache): the drafts that match the
+        model's own greedy choices are kept, plus the model's next token, so the output is greedy decoding's."""
+        if not self.mtp or idx.size(0) != 1:
+            raise ValueError("speculative decoding needs an MTP model (mtp_depth > 0) and one sequence")
+        drafts, made = idx[:, :0], 0
+        while made < max_new_tokens:
+            seq = torch.cat((idx, drafts), dim=1)[:, -self.config.block_size:]
+            h, last = self(seq, mtp=True)
+            n = drafts.size(1)
+            logits = self.logits(h[0, -n - 1:])
+            if vocab_limit is not None:
+                logits[:, vocab_limit:] = float("-inf")
+            best = logits.argmax(-1)[None]                        # the model's choice after each token
+            ok = int((best[0, :n] == drafts[0]).long().cumprod(0).sum())  # drafts agreeing, in order
+            step = best[:, :ok + 1][:, :max_new_tokens - made]    # ok drafts (equal to best) + the next
+            yield step, (ok, n)
+            idx, made = torch.cat((idx, step), dim=1), made + step.size(1)
+            kept = seq.size(1) - n + ok                           # seq positions now verified
+            drafts = self.mtp_drafts(last[:, :kept], torch.cat((seq[:, :kept], step[:, -1:]), dim=1))
 
     def generate(self, idx, max_new_tokens, **sampling):
         """idx (B, T) followed by max_new_tokens sampled tokens (generate_tokens' settings)."""

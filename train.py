@@ -78,6 +78,16 @@ moe_aux_alpha = 1e-4           # sequence-wise balance loss: its weight beside t
 logit_softcap = 0.0            # > 0: logits = c tanh(logits / c) (Gemma 2, modded-nanogpt); 0 = off
 value_embeds = 0               # > 0: k extra token embeddings mixed into V of the first and last k layers
 zero_init_proj = False         # residual-stream writers (o_proj, down_proj) start at zero (modded-nanogpt)
+mtp_depth = 0                  # > 0: multi-token prediction modules (DeepSeek-V3) predicting tokens t+2 .. t+1+depth
+mtp_weight = 0.3               # MTP loss weight lambda (DeepSeek-V3: 0.3, then 0.1) ...
+mtp_weight_late = 0.1          # ... becoming this ...
+mtp_weight_switch = 0.7        # ... from this fraction of max_iters on
+memory_layers = ()             # product-key memory in place of these layers' MLPs, e.g. (2,) or (1, 3)
+memory_keys = 128              # sub-keys per half: memory_keys^2 value slots per memory layer
+memory_topk = 16               # value slots read per head and token
+memory_heads = 4               # memory read heads
+memory_key_dim = 64            # query / key width per head
+memory_gated = True            # Memory+ (Berges et al. 2024): the read gated by silu(W x), then projected
 attn_impl: Literal[ATTN_IMPLS] = "auto"  # 'auto' (triton on CUDA, sdpa elsewhere): this process's kernel, not saved
 # optimizer and schedule (nanogpt/optim.py)
 optimizer: Literal[OPTIMIZERS] = "muon"  # Muon for hidden matrices and experts, AdamW for the rest; or 'adamw'
@@ -310,7 +320,12 @@ def main():
     model = parallel.wrap_for_training(model, place.mode, place.compile, place.device)
     if place.mode == "xla_spmd" and master:
         print(parallel.describe_xla_sharding(model))
-    objective = make_objective(kind, model, accumulation, reference, dpo_beta, dpo_label_smoothing, dpo_ipo)
+    def mtp_lambda():  # read at each micro-batch: the schedule follows progress.iter_num
+        if not mtp_depth:
+            return 0.0
+        return mtp_weight if progress.iter_num < mtp_weight_switch * max_iters else mtp_weight_late
+    objective = make_objective(kind, model, accumulation, reference, dpo_beta, dpo_label_smoothing, dpo_ipo,
+                               mtp_lambda)
     flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
     peak = (peak_flops or device_peak_flops(place.device)) * place.world_size
 

@@ -8,6 +8,10 @@ so that summing the weighted losses over micro-batches, and averaging gradients 
 over every counted target, or over every pair. The MoE balance loss (model.py: already a mean over a micro-batch's
 sequences, at strength moe_aux_alpha) is added at 1 / micro-batches, so it too ends up a mean over the global batch,
 whatever the accumulation or the world size. Evaluation reports the cross-entropy (or DPO loss) only.
+
+Multi-token prediction (model.py, mtp_depth D > 0) adds lambda / D times the MTP depths' summed cross-entropies,
+weighted like the main one: per counted main target, as DeepSeek-V3 defines each depth's loss (1/T over the T - k
+targets it has). lambda (mtp_weight) may follow a schedule; at 0 the MTP modules are not run at all.
 """
 import torch
 
@@ -26,16 +30,23 @@ def batch_weights(kind, batches, world_size):
     return world_size / counted.clamp(min=1), counted
 
 
-def make_objective(kind, model, accumulation, reference=None, beta=0.1, label_smoothing=0.0, ipo=False):
+def make_objective(kind, model, accumulation, reference=None, beta=0.1, label_smoothing=0.0, ipo=False,
+                   mtp_weight=lambda: 0.0):
     """objective(batch, weight) -> (the micro-batch's loss to backpropagate, its metrics as detached tensors, not
     yet weighted). accumulation: micro-batches per step. dpo: `reference` is the frozen model, beta, label_smoothing
-    and ipo as in posttrain.dpo_loss."""
+    and ipo as in posttrain.dpo_loss. mtp_weight: a function giving the MTP loss weight lambda now (next_token)."""
     if kind not in KINDS:
         raise ValueError(f"objective must be one of {KINDS}, got {kind!r}")
 
     def next_token(batch, weight):
-        ce, balance = model(*batch)
-        return ce * weight + balance / accumulation, {"loss": ce.detach().float()}
+        lam = mtp_weight()
+        if not lam:
+            ce, balance = model(*batch)
+            return ce * weight + balance / accumulation, {"loss": ce.detach().float()}
+        ce, balance, mtp_ce = model(*batch, mtp=True)
+        mtp_loss = mtp_ce.mean()  # lambda / D * sum over depths
+        return ((ce + lam * mtp_loss) * weight + balance / accumulation,
+                {"loss": ce.detach().float(), "mtp_loss": mtp_loss.detach().float()})
 
     def dpo(batch, weight):
         loss, balance, stats = dpo_objective(model, reference, batch, beta, label_smoothing, ipo)

@@ -7,7 +7,8 @@ The parameters are split into named groups, each with its own learning-rate mult
     embedding  the token embeddings (also the head when tie_embeddings)
     lm_head    the output projection
     router     the MoE routers
-    vectors    norms and any other 1-D parameter (no weight decay)
+    memory     product-key memory value tables (AdamW always, no weight decay: a step touches few rows)
+    vectors    norms, product keys and any other non-matrix parameter (no weight decay)
 Optimizers: 'adamw' (torch's) for every group, or 'muon': Muon for the matrices and experts, AdamW for the other
 groups. The schedule gives a base lr per iteration and every group runs at its multiplier times it, so each group
 follows the schedule from its own initial lr. Adding an optimizer: a class or function that takes these groups, one
@@ -20,7 +21,7 @@ import torch.distributed as dist
 
 from model import MoE
 
-GROUPS = ("matrices", "experts", "embedding", "lm_head", "router", "vectors")
+GROUPS = ("matrices", "experts", "embedding", "lm_head", "router", "memory", "vectors")
 MUON_GROUPS = ("matrices", "experts")
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd", "linear", "constant")
@@ -35,6 +36,8 @@ def group_of(name, param):
         return "lm_head"
     if name.endswith("router.weight"):
         return "router"
+    if name.endswith("mlp.values.weight"):
+        return "memory"
     return {3: "experts", 2: "matrices"}.get(param.dim(), "vectors")
 
 
@@ -48,7 +51,7 @@ def param_groups(model, lr, weight_decay, lr_scales):
         if p.requires_grad:
             members[group_of(name, p)].append(p)
     return [{"name": g, "params": ps, "lr_scale": float(lr_scales.get(g, 1.0)), "lr": lr * lr_scales.get(g, 1.0),
-             "weight_decay": 0.0 if g == "vectors" else weight_decay} for g, ps in members.items() if ps]
+             "weight_decay": 0.0 if g in ("vectors", "memory") else weight_decay} for g, ps in members.items() if ps]
 
 
 # -------------------------------------------------------------------------------------------------------- Muon
