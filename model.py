@@ -646,9 +646,10 @@ class GPT(nn.Module):
         self.lm_head = LMHead(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        # after the head: the main weights draw the same initial values with or without MTP
-        self.mtp = nn.ModuleList(MTPModule(cfg, k, attn_impl) for k in range(1, cfg.mtp_depth + 1))
         self.init_weights()
+        # built and drawn after the rest: the main weights start the same with or without MTP
+        self.mtp = nn.ModuleList(MTPModule(cfg, k, attn_impl) for k in range(1, cfg.mtp_depth + 1))
+        self.mtp.apply(self._init_weights)
 
     def init_weights(self):
         """(Re)initialise every parameter and buffer: also how a model built on the meta device is

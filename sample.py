@@ -22,6 +22,7 @@ temperature = 0.8              # 0 = greedy
 top_k = 200                    # 0 = off
 top_p = 1.0                    # nucleus sampling; 1.0 = off
 seed = 1337
+speculative = False            # an MTP model, greedy: its MTP modules draft, the model verifies (same tokens)
 device = "auto"                # 'auto' (cuda, else cpu), 'cpu', 'cuda', 'xla' (each new cache length compiles a graph)
 dtype: Literal[DTYPE_SETTINGS] = "auto"  # 'auto': bfloat16 on CUDA and XLA, else float32
 attn_impl: Literal[ATTN_IMPLS] = "auto"  # 'auto' (triton on CUDA, sdpa elsewhere)
@@ -31,6 +32,21 @@ def check_settings(config):
     at_least(config, 1, "num_samples", "max_new_tokens")
     at_least(config, 0, "temperature", "top_k")
     require(0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}")
+    require(not speculative or temperature == 0, "--speculative=True decodes greedily: add --temperature=0")
+
+
+def generate_speculative(model, x, tokenizer):
+    """Each sequence on its own (acceptance differs per sequence); prints the drafts accepted."""
+    rows, accepted, proposed, steps = [], 0, 0, 0
+    for row in x.split(1):
+        out = [row]
+        for tokens, (ok, n) in model.generate_speculative(row, max_new_tokens, vocab_limit=tokenizer.vocab_size):
+            out.append(tokens)
+            accepted, proposed, steps = accepted + ok, proposed + n, steps + 1
+        rows.append(torch.cat(out, dim=1))
+    print(f"speculative: {accepted}/{proposed} drafts accepted ({accepted / max(proposed, 1):.1%}), "
+          f"{num_samples * max_new_tokens / steps:.2f} tokens per forward")
+    return torch.cat(rows)
 
 
 def prompt_ids(tokenizer):
@@ -57,8 +73,13 @@ def main():
     x = torch.tensor(prompt_ids(tokenizer), dtype=torch.long, device=dev)[None].repeat(num_samples, 1)
     with torch.no_grad(), autocast:  # (inference_mode tensors are refused by XLA)
         t0 = time.time()
-        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
-                           vocab_limit=tokenizer.vocab_size)
+        if speculative:
+            if not model.config.mtp_depth:
+                raise SystemExit(f"--speculative=True needs a model trained with MTP; {out_dir} has mtp_depth=0")
+            y = generate_speculative(model, x, tokenizer)
+        else:
+            y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
+                               vocab_limit=tokenizer.vocab_size)
         dt = time.time() - t0
     for row in y.tolist():
         print(tokenizer.decode(row))

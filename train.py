@@ -79,9 +79,9 @@ logit_softcap = 0.0            # > 0: logits = c tanh(logits / c) (Gemma 2, modd
 value_embeds = 0               # > 0: k extra token embeddings mixed into V of the first and last k layers
 zero_init_proj = False         # residual-stream writers (o_proj, down_proj) start at zero (modded-nanogpt)
 mtp_depth = 0                  # > 0: multi-token prediction modules (DeepSeek-V3) predicting tokens t+2 .. t+1+depth
-mtp_weight = 0.3               # MTP loss weight lambda (DeepSeek-V3: 0.3, then 0.1) ...
+mtp_weight = 0.3               # MTP loss weight lambda (DeepSeek-V3: 0.3 for its first 10T tokens, then 0.1) ...
 mtp_weight_late = 0.1          # ... becoming this ...
-mtp_weight_switch = 0.7        # ... from this fraction of max_iters on
+mtp_weight_switch = 0          # ... from this iteration on (0 = never)
 memory_layers = ()             # product-key memory in place of these layers' MLPs, e.g. (2,) or (1, 3)
 memory_keys = 128              # sub-keys per half: memory_keys^2 value slots per memory layer
 memory_topk = 16               # value slots read per head and token
@@ -150,7 +150,7 @@ def check_settings(config):
              "muon_ns_steps")
     at_least(config, 0, "max_iters", "warmup_iters", "lr_decay_iters", "total_batch_size", "grad_clip", "weight_decay",
              "muon_momentum_warmup", "target_val_loss", "logit_softcap", "val_tokens", "carbon_intensity_g_per_kwh",
-             "power_estimate_w")
+             "power_estimate_w", "mtp_weight", "mtp_weight_late", "mtp_weight_switch")
     at_least(config, 1, "pue")
     require(0 < projection_mfu <= 1, f"projection_mfu must be in (0, 1], got {projection_mfu}")
     require(0 <= muon_momentum_start < 1 and 0 <= muon_momentum < 1, "Muon momenta must be in [0, 1)")
@@ -323,7 +323,7 @@ def main():
     def mtp_lambda():  # read at each micro-batch: the schedule follows progress.iter_num
         if not mtp_depth:
             return 0.0
-        return mtp_weight if progress.iter_num < mtp_weight_switch * max_iters else mtp_weight_late
+        return mtp_weight_late if 0 < mtp_weight_switch <= progress.iter_num else mtp_weight
     objective = make_objective(kind, model, accumulation, reference, dpo_beta, dpo_label_smoothing, dpo_ipo,
                                mtp_lambda)
     flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter

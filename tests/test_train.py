@@ -19,7 +19,9 @@ def train_losses(out_dir):
 @pytest.mark.parametrize("extra", [[], ["--n_expert=4", "--n_dense_layers=0", "--attn_pattern=LG", "--local_window=8",
                                         "--kv_share=2", "--n_kv_head=1", "--dropout=0.1"],
                                    ["--optimizer=muon", "--muon_normalize=True", "--muon_momentum_warmup=10",
-                                    "--n_expert=4", "--value_embeds=1", "--lr_schedule=wsd", "--wsd_shape=1-sqrt"]])
+                                    "--n_expert=4", "--value_embeds=1", "--lr_schedule=wsd", "--wsd_shape=1-sqrt"],
+                                   ["--mtp_depth=2", "--mtp_weight_switch=10", "--memory_layers=1,", "--memory_keys=8",
+                                    "--memory_topk=4", "--optimizer=muon"]])
 def test_resume_reproduces_uninterrupted_losses(tmp_path, data_root, extra):
     common = TINY + extra + [f"--data_root={data_root}", "--eval_interval=8"]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
