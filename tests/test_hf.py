@@ -119,6 +119,14 @@ def test_export_loads_in_transformers_and_round_trips(tmp_path, seed, kind):
     assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
 
 
+def test_export_drops_the_mtp_modules_and_keeps_the_logits(tmp_path, seed):
+    cfg = tiny_config(mtp_depth=2)
+    ours, ckpt = our_checkpoint(cfg)
+    export_hf.export(ckpt, str(tmp_path / "hf"))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", **EAGER).eval()
+    assert max_logit_difference(ours, theirs, cfg.vocab_size) <= 1e-5
+
+
 @pytest.mark.parametrize("overrides, named", [
     (dict(mlp="relu2"), "mlp='relu2'"),
     (dict(logit_softcap=30.0), "logit_softcap=30.0"),
@@ -126,6 +134,7 @@ def test_export_loads_in_transformers_and_round_trips(tmp_path, seed, kind):
     (dict(share_global_kv=True, n_layer=2), "share_global_kv=True"),
     (dict(qk_norm=False, n_expert=4, attn_pattern="LG"), "qk_norm=False"),
     (dict(value_embeds=1), "value_embeds=1"),
+    (dict(memory_layers=(1,), memory_keys=4, memory_topk=2), "memory_layers=(1,)"),
 ])
 def test_export_refuses_what_has_no_exact_counterpart(tmp_path, overrides, named):
     _, ckpt = our_checkpoint(tiny_config(**overrides))

@@ -26,7 +26,7 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
@@ -198,13 +198,15 @@ def export(ckpt, folder):
     nothing is written. A folder already there is replaced only when it holds export files alone. Returns the
     architecture's model_type."""
     from safetensors.torch import save_file
-    cfg = GPTConfig(**architecture(ckpt))
+    # MTP modules only train (and draft): dropped, as DeepSeek-V3's Hugging Face model drops its own
+    cfg = replace(GPTConfig(**architecture(ckpt)), mtp_depth=0)
     reasons = refusals(cfg)
     if reasons:
         raise ValueError("no exact Hugging Face counterpart: " + "; ".join(reasons))
     if os.path.isdir(folder) and set(os.listdir(folder)) - EXPORT_FILES:
         raise ValueError(f"{folder} holds files an export does not write: not replaced")
-    tensors = hf_tensors(clean_state_dict(ckpt["model"]), cfg)
+    state = {k: v for k, v in clean_state_dict(ckpt["model"]).items() if not k.startswith("mtp.")}
+    tensors = hf_tensors(state, cfg)
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(folder))}.", dir=parent)
