@@ -17,7 +17,7 @@ from dataclasses import asdict
 
 import torch
 
-from model import LOSS_CHUNK_ELEMENTS, GPTConfig, KVCache, MoE
+from model import LOSS_CHUNK_ELEMENTS, GPTConfig, KVCache, MoE, ProductKeyMemory
 from nanogpt import energy
 from nanogpt.optim import state_bytes
 from nanogpt.tokenizer import GPT2_VOCAB_SIZE, VOCAB_MULTIPLE, Tokenizer, model_vocab_size
@@ -34,6 +34,9 @@ def saved_per_token(cfg, block):
         k, h, shared = cfg.n_expert_active, cfg.expert_hidden, cfg.n_shared_expert * cfg.expert_hidden
         per_hidden = 4 if cfg.mlp == "swiglu" else 3
         mlp = 2 * d + cfg.n_expert + 2 * k * d + k * per_hidden * h + per_hidden * shared
+    elif isinstance(block.mlp, ProductKeyMemory):  # query raw/normed, sub-key scores, k x k pairs, the read, gate
+        H, n, k = cfg.memory_heads, cfg.memory_keys, cfg.memory_topk
+        mlp = 2 * d + 2 * H * cfg.memory_key_dim + 2 * H * n + H * k * k + 3 * H * k + 4 * d
     else:
         mlp = 2 * d + (4 if cfg.mlp == "swiglu" else 3) * cfg.hidden
     return attn + mlp
@@ -48,7 +51,8 @@ def memory_plan(model, batch_size, block_size, world_size, fsdp, activation_chec
     optimizer_bytes = 8 * n_params if optimizer_bytes is None else optimizer_bytes
     shard = world_size if fsdp else 1
     tokens = batch_size * block_size
-    per_block = [saved_per_token(cfg, b) * tokens * act_bytes for b in model.blocks]
+    blocks = [*model.blocks, *(m.block for m in model.mtp)]  # MTP: one more block per depth
+    per_block = [saved_per_token(cfg, b) * tokens * act_bytes for b in blocks]
     if activation_checkpoint == "none":
         checkpointed = [False] * len(per_block)
     elif activation_checkpoint == "full":
@@ -57,7 +61,7 @@ def memory_plan(model, batch_size, block_size, world_size, fsdp, activation_chec
         checkpointed = [i % ac_every == 0 for i in range(len(per_block))]
     activations = sum(tokens * cfg.n_embd * act_bytes if c else a for a, c in zip(per_block, checkpointed))
     activations += max((a for a, c in zip(per_block, checkpointed) if c), default=0)  # one block being recomputed
-    block_params = max(sum(p.numel() for p in b.parameters()) for b in model.blocks)
+    block_params = max(sum(p.numel() for p in b.parameters()) for b in blocks)
     unit = max(block_params, model.lm_head.weight.numel())
     return {
         "params (fp32)": 4 * n_params / shard,
