@@ -59,14 +59,14 @@ class GPTConfig:
     zero_init_proj: bool = False
     # multi-token prediction (DeepSeek-V3): D sequential modules predicting tokens t+2 .. t+1+D
     mtp_depth: int = 0
-    # product-key memory (Lample et al. 2019; Berges et al. 2024) in place of the MLP of these layers, e.g. (2,) or
-    # (1, 3); memory_keys^2 values of n_embd each, memory_topk of them read per head and token
+    # product-key memory (Lample et al. 2019; Berges et al. 2024) in place of these layers' MLPs,
+    # e.g. (2,) or (1, 3): memory_keys^2 values of n_embd, memory_topk read per head and token
     memory_layers: tuple = ()
     memory_keys: int = 128        # sub-keys per half: memory_keys^2 slots
     memory_topk: int = 16         # values read per head (and sub-keys kept per half)
     memory_heads: int = 4
-    memory_key_dim: int = 64      # query / product-key width per head (two halves of memory_key_dim / 2)
-    memory_gated: bool = True     # Memory+: the read is gated like a SwiGLU's up projection, then projected
+    memory_key_dim: int = 64      # query / product-key width per head (two halves)
+    memory_gated: bool = True     # Memory+: the read gated like a SwiGLU's up projection
 
     def __post_init__(self):
         def check(ok, message):
@@ -97,11 +97,13 @@ class GPTConfig:
         check(self.mtp_depth >= 0, f"mtp_depth must be >= 0, got {self.mtp_depth}")
         self.memory_layers = tuple(self.memory_layers)  # a checkpoint may hold a list
         check(all(isinstance(i, int) and 0 <= i < self.n_layer for i in self.memory_layers),
-              f"memory_layers {self.memory_layers!r} must list layers in [0, {self.n_layer}), e.g. (2,) or (1, 3)")
+              f"memory_layers {self.memory_layers!r} must list layers in [0, {self.n_layer}), "
+              "e.g. (2,) or (1, 3)")
         if self.memory_layers:
             check(1 <= self.memory_topk <= self.memory_keys,
-                  f"memory_topk {self.memory_topk} must be between 1 and memory_keys {self.memory_keys}")
-            check(self.memory_heads >= 1 and self.memory_key_dim >= 2 and self.memory_key_dim % 2 == 0,
+                  f"memory_topk {self.memory_topk} must be between 1 and memory_keys "
+                  f"{self.memory_keys}")
+            check(self.memory_heads >= 1 and self.memory_key_dim % 2 == 0 < self.memory_key_dim,
                   "memory_heads must be >= 1 and memory_key_dim even (two halves)")
 
     @property
@@ -380,12 +382,13 @@ class MoE(nn.Module):
 
 
 class ProductKeyMemory(nn.Module):
-    """Product-key memory (Lample et al. 2019), as Memory+ in "Memory Layers at Scale" (Berges et al. 2024): per
-    head, a query's two halves each score their own memory_keys sub-keys; the k best of each half give k x k
-    candidate slots whose score is the sum of their halves' scores, and the k best of those (exactly the k best of
-    all memory_keys^2 slots) are read from the value table, weighted by the softmax of their scores, summed over
-    heads. Queries and keys are RMS-normalised (the paper's query/key normalisation; no batch norm). Memory+ gates
-    the read like a SwiGLU's up projection and projects it: out = W_out(read * silu(W_gate x))."""
+    """Product-key memory (Lample et al. 2019), as Memory+ in "Memory Layers at Scale" (Berges et
+    al. 2024): per head, a query's two halves each score their own memory_keys sub-keys; the k best
+    of each half give k x k candidate slots scored by the sum of their halves' scores; the k best
+    of those (exactly the k best of all memory_keys^2 slots) are read from the value table, weighted
+    by the softmax of their scores, summed over heads. Queries and keys are RMS-normalised (the
+    paper's query/key normalisation; no batch norm). Memory+ gates the read like a SwiGLU's up
+    projection and projects it: out = W_out(read * silu(W_gate x))."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -400,7 +403,8 @@ class ProductKeyMemory(nn.Module):
 
     def lookup(self, tokens):
         """(slots (N, heads, k), weights (N, heads, k)) for tokens (N, n_embd)."""
-        H, n, k, dk = self.cfg.memory_heads, self.cfg.memory_keys, self.cfg.memory_topk, self.cfg.memory_key_dim
+        cfg = self.cfg
+        H, n, k, dk = cfg.memory_heads, cfg.memory_keys, cfg.memory_topk, cfg.memory_key_dim
         q = self.query(tokens).view(-1, H, 2, dk // 2)
         q, keys = F.rms_norm(q, (dk // 2,)), F.rms_norm(self.sub_keys, (dk // 2,))
         scores = torch.einsum("nhcd,hckd->nhck", q, keys.to(q.dtype))              # (N, H, 2, n)
@@ -415,8 +419,8 @@ class ProductKeyMemory(nn.Module):
         B, T, d = x.shape
         tokens = x.reshape(-1, d)
         slots, weights = self.lookup(tokens)
-        read = self.values(slots.flatten(1), per_sample_weights=weights.flatten(1).to(self.values.weight.dtype))
-        read = read.to(x.dtype)
+        weights = weights.flatten(1).to(self.values.weight.dtype)
+        read = self.values(slots.flatten(1), per_sample_weights=weights).to(x.dtype)
         if self.gate is not None:
             read = self.out_proj(read * F.silu(self.gate(tokens)))
         return read.view(B, T, d), None
@@ -455,8 +459,9 @@ class Block(nn.Module):
 
 
 class MTPModule(nn.Module):
-    """One multi-token-prediction depth (DeepSeek-V3): from the previous depth's hidden state at position i and the
-    embedding of token i + k, one more block predicts token i + k + 1 through the shared head."""
+    """One multi-token-prediction depth k (DeepSeek-V3): from the previous depth's hidden state at
+    position i and the embedding of token i + k, one more block predicts token i + k + 1 through the
+    shared head."""
 
     def __init__(self, cfg, depth, attn_impl="sdpa"):
         super().__init__()
@@ -468,8 +473,8 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)  # before the shared head
 
     def forward(self, h, embedded, cos, sin):
-        """(this depth's hidden states (B, T, n_embd), the MoE balance loss or None) from the previous depth's h
-        and the embeddings of the tokens one further ahead, both (B, T, n_embd)."""
+        """(this depth's hidden states (B, T, n_embd), the MoE balance loss or None) from the
+        previous depth's h and the embeddings of the tokens one further ahead (B, T, n_embd)."""
         x = self.proj(torch.cat((self.hidden_norm(h), self.embed_norm(embedded)), dim=-1))
         x, _, balance = self.block(x, cos, sin)
         return x, balance
@@ -664,7 +669,8 @@ class GPT(nn.Module):
             nn.init.ones_(module.weight)
         if isinstance(module, ProductKeyMemory):
             nn.init.normal_(module.sub_keys)  # unit-RMS keys, as after their normalisation
-            nn.init.normal_(module.values.weight, std=module.cfg.n_embd ** -0.5)  # Lample et al.'s value init
+            # Lample et al.'s value init
+            nn.init.normal_(module.values.weight, std=module.cfg.n_embd ** -0.5)
         if isinstance(module, Attention) and hasattr(module, "ve_mix"):
             nn.init.constant_(module.ve_mix, 0.5)
         writer_std = 0.0 if self.config.zero_init_proj else std / math.sqrt(2 * self.config.n_layer)
@@ -685,9 +691,9 @@ class GPT(nn.Module):
         where not counted); the logits are never held whole. balance is the MoE balance loss at
         strength moe_aux_alpha, summed over the MoE layers (a scalar; 0 outside training or without
         it); the objective adds it, once per batch.
-        With mtp (and mtp_depth > 0) the loss path returns (ce, balance, mtp_ce): mtp_ce (mtp_depth,)
-        holds each MTP depth's cross-entropy summed over its counted targets (depth k: targets[:, k:]),
-        and balance includes the MTP blocks'.
+        With mtp (and mtp_depth > 0) the loss path returns (ce, balance, mtp_ce): mtp_ce
+        (mtp_depth,) holds each MTP depth's cross-entropy summed over its counted targets (depth k:
+        targets[:, k:]), and balance includes the MTP blocks'.
         States (no targets): returns the final-norm hidden states (B, T, n_embd); logits(h) applies
         the head. With mtp, (states, the last block's output): the MTP modules' input.
         With a cache, idx continues the cached context and cache.pos advances."""
@@ -720,8 +726,9 @@ class GPT(nn.Module):
         return (ce.view(B, T) if per_token else ce), balance
 
     def mtp_states(self, last, idx, cos, sin, depths=None):
-        """Yield (depth k, its hidden states (B, T - k, n_embd) after its final norm, its balance loss or None):
-        position i of depth k sees the main model up to token i and tokens i+1..i+k, and predicts token i+k+1."""
+        """Yield (depth k, its hidden states (B, T - k, n_embd) after its final norm, its balance
+        loss or None): position i of depth k sees the main model up to token i and tokens
+        i+1..i+k, and predicts token i+k+1."""
         h = last
         for k, module in enumerate(self.mtp[:depths], start=1):
             n = idx.size(1) - k
@@ -732,7 +739,8 @@ class GPT(nn.Module):
         """((mtp_depth,) summed cross-entropies, their MoE balance loss) of the MTP depths."""
         losses, balance = [], torch.zeros((), device=idx.device)
         for k, h, layer_balance in self.mtp_states(last, idx, cos, sin):
-            losses.append(self.lm_head(h.flatten(0, 1), targets[:, k:].flatten(), self.config.logit_softcap))
+            losses.append(self.lm_head(h.flatten(0, 1), targets[:, k:].flatten(),
+                                       self.config.logit_softcap))
             if layer_balance is not None:
                 balance = balance + layer_balance
         return torch.stack(losses), balance
@@ -769,7 +777,8 @@ class GPT(nn.Module):
             # keys per query
             visible = visible_pairs(seq_len, cfg.local_window if kind == "L" else None) / seq_len
             attn += 12 * cfg.n_head * cfg.head_dim * visible
-        return 6 * (self.num_params(active=True) + cfg.mtp_depth * self.lm_head.weight.numel()) + attn
+        head_reuse = cfg.mtp_depth * self.lm_head.weight.numel()
+        return 6 * (self.num_params(active=True) + head_reuse) + attn
 
     def convert_fp8(self, recipe="tensorwise"):
         """Run the attention projections, MLPs and experts in fp8 (nanokernels/fp8.py). The
@@ -787,7 +796,8 @@ class GPT(nn.Module):
         return skipped
 
     def moe_layers(self):
-        return [b.mlp for b in [*self.blocks, *(m.block for m in self.mtp)] if isinstance(b.mlp, MoE)]
+        blocks = [*self.blocks, *(m.block for m in self.mtp)]
+        return [b.mlp for b in blocks if isinstance(b.mlp, MoE)]
 
     def expert_loads(self):
         """(MoE layers, experts): tokens routed to each expert since the last bias update; None for
@@ -830,9 +840,9 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def mtp_drafts(self, last, tokens):
-        """Greedy guesses (1, mtp_depth) of the tokens after `tokens` (1, T), given the main model's last-block
-        output for tokens[:, :-1] (1, T - 1, n_embd). Depth k at position i reads token i + k: here the tokens
-        themselves, then the guesses so far."""
+        """Greedy guesses (1, mtp_depth) of the tokens after `tokens` (1, T), given the main model's
+        last-block output for tokens[:, :-1] (1, T - 1, n_embd). Depth k at position i reads token
+        i + k: here the tokens themselves, then the guesses so far."""
         n = tokens.size(1) - 1
         cos, sin = rope_tables(0, n, self.config.head_dim, self.config.rope_theta, tokens.device)
         h, seq = last, tokens
@@ -844,12 +854,12 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_speculative(self, idx, max_new_tokens, vocab_limit=None):
-        """Greedy decoding of one sequence idx (1, T), self-speculative (DeepSeek-V3's MTP modules draft,
-        the model verifies): yield (the tokens (1, n) accepted this step, drafts accepted of those proposed).
-        Each step is one forward over the last block_size tokens (no KV cache): the drafts that match the
-        model's own greedy choices are kept, plus the model's next token, so the output is greedy decoding's."""
+        """Greedy decoding of one sequence idx (1, T), self-speculative (the MTP modules draft, the
+        model verifies): yield (the tokens (1, n) accepted this step, (drafts accepted, proposed)).
+        Each step is one forward over the last block_size tokens (no KV cache): the drafts that
+        match the model's own greedy choices are kept, plus its next token: greedy decoding."""
         if not self.mtp or idx.size(0) != 1:
-            raise ValueError("speculative decoding needs an MTP model (mtp_depth > 0) and one sequence")
+            raise ValueError("speculative decoding takes one sequence of an MTP model")
         drafts, made = idx[:, :0], 0
         while made < max_new_tokens:
             seq = torch.cat((idx, drafts), dim=1)[:, -self.config.block_size:]
@@ -858,13 +868,14 @@ class GPT(nn.Module):
             logits = self.logits(h[0, -n - 1:])
             if vocab_limit is not None:
                 logits[:, vocab_limit:] = float("-inf")
-            best = logits.argmax(-1)[None]                        # the model's choice after each token
-            ok = int((best[0, :n] == drafts[0]).long().cumprod(0).sum())  # drafts agreeing, in order
-            step = best[:, :ok + 1][:, :max_new_tokens - made]    # ok drafts (equal to best) + the next
+            best = logits.argmax(-1)[None]  # the model's choice after each token
+            ok = int((best[0, :n] == drafts[0]).long().cumprod(0).sum())  # drafts agreeing in order
+            step = best[:, :ok + 1][:, :max_new_tokens - made]  # the ok drafts and the next token
             yield step, (ok, n)
             idx, made = torch.cat((idx, step), dim=1), made + step.size(1)
-            kept = seq.size(1) - n + ok                           # seq positions now verified
-            drafts = self.mtp_drafts(last[:, :kept], torch.cat((seq[:, :kept], step[:, -1:]), dim=1))
+            kept = seq.size(1) - n + ok  # seq positions now verified
+            drafts = self.mtp_drafts(last[:, :kept],
+                                     torch.cat((seq[:, :kept], step[:, -1:]), dim=1))
 
     def generate(self, idx, max_new_tokens, **sampling):
         """idx (B, T) followed by max_new_tokens sampled tokens (generate_tokens' settings)."""
