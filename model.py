@@ -267,6 +267,10 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), kv
 
 
+# DeepSeek's latent norms keep RMSNorm's default epsilon whatever the model's norm_eps (their code and HF's)
+MLA_LATENT_NORM_EPS = 1e-6
+
+
 class MLA(nn.Module):
     """Multi-head latent attention (DeepSeek-V2/V3). Each token's K and V come from one latent c (kv_lora_rank
     wide, RMS-normed) through the per-head up-projection kv_b_proj = [W_UK; W_UV], plus one RoPE key k_r shared by
@@ -290,12 +294,12 @@ class MLA(nn.Module):
                                  f"{nope + rope} and v_head_dim = {dv}: use attn_impl='sdpa' or change the widths")
         if cfg.q_lora_rank:
             self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=False)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, MLA_LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * (nope + rope), bias=False)
         else:
             self.q_proj = nn.Linear(d, H * (nope + rope), bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(d, r + rope, bias=False)  # the latent, then the rope key
-        self.kv_a_layernorm = RMSNorm(r, cfg.norm_eps)
+        self.kv_a_layernorm = RMSNorm(r, MLA_LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(r, H * (nope + dv), bias=False)    # per head: W_UK rows, then W_UV rows
         self.o_proj = nn.Linear(H * dv, d, bias=False)
 
