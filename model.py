@@ -316,7 +316,7 @@ class MLA(nn.Module):
         window, decoding = self.window, False
         if cache is not None:
             latent, k_rope, decoding = cache.update(self.kv_group, latent, k_rope)
-        if decoding:  # the ring holds exactly the window
+        if decoding:  # the ring holds exactly the window: every cached position is visible
             y = self.absorbed(q_nope, q_rope, latent, k_rope)
         else:
             y = self.expanded(q_nope, q_rope, latent, k_rope, window)
@@ -340,13 +340,14 @@ class MLA(nn.Module):
 
     def absorbed(self, q_nope, q_rope, latent, k_rope):
         """One decode step over every cached position, never forming per-head K or V: scores
-        (q_nope W_UK) . c + q_rope . k_r, then (weights . c) W_UV^T; (B, H, 1, v_head_dim)."""
+        (q_nope W_UK) . c + q_rope . k_r against the cached latents c and rope keys k_r (B, 1, S, .), shared by every
+        head, then (weights . c) W_UV^T; (B, H, 1, v_head_dim). Softmax in at least fp32."""
         w_uk, w_uv = self.up_projections(q_nope.dtype)
-        q = torch.cat((torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk), q_rope), dim=-1)
-        keys = torch.cat((latent, k_rope), dim=-1)  # (B, 1, S, r + rope): one "head" shared by all query heads
-        scale = 1 / math.sqrt(self.cfg.qk_nope_head_dim + self.cfg.qk_rope_head_dim)
-        y = F.scaled_dot_product_attention(q, keys, latent, scale=scale, enable_gqa=True)
-        return torch.einsum("bhtr,hvr->bhtv", y, w_uv)
+        q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)
+        scores = (q_latent @ latent.transpose(-1, -2) + q_rope @ k_rope.transpose(-1, -2)) / math.sqrt(
+            self.cfg.qk_nope_head_dim + self.cfg.qk_rope_head_dim)
+        weights = scores.to(torch.promote_types(scores.dtype, torch.float32)).softmax(-1).to(latent.dtype)
+        return torch.einsum("bhtr,hvr->bhtv", weights @ latent, w_uv)
 
 
 class MLP(nn.Module):
