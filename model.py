@@ -32,6 +32,13 @@ class GPTConfig:
     n_kv_head: int = 0
     # 0 = n_embd // n_head; set for heads wider or narrower than that (e.g. Qwen3)
     head_dim: int = 0
+    # > 0: multi-head latent attention (DeepSeek-V2/V3): K and V are expanded from one normed latent of this
+    # width per token, and the cache holds only that latent and one shared RoPE key (MLA below)
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0          # MLA: > 0 = queries from a normed latent of this width; 0 = one projection
+    qk_nope_head_dim: int = 0     # MLA: per-head query/key width without RoPE; 0 = head_dim
+    qk_rope_head_dim: int = 0     # MLA: width of the RoPE part (one rope key for all heads); 0 = head_dim // 2
+    v_head_dim: int = 0           # MLA: per-head value width; 0 = head_dim
     mlp: str = "swiglu"           # 'swiglu' or 'relu2'
     # 0: 8/3·n_embd for swiglu, 4·n_embd for relu2 (rounded up to a multiple of 64)
     mlp_hidden: int = 0
@@ -88,6 +95,12 @@ class GPTConfig:
         check(self.local_window >= 1, f"local_window must be >= 1, got {self.local_window}")
         check(self.value_embeds >= 0, f"value_embeds must be >= 0, got {self.value_embeds}")
         check(self.mlp in ("swiglu", "relu2"), f"mlp must be 'swiglu' or 'relu2', got {self.mlp!r}")
+        if self.kv_lora_rank:
+            self.check_mla(check)
+        else:
+            check(not (self.q_lora_rank or self.qk_nope_head_dim or self.qk_rope_head_dim or self.v_head_dim),
+                  "q_lora_rank, qk_nope_head_dim, qk_rope_head_dim and v_head_dim are MLA settings: "
+                  "set kv_lora_rank > 0 to use them")
         if self.n_expert:
             check(1 <= self.n_expert_active <= self.n_expert,
                   f"n_expert_active {self.n_expert_active} must be between 1 and "
@@ -105,6 +118,33 @@ class GPTConfig:
                   f"{self.memory_keys}")
             check(self.memory_heads >= 1 and self.memory_key_dim % 2 == 0 < self.memory_key_dim,
                   "memory_heads must be >= 1 and memory_key_dim even (two halves)")
+
+    def check_mla(self, check):
+        """Resolve MLA's 0 = default widths (DeepSeek-V3's proportions) and refuse what cannot combine with it."""
+        self.qk_nope_head_dim = self.qk_nope_head_dim or self.head_dim
+        self.qk_rope_head_dim = self.qk_rope_head_dim or self.head_dim // 2
+        self.v_head_dim = self.v_head_dim or self.head_dim
+        check(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim {self.qk_rope_head_dim} must be even for RoPE")
+        check(min(self.kv_lora_rank, self.q_lora_rank) >= 0, "kv_lora_rank and q_lora_rank must be >= 0")
+        check(self.n_kv_head == self.n_head,
+              f"n_kv_head={self.n_kv_head} with kv_lora_rank={self.kv_lora_rank}: MLA has no K/V heads to group "
+              "(its cache is one latent per token); leave n_kv_head unset")
+        check(not self.qk_norm, "qk_norm=True with kv_lora_rank > 0: a per-head norm on the keys cannot be absorbed "
+              "into the query; MLA normalises its latents instead (DeepSeek): set qk_norm=False")
+        check(self.kv_share == 1 and not self.share_global_kv,
+              f"kv_share={self.kv_share}, share_global_kv={self.share_global_kv} with kv_lora_rank > 0: "
+              "cross-layer sharing of the MLA latent is not implemented: set kv_share=1, share_global_kv=False")
+        check(not self.value_embeds, f"value_embeds={self.value_embeds} with kv_lora_rank > 0: MLA never "
+              "materialises per-head values when decoding, so there is no V to mix them into: set value_embeds=0")
+
+    @property
+    def mla(self):
+        return self.kv_lora_rank > 0
+
+    @property
+    def rope_dim(self):
+        """The width RoPE rotates: MLA's rope part, else the whole head."""
+        return self.qk_rope_head_dim if self.mla else self.head_dim
 
     @property
     def hidden(self):
@@ -247,6 +287,89 @@ class Attention(nn.Module):
         dropout = self.cfg.dropout if self.training else 0.0
         y = attend(q, k, v, window, self.attn_impl, dropout)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), kv
+
+
+# DeepSeek's latent norms keep RMSNorm's default epsilon whatever the model's norm_eps (their code and HF's)
+MLA_LATENT_NORM_EPS = 1e-6
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3). Each token's K and V come from one latent c (kv_lora_rank
+    wide, RMS-normed) through the per-head up-projection kv_b_proj = [W_UK; W_UV], plus one RoPE key k_r shared by
+    all heads (decoupled RoPE: position never passes through the latent). The cache holds only (c, k_r).
+    Prefill and training expand c into per-head keys [k_nope; k_r] and values (the expanded form). A decode step
+    absorbs W_UK into the query (q_nope W_UK scores against c directly) and W_UV into the output, so it is one
+    multi-query attention over the cached (c, k_r) with no per-head K/V (the absorbed form). Both scale scores by
+    1/sqrt(qk_nope_head_dim + qk_rope_head_dim). Parameter names are DeepSeek's (and Hugging Face's)."""
+
+    def __init__(self, cfg, kind, kv_group, attn_impl="sdpa"):
+        super().__init__()
+        self.cfg, self.kv_group, self.produces_kv, self.attn_impl = cfg, kv_group, True, attn_impl
+        self.window = cfg.local_window if kind == "L" else None
+        d, H, r = cfg.n_embd, cfg.n_head, cfg.kv_lora_rank
+        nope, rope, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        if attn_impl == "triton":  # the kernel takes one width for q, k and v (a decode step always runs on SDPA)
+            from nanokernels.attention import SUPPORTED_HEAD_DIMS
+            if not (nope + rope == dv and dv in SUPPORTED_HEAD_DIMS):
+                raise ValueError(f"attn_impl='triton' with MLA needs equal query/key and value widths in "
+                                 f"{SUPPORTED_HEAD_DIMS}, got qk_nope_head_dim + qk_rope_head_dim = "
+                                 f"{nope + rope} and v_head_dim = {dv}: use attn_impl='sdpa' or change the widths")
+        if cfg.q_lora_rank:
+            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, MLA_LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * (nope + rope), bias=False)
+        else:
+            self.q_proj = nn.Linear(d, H * (nope + rope), bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, r + rope, bias=False)  # the latent, then the rope key
+        self.kv_a_layernorm = RMSNorm(r, MLA_LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(r, H * (nope + dv), bias=False)    # per head: W_UK rows, then W_UV rows
+        self.o_proj = nn.Linear(H * dv, d, bias=False)
+
+    def forward(self, x, cos, sin, kv, cache, ve=None):
+        """Returns (output, kv) like Attention; kv = (latent, rope key, window), each (B, 1, T, width)."""
+        cfg, (B, T, _) = self.cfg, x.shape
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if cfg.q_lora_rank else self.q_proj(x)
+        q_nope, q_rope = q.view(B, T, cfg.n_head, -1).transpose(1, 2).split(
+            [cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+        q_rope = apply_rope(q_rope, cos, sin)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).unsqueeze(1).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim],
+                                                                      dim=-1)
+        latent, k_rope = self.kv_a_layernorm(latent), apply_rope(k_rope, cos, sin)
+        window, decoding = self.window, False
+        if cache is not None:
+            latent, k_rope, decoding = cache.update(self.kv_group, latent, k_rope)
+        if decoding:  # the ring holds exactly the window: every cached position is visible
+            y = self.absorbed(q_nope, q_rope, latent, k_rope)
+        else:
+            y = self.expanded(q_nope, q_rope, latent, k_rope, window)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), (latent, k_rope, window)
+
+    def up_projections(self, dtype):
+        """W_UK (H, qk_nope_head_dim, r) and W_UV (H, v_head_dim, r), views of kv_b_proj's weight."""
+        cfg = self.cfg
+        w = self.kv_b_proj.weight.to(dtype).view(cfg.n_head, cfg.qk_nope_head_dim + cfg.v_head_dim, -1)
+        return w.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=1)
+
+    def expanded(self, q_nope, q_rope, latent, k_rope, window):
+        """Per-head keys and values from the latent, then ordinary attention: (B, H, T, v_head_dim)."""
+        cfg, (B, _, S, _) = self.cfg, latent.shape
+        k_nope, v = self.kv_b_proj(latent[:, 0]).view(B, S, cfg.n_head, -1).transpose(1, 2).split(
+            [cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
+        k = torch.cat((k_nope, k_rope.expand(-1, cfg.n_head, -1, -1)), dim=-1)
+        q = torch.cat((q_nope, q_rope), dim=-1)
+        dropout = cfg.dropout if self.training else 0.0
+        return attend(q, k, v, window, self.attn_impl, dropout)
+
+    def absorbed(self, q_nope, q_rope, latent, k_rope):
+        """One decode step over every cached position, never forming per-head K or V: scores
+        (q_nope W_UK) . c + q_rope . k_r against the cached latents c and rope keys k_r (B, 1, S, .), shared by every
+        head, then (weights . c) W_UV^T; (B, H, 1, v_head_dim). Softmax in at least fp32."""
+        w_uk, w_uv = self.up_projections(q_nope.dtype)
+        q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)
+        scores = (q_latent @ latent.transpose(-1, -2) + q_rope @ k_rope.transpose(-1, -2)) / math.sqrt(
+            self.cfg.qk_nope_head_dim + self.cfg.qk_rope_head_dim)
+        weights = scores.to(torch.promote_types(scores.dtype, torch.float32)).softmax(-1).to(latent.dtype)
+        return torch.einsum("bhtr,hvr->bhtv", weights @ latent, w_uv)
 
 
 class MLP(nn.Module):
@@ -430,8 +553,8 @@ class Block(nn.Module):
     def __init__(self, cfg, layer, kind, kv_group, produces_kv, attn_impl="sdpa"):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.attn = Attention(cfg, kind, kv_group, produces_kv, attn_impl,
-                              layer in value_embed_plan(cfg))
+        self.attn = (MLA(cfg, kind, kv_group, attn_impl) if cfg.mla else
+                     Attention(cfg, kind, kv_group, produces_kv, attn_impl, layer in value_embed_plan(cfg)))
         self.mlp_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         if layer in cfg.memory_layers:
             self.mlp = ProductKeyMemory(cfg)
@@ -500,7 +623,7 @@ class KVCache:
             if T > self.block_size:
                 raise ValueError(f"prompt of {T} tokens exceeds block_size {self.block_size}")
             self.k[kv_group] = k.new_zeros(k.shape[:2] + (size, k.size(3)))
-            self.v[kv_group] = torch.zeros_like(self.k[kv_group])
+            self.v[kv_group] = v.new_zeros(v.shape[:2] + (size, v.size(3)))  # MLA: the rope key
             keep = min(T, size)
             slots = torch.arange(T - keep, T, device=k.device) % size
             self.k[kv_group][:, :, slots] = k[:, :, -keep:]
@@ -521,7 +644,8 @@ class KVCache:
     @staticmethod
     def bytes_at(cfg, context, dtype_bytes=2):
         """Cache bytes for one sequence at `context` tokens."""
-        per_pos = 2 * cfg.n_kv_head * cfg.head_dim * dtype_bytes
+        per_pos = ((cfg.kv_lora_rank + cfg.qk_rope_head_dim) if cfg.mla else 2 * cfg.n_kv_head * cfg.head_dim
+                   ) * dtype_bytes
         total = 0
         for kind, _, produces in layer_plan(cfg):
             if produces:
@@ -701,7 +825,7 @@ class GPT(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size and cache is None:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-        cos, sin = rope_tables(start, T, self.config.head_dim, self.config.rope_theta, idx.device)
+        cos, sin = rope_tables(start, T, self.config.rope_dim, self.config.rope_theta, idx.device)
         # shared_kv: each sharing group's K/V, from its producer layer
         x, shared_kv = self.wte(idx), {}
         balance = torch.zeros((), device=idx.device)
@@ -776,7 +900,10 @@ class GPT(nn.Module):
         for kind in [kind for kind, _, _ in layer_plan(cfg)] + ["G"] * cfg.mtp_depth:
             # keys per query
             visible = visible_pairs(seq_len, cfg.local_window if kind == "L" else None) / seq_len
-            attn += 12 * cfg.n_head * cfg.head_dim * visible
+            # QK^T and AV, 2 FLOPs per multiply-add, x3 for forward + backward (MLA trains expanded)
+            qk, v = ((cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim) if cfg.mla
+                     else (cfg.head_dim, cfg.head_dim))
+            attn += 6 * cfg.n_head * (qk + v) * visible
         head_reuse = cfg.mtp_depth * self.lm_head.weight.numel()
         return 6 * (self.num_params(active=True) + head_reuse) + attn
 

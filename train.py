@@ -58,6 +58,11 @@ n_layer = 4
 n_embd = 128
 n_head = 4
 n_kv_head = 0                  # K/V heads: 1 = MQA, 0 = n_head (MHA), in between = GQA
+kv_lora_rank = 0               # > 0: multi-head latent attention (MLA) with a K/V latent this wide (needs qk_norm=False)
+q_lora_rank = 0                # MLA: queries through a latent this wide; 0 = one projection
+qk_nope_head_dim = 0           # MLA: per-head query/key width without RoPE; 0 = n_embd // n_head
+qk_rope_head_dim = 0           # MLA: the RoPE part's width (one rope key shared by all heads); 0 = half a head
+v_head_dim = 0                 # MLA: per-head value width; 0 = n_embd // n_head
 mlp = "relu2"                  # 'swiglu' or 'relu2'
 mlp_hidden = 0                 # 0 = 8/3 n_embd (swiglu) or 4 n_embd (relu2), rounded up to a multiple of 64
 qk_norm = True                 # RMSNorm on queries and keys

@@ -1,5 +1,5 @@
-"""Hugging Face models in: a local folder in the Llama, Mistral, Qwen2, Qwen3, dots.llm1 (`dots1`) or GLM-4-MoE
-(`glm4_moe`) layout becomes this repo's checkpoint dict, for init_from='hf:PATH', sample.py and the eval scripts.
+"""Hugging Face models in: a local folder in the Llama, Mistral, Qwen2, Qwen3, dots.llm1 (`dots1`), GLM-4-MoE
+(`glm4_moe`) or DeepSeek-V3 (`deepseek_v3`: multi-head latent attention) layout becomes this repo's checkpoint dict, for init_from='hf:PATH', sample.py and the eval scripts.
 
     ckpt = hf.read_hf_checkpoint("path/to/folder")  # {"model": state_dict, "model_args": ..., "tokenizer": spec}
 
@@ -26,10 +26,11 @@ import torch
 from model import GPT, GPTConfig
 from nanogpt.files import FileFormatError, read_text
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "dots1", "glm4_moe")
-MOE_ARCHITECTURES = ("dots1", "glm4_moe")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "dots1", "glm4_moe", "deepseek_v3")
+MOE_ARCHITECTURES = ("dots1", "glm4_moe", "deepseek_v3")
 CAUSAL_LM_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                   "qwen3": "Qwen3ForCausalLM", "dots1": "Dots1ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}
+                   "qwen3": "Qwen3ForCausalLM", "dots1": "Dots1ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
+                   "deepseek_v3": "DeepseekV3ForCausalLM"}
 # What transformers' config classes (v5) assume for a config.json field that a file leaves out (older versions save
 # only the fields that differ from these); None: hidden_size // num_attention_heads for head_dim, n_head for n_kv_head
 COMMON_DEFAULTS = {"hidden_act": "silu", "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_theta": 10000.0,
@@ -46,6 +47,10 @@ DEFAULTS = {
     "glm4_moe": {"rms_norm_eps": 1e-5, "partial_rotary_factor": 0.5, "use_qk_norm": False, "norm_topk_prob": True,
                  "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "n_shared_experts": 1,
                  "routed_scaling_factor": 1.0, "max_position_embeddings": 131072},
+    "deepseek_v3": {"n_group": 8, "topk_group": 4, "first_k_dense_replace": 3, "norm_topk_prob": True,
+                    "n_shared_experts": 1, "routed_scaling_factor": 2.5, "max_position_embeddings": 4096,
+                    "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128,
+                    "qk_nope_head_dim": 128, "rope_interleave": True},
 }
 
 
@@ -101,6 +106,24 @@ def stacked_experts(name, n_expert, tensors):
         return torch.stack([torch.cat([tensors[f"{prefix}.{e}.{proj}.weight"] for proj in ("gate_proj", "up_proj")])
                             for e in range(n_expert)])
     return torch.stack([tensors[f"{prefix}.{e}.down_proj.weight"] for e in range(n_expert)])
+
+
+def interleaved_rope_rows(name, tensor, cfg, to_ours):
+    """DeepSeek's checkpoints (rope_interleave) rotate the rope dims as adjacent pairs (x0, x1), (x2, x3), ... and
+    return them evens first, odds after; ours rotates (x_i, x_i+rope/2). The same function once the rope rows of the
+    query and rope-key projections are reordered evens-then-odds: `to_ours` does that, else the inverse. Other
+    tensors pass through."""
+    rope = cfg.qk_rope_head_dim
+    evens_then_odds = torch.cat((torch.arange(0, rope, 2), torch.arange(1, rope, 2)))
+    order = evens_then_odds if to_ours else evens_then_odds.argsort()
+    if name.endswith(("attn.q_proj.weight", "attn.q_b_proj.weight")):
+        heads = tensor.view(cfg.n_head, cfg.qk_nope_head_dim + rope, -1)
+        nope, rot = heads.split([cfg.qk_nope_head_dim, rope], dim=1)
+        return torch.cat((nope, rot[:, order]), dim=1).reshape(tensor.shape)
+    if name.endswith("attn.kv_a_proj_with_mqa.weight"):
+        latent, rot = tensor.split([cfg.kv_lora_rank, rope])
+        return torch.cat((latent, rot[order]))
+    return tensor
 
 
 def state_shapes(cfg):
@@ -282,7 +305,7 @@ def rope_settings(config):
 def layer_kinds(config):
     """'L' (sliding window) or 'G' (full causal) for each layer, and the window."""
     kind, n_layer = config["model_type"], config["num_hidden_layers"]
-    if kind in ("llama", "glm4_moe"):
+    if kind in ("llama", "glm4_moe", "deepseek_v3"):
         return "G" * n_layer, None
     window = setting(config, "sliding_window")
     if kind == "mistral":
@@ -312,9 +335,23 @@ def moe_settings(config):
     if setting(config, "topk_group") != setting(config, "n_group"):
         raise Unsupported(f"group-limited routing (n_group={setting(config, 'n_group')}, "
                           f"topk_group={setting(config, 'topk_group')}): ours chooses among all experts")
+    if config["model_type"] == "deepseek_v3" and setting(config, "first_k_dense_replace") >= config["num_hidden_layers"]:
+        return {}  # every layer dense
     return {"n_expert": config["n_routed_experts"], "n_expert_active": config["num_experts_per_tok"],
             "n_shared_expert": setting(config, "n_shared_experts"), "moe_hidden": config["moe_intermediate_size"],
             "n_dense_layers": setting(config, "first_k_dense_replace")}
+
+
+def mla_settings(config):
+    """Our MLA fields for deepseek_v3 (head_dim is left to its default: MLA's widths are all explicit)."""
+    n_head = config["num_attention_heads"]
+    if (setting(config, "num_key_value_heads") or n_head) != n_head:
+        raise Unsupported("num_key_value_heads differs from num_attention_heads: MLA here has no grouped K/V heads")
+    fields = {"kv_lora_rank": setting(config, "kv_lora_rank"), "q_lora_rank": setting(config, "q_lora_rank") or 0,
+              "qk_nope_head_dim": setting(config, "qk_nope_head_dim"),
+              "qk_rope_head_dim": setting(config, "qk_rope_head_dim"), "v_head_dim": setting(config, "v_head_dim")}
+    head_dim = 0 if config["hidden_size"] % n_head == 0 else fields["v_head_dim"]
+    return dict(fields, n_kv_head=n_head, head_dim=head_dim, qk_norm=False)
 
 
 def gpt_config(config):
@@ -341,6 +378,8 @@ def gpt_config(config):
                 attn_pattern=shortest_period(kinds), norm_eps=setting(config, "rms_norm_eps"))
     if window:
         args["local_window"] = window
+    if kind == "deepseek_v3":
+        args.update(mla_settings(config))
     if kind in MOE_ARCHITECTURES:
         args.update(moe_settings(config))
     return GPTConfig(**args)
@@ -430,6 +469,8 @@ def read_hf_checkpoint(path):
         raise Unsupported(f"{config_file}: a field of the wrong type ({e})") from None
     routed_scale = setting(config, "routed_scaling_factor") if cfg.n_expert else 1.0
     state = state_from_hf(read_tensors(path), cfg, routed_scale)
+    if config["model_type"] == "deepseek_v3" and setting(config, "rope_interleave"):
+        state = {name: interleaved_rope_rows(name, t, cfg, to_ours=True) for name, t in state.items()}
     return {"model": state, "model_args": asdict(cfg), "tokenizer": tokenizer_spec(path, config),
             "config": {"init_from": f"hf:{path}"}, "iter_num": 0}
 

@@ -30,6 +30,10 @@ def saved_per_token(cfg, block):
     d, q, kv = cfg.n_embd, cfg.n_head * cfg.head_dim, 2 * cfg.n_kv_head * cfg.head_dim
     produces = hasattr(block.attn, "k_proj")
     attn = 3 * d + 4 * q + (3 * kv if produces else 0)  # x, norm(x), out; q raw/normed/rotated, attention; k, v
+    if cfg.mla:  # x, norm(x), out; q latent raw/normed; q raw/rotated/assembled; kv latent raw/normed, rope key;
+        qk, v = cfg.n_head * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim), cfg.n_head * cfg.v_head_dim
+        r, rope = cfg.kv_lora_rank, cfg.qk_rope_head_dim  # expanded k_nope and v, assembled k; attention out
+        attn = 3 * d + 2 * cfg.q_lora_rank + 3 * qk + 2 * (r + rope) + r + 2 * qk + v + v
     if isinstance(block.mlp, MoE):
         k, h, shared = cfg.n_expert_active, cfg.expert_hidden, cfg.n_shared_expert * cfg.expert_hidden
         per_hidden = 4 if cfg.mlp == "swiglu" else 3
@@ -110,14 +114,28 @@ def print_model_report(model, seq_len, kv_context):
     embedding = model.wte.weight.numel()
     print(f"parameters: {total + embedding:,} total ({total:,} without the input embedding), {active:,} active")
     print(f"training FLOPs per token at {seq_len} context: {model.flops_per_token(seq_len) / 1e9:.2f} GFLOP")
-    baseline = dict(asdict(cfg), attn_pattern="G", kv_share=1, share_global_kv=False)
-    gqa8 = KVCache.bytes_at(GPTConfig(**dict(baseline, n_kv_head=math.gcd(8, cfg.n_head))), kv_context)
-    mha = KVCache.bytes_at(GPTConfig(**dict(baseline, n_kv_head=cfg.n_head)), kv_context)
     ours = KVCache.bytes_at(cfg, kv_context)
-    print(f"KV cache at {kv_context:,} tokens of context (bf16, one sequence):")
-    for name, b in (("this model", ours), ("GQA-8", gqa8), ("MHA", mha)):
-        print(f"  {name:10s} {b / kv_context:>10,.0f} bytes/token {b / 2**20:>10,.1f} MiB")
+    print(f"KV cache at {kv_context:,} tokens of context (bf16, one sequence; the others global-only at this width):")
+    rows = [("this model", ours)] + [(name, KVCache.bytes_at(c, kv_context)) for name, c in kv_layouts(cfg).items()]
+    for name, b in rows:
+        print(f"  {name:26s} {b / kv_context:>10,.0f} bytes/token {b / 2**20:>10,.1f} MiB")
+    gqa8, mha = dict(rows)["GQA-8"], dict(rows)["MHA"]
     print(f"  this model needs {gqa8 / ours:.1f}x less than GQA-8 and {mha / ours:.1f}x less than MHA")
+
+
+def kv_layouts(cfg):
+    """The attention layouts the dry run compares at cfg's width, every layer global: {name: GPTConfig}. MLA takes
+    cfg's latent widths when it has them, else DeepSeek-V3's proportions (latent 4 heads wide, rope key half a head)."""
+    mha = dict(asdict(cfg), attn_pattern="G", kv_share=1, share_global_kv=False, n_kv_head=cfg.n_head,
+               kv_lora_rank=0, q_lora_rank=0, qk_nope_head_dim=0, qk_rope_head_dim=0, v_head_dim=0)
+    head_dim = cfg.v_head_dim if cfg.mla else cfg.head_dim
+    rank, rope = cfg.kv_lora_rank or 4 * head_dim, cfg.qk_rope_head_dim or head_dim // 2
+    return {"MHA": GPTConfig(**mha),
+            "GQA-8": GPTConfig(**dict(mha, n_kv_head=math.gcd(8, cfg.n_head))),
+            "MQA": GPTConfig(**dict(mha, n_kv_head=1)),
+            "MQA + CLA2": GPTConfig(**dict(mha, n_kv_head=1, kv_share=2)),
+            f"MLA (latent {rank} + rope {rope})": GPTConfig(**dict(mha, qk_norm=False, value_embeds=0,
+                                                                   kv_lora_rank=rank, qk_rope_head_dim=rope))}
 
 
 def plan_for(model, config, world_size, device, device_type, dtype):

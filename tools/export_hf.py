@@ -13,6 +13,7 @@ architecture that computes exactly our function:
     dense, QK-norm                                -> Qwen3 (sliding-window layers through layer_types)
     MoE, QK-norm                                  -> dots.llm1 (Dots1: Qwen3 attention, DeepSeek-V3 routing)
     MoE, no QK-norm, global attention only        -> GLM-4-MoE (full rotary, no biases)
+    MLA (kv_lora_rank > 0), global attention only -> DeepSeek-V3 (dense or MoE; its interleaved rope layout)
 
 Anything else (ReLU² MLP, cross-layer KV sharing, a logit soft-cap, ...) is refused with the settings that block
 it, and nothing is written: an approximate export never exists.
@@ -21,6 +22,7 @@ hf_dir must be a new folder, or with --overwrite=True one that holds an earlier 
 EXPORT_FILES). A file, the current folder or one above it, the run being exported, or a folder holding anything
 else (a checkpoint, say) is refused before anything is written: an export never deletes what it did not write.
 """
+import dataclasses
 import json
 import os
 import shutil
@@ -49,7 +51,8 @@ EXPORT_FILES = {"config.json", "model.safetensors", "vocab.json", "merges.txt", 
 MAPPED_FIELDS = {"block_size", "vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "mlp",
                  "mlp_hidden", "qk_norm", "tie_embeddings", "dropout", "rope_theta", "attn_pattern", "local_window",
                  "kv_share", "share_global_kv", "n_expert", "n_expert_active", "n_shared_expert", "moe_hidden",
-                 "n_dense_layers", "moe_bias_gamma", "moe_aux_alpha", "norm_eps", "logit_softcap", "zero_init_proj"}
+                 "n_dense_layers", "moe_bias_gamma", "moe_aux_alpha", "norm_eps", "logit_softcap", "zero_init_proj",
+                 "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"}
 
 # ---------------------------------------------------------------------------------------------------- mapping
 
@@ -68,13 +71,18 @@ def refusals(cfg):
                        "layer's K/V (cross-layer sharing) exist in no standard architecture")
     if cfg.n_expert and cfg.n_expert < 2:
         reasons.append(f"n_expert={cfg.n_expert}: Dots1 and GLM-4-MoE route among at least 2 experts")
-    if cfg.n_expert and not cfg.qk_norm and "L" in cfg.attn_pattern:
+    if cfg.mla and "L" in cfg.attn_pattern:
+        reasons.append(f"kv_lora_rank={cfg.kv_lora_rank} with attn_pattern={cfg.attn_pattern!r}: DeepSeek-V3 (the "
+                       "standard MLA architecture) has no sliding windows")
+    elif cfg.n_expert and not cfg.qk_norm and "L" in cfg.attn_pattern:
         reasons.append(f"n_expert={cfg.n_expert} with qk_norm=False and attn_pattern={cfg.attn_pattern!r}: "
                        "GLM-4-MoE has no sliding windows (Dots1, which has, always has QK-norm)")
     return reasons
 
 
 def model_type(cfg):
+    if cfg.mla:
+        return "deepseek_v3"
     if cfg.n_expert:
         return "dots1" if cfg.qk_norm else "glm4_moe"
     if cfg.qk_norm:
@@ -103,10 +111,27 @@ def moe_fields(cfg, kind):
     return dict(fields, use_qk_norm=cfg.qk_norm) if kind == "glm4_moe" else fields
 
 
+def deepseek_fields(cfg):
+    """DeepSeek-V3's MLA and MoE fields: a dense model is one whose dense layers are all of them; routing among all
+    experts (one group); the rope rows written in DeepSeek's interleaved layout; no multi-token-prediction layer."""
+    moe = moe_fields(cfg, "deepseek_v3") or {"n_routed_experts": 2, "num_experts_per_tok": 1, "n_shared_experts": 1,
+                                              "moe_intermediate_size": 1, "first_k_dense_replace": cfg.n_layer,
+                                              "norm_topk_prob": True, "n_group": 1, "topk_group": 1,
+                                              "routed_scaling_factor": 1.0}
+    return dict(moe, kv_lora_rank=cfg.kv_lora_rank, q_lora_rank=cfg.q_lora_rank or None,
+                qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
+                v_head_dim=cfg.v_head_dim, head_dim=cfg.qk_rope_head_dim, rope_interleave=True,
+                num_nextn_predict_layers=0)
+
+
 def hf_config(cfg, eot):
     """config.json for cfg. rope_parameters is transformers v5's field; rope_theta (and partial_rotary_factor)
     keep v4 readers right."""
     kind = model_type(cfg)
+    if kind == "deepseek_v3":
+        return dict(hf_config(dataclasses.replace(cfg, kv_lora_rank=0, q_lora_rank=0, qk_nope_head_dim=0,
+                                                  qk_rope_head_dim=0, v_head_dim=0, n_expert=0), eot),
+                    architectures=[hf.CAUSAL_LM_CLASS[kind]], model_type=kind, **deepseek_fields(cfg))
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     full_rotary = {"partial_rotary_factor": 1.0} if kind == "glm4_moe" else {}  # GLM's default rotates half
     rope.update(full_rotary)
@@ -133,6 +158,8 @@ def hf_tensors(state, cfg):
         shapes = {"gate_proj": (0, cfg.n_embd), "up_proj": (0, cfg.n_embd), "down_proj": (cfg.n_embd, 0)}
         for i in range(cfg.n_dense_layers, cfg.n_layer):
             out.update({f"model.layers.{i}.mlp.shared_experts.{p}.weight": torch.zeros(s) for p, s in shapes.items()})
+    if model_type(cfg) == "deepseek_v3":
+        out = {name: hf.interleaved_rope_rows(name, t, cfg, to_ours=False) for name, t in out.items()}
     if model_type(cfg) == "qwen2":  # Qwen2's q/k/v always carry biases: zeros compute our function
         for i in range(cfg.n_layer):
             for proj in ("q_proj", "k_proj", "v_proj"):
