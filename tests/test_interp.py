@@ -185,7 +185,8 @@ def test_an_unknown_hook_name_lists_the_near_ones(seed):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     torch.manual_seed(0)
-    return save(tmp_path_factory.mktemp("interp"), "run", tiny_model(**CONFIGS["gqa_ve_softcap"]), SPEC)
+    return save(tmp_path_factory.mktemp("interp"), "run", tiny_model(**CONFIGS["gqa_ve_softcap"], block_size=64),
+                SPEC)
 
 
 def interp_cmd(run_dir, *args):
@@ -199,7 +200,6 @@ def test_bad_input_is_one_clear_line(run_dir):
                           "equal length in tokens", "5", "2")
     assert_one_clear_line(interp_cmd(run_dir, "--view=attention", "--prompt=€"), "--prompt")
     assert_one_clear_line(interp_cmd(run_dir, "--view=moe"), "no MoE layers")
-    assert_one_clear_line(interp_cmd(run_dir, "--view=lens"), "view")
 
 
 def test_every_view_writes_its_json_and_pictures(run_dir):
