@@ -355,12 +355,13 @@ def main():
         print("\n".join(interp.hook_names(model)))
         return
     torch.manual_seed(seed)
-    ids = prompt_ids(tokenizer, prompt, "prompt", model.config.block_size)
     if view == "all":
         views = [v for v in VIEWS if (v != "patching" or corrupt) and (v != "moe" or model.moe_layers())]
         print(f"views: {', '.join(views)} (patching needs --corrupt; moe an MoE model)")
     else:
         views = [view]
+    uses_prompt = set(views) - {"induction", "moe"}
+    ids = prompt_ids(tokenizer, prompt, "prompt", model.config.block_size) if uses_prompt else None
     try:
         out = Output(os.path.join(results_dir(out_dir), "interp"))
     except OSError as e:

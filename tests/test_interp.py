@@ -213,3 +213,18 @@ def test_every_view_writes_its_json_and_pictures(run_dir):
         data = json.load(open(os.path.join(run_dir, "interp", f"{view}.json")))
         assert data["view"] == view
         assert glob.glob(os.path.join(run_dir, "interp", f"{view}*.png")), view
+
+
+def test_the_moe_view_routes_a_val_shard(tmp_path, seed):
+    import json
+
+    from nanogpt.shards import write_shard
+    run = save(tmp_path, "moe", tiny_model(**CONFIGS["moe"]), SPEC)
+    (tmp_path / "data" / "tiny").mkdir(parents=True)
+    write_shard(str(tmp_path / "data" / "tiny" / "val_000000.bin"), torch.randint(0, len(CHARS), (200,)).numpy())
+    result = interp_cmd(run, "--view=moe", f"--data_root={tmp_path / 'data'}", "--dataset=tiny", "--moe_tokens=100")
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.load(open(tmp_path / "moe" / "interp" / "moe.json"))
+    assert data["tokens"] == 100 and [row["layer"] for row in data["layers"]] == [1, 2]
+    assert sum(data["layers"][0]["load"]) == pytest.approx(1.0)
+    assert (tmp_path / "moe" / "interp" / "moe.png").exists()
