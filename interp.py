@@ -226,8 +226,8 @@ def view_patching(model, tokenizer, ids, out):
         fail(str(e))
     labels = [f"{a}/{b}" if a != b else a for a, b in zip(token_labels(tokenizer, ids), token_labels(tokenizer, bad))]
     layers = [layer_label(model, i) for i in range(len(model.blocks))]
-    fig, axes = plt.subplots(1, 4, figsize=(max(14, 0.9 * len(ids) * 3 + 4), 0.45 * len(layers) + 2.2))
-    for ax, (point, what) in zip(axes, (("resid_pre", "residual before layer"), ("attn_out", "attention output"),
+    fig, axes = plt.subplots(2, 2, figsize=(max(10, 0.56 * len(ids) + 4), 2 * (0.4 * len(layers) + 2)))
+    for ax, (point, what) in zip(axes.flat, (("resid_pre", "residual before layer"), ("attn_out", "attention output"),
                                         ("mlp_out", "MLP output"), ("attn.z", "each head, every position"))):
         xlabels = labels if point != "attn.z" else [f"h{h}" for h in range(model.config.n_head)]
         heatmap(ax, results[point], what, xlabels, layers, center=True)

@@ -3,11 +3,12 @@ cost a training step: the quick run's model (4 layers, 128 wide, relu2, batch 32
 
     git show BASE:model.py > /tmp/model_base.py
     python bench/hook_overhead.py --base=/tmp/model_base.py --steps=40     # paired timing, interleaved steps
-    valgrind --tool=callgrind --callgrind-out-file=/dev/null python bench/hook_overhead.py --only=this --steps=N
+    python bench/hook_overhead.py --base=/tmp/model_base.py --count=True   # Python bytecodes per step, exact
 
 Paired: both models (the same weights) alternate step by step in one process, one thread, so a busy machine slows
-both alike; the medians and their ratio are printed. --only=this|base runs one of them (for an instruction count:
-the difference between two step counts is the per-step cost, free of timing noise).
+both alike; the medians and their ratio are printed. --count: the Python bytecode instructions executed in model.py's
+own code during one forward + backward, counted with an opcode trace (exact, free of timing noise: both models make
+the same torch calls, so what the hooks add is Python work in model.py). --only=this|base runs one model.
 """
 import importlib.util
 import os
@@ -22,7 +23,8 @@ from configurator import configure  # noqa: E402
 
 base = ""                      # the model.py to compare with (e.g. git show BASE:model.py > FILE)
 steps = 40                     # timed steps per model
-only = ""                      # 'this' or 'base': run one model only (for callgrind)
+only = ""                      # 'this' or 'base': run one model only
+count = False                  # count model.py's bytecodes per step instead of timing
 batch_size = 32
 block_size = 128
 
@@ -45,6 +47,26 @@ def step(model, x, y):
     loss.backward()
 
 
+def bytecodes_per_step(model, path, x, y):
+    """Python bytecode instructions executed in the file `path` during one step (sys.settrace, opcode events)."""
+    executed = 0
+
+    def trace(frame, event, arg):
+        nonlocal executed
+        if frame.f_code.co_filename != path:
+            return None
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            executed += 1
+        return trace
+    sys.settrace(trace)
+    try:
+        step(model, x, y)
+    finally:
+        sys.settrace(None)
+    return executed
+
+
 def main():
     configure(globals())
     torch.set_num_threads(1)
@@ -54,6 +76,12 @@ def main():
     models = {n: quick_run_model(load_model_module(paths[n], f"model_{n}")) for n in names}
     g = torch.Generator().manual_seed(0)
     x, y = (torch.randint(0, 65, (batch_size, block_size), generator=g) for _ in range(2))
+    if count:
+        for n in names:
+            step(models[n], x, y)  # warm-up
+            print(f"{n}: {bytecodes_per_step(models[n], paths[n], x, y):,} bytecodes in {os.path.basename(paths[n])}"
+                  " per forward + backward")
+        return
     times = {n: [] for n in names}
     for i in range(steps + 3):  # 3 warm-up steps each
         for n in names:
