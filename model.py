@@ -263,6 +263,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm and produces_kv else nn.Identity()
         if takes_value_embed:  # v <- a v + b ve, (a, b) learned from (0.5, 0.5)
             self.ve_mix = nn.Parameter(torch.full((2,), 0.5))
+        # interpretability hook points (nanogpt/interp.py); None costs one check per point
+        self.hook = None
 
     def forward(self, x, cos, sin, kv, cache, ve=None):
         """Returns (output, kv): a producer computes kv = (k, v, window); a consumer is handed its
@@ -271,13 +273,17 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, -1, hd).transpose(1, 2)), cos, sin)
-        window = self.window
+        hook, window = self.hook, self.window
+        if hook is not None:
+            q = hook("q", q)
         if self.produces_kv:
             k = apply_rope(self.k_norm(self.k_proj(x).view(B, T, -1, hd).transpose(1, 2)), cos, sin)
             v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
             if ve is not None:
                 v = (self.ve_mix[0] * v
                      + self.ve_mix[1] * ve.view(B, T, -1, hd).transpose(1, 2).to(v.dtype))
+            if hook is not None:  # before packing: the group's consumers see a patched K/V too
+                k, v = hook("k", k), hook("v", v)
             if cache is not None:
                 k, v, decoding = cache.update(self.kv_group, k, v)
                 # a decode step's ring holds exactly its window
@@ -285,7 +291,10 @@ class Attention(nn.Module):
             kv = (k, v, window)
         k, v, window = kv
         dropout = self.cfg.dropout if self.training else 0.0
-        y = attend(q, k, v, window, self.attn_impl, dropout)
+        if hook is None:
+            y = attend(q, k, v, window, self.attn_impl, dropout)
+        else:  # the pattern (computed only when asked for) and each head's output z
+            y = hook.attend(q, k, v, window, self.attn_impl, dropout)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), kv
 
 
@@ -414,6 +423,7 @@ class MoE(nn.Module):
         self.fp8_linear = None
         # every expert on every token: static shapes, for XLA (set by parallel.py)
         self.dense_dispatch = False
+        self.hook = None  # interpretability hook points (nanogpt/interp.py)
 
     def forward(self, x):
         """(output, balance loss: a scalar tensor while training with moe_aux_alpha > 0,
@@ -422,7 +432,11 @@ class MoE(nn.Module):
         tokens = x.reshape(-1, d)
         scores = torch.sigmoid(
             self.router(tokens).to(torch.promote_types(x.dtype, torch.float32)))  # (N, E)
+        if self.hook is not None:
+            scores = self.hook("router_scores", scores.view(B, T, -1)).flatten(0, 1)
         chosen = torch.topk(scores + self.bias, self.cfg.n_expert_active, dim=-1).indices
+        if self.hook is not None:
+            chosen = self.hook("chosen", chosen.view(B, T, -1)).flatten(0, 1)
         gates = scores.gather(1, chosen)
         gates = gates / gates.sum(-1, keepdim=True)
         aux_loss = None
@@ -434,6 +448,8 @@ class MoE(nn.Module):
             out = self.run_experts_dense(tokens, chosen, gates.to(x.dtype))
         else:
             out = self.run_experts(tokens, chosen, gates.to(x.dtype))
+        if self.hook is not None:  # the routed experts' gated sum, before the shared experts
+            out = self.hook("experts", out.view(B, T, d)).flatten(0, 1)
         if self.shared is not None:
             out = out + self.shared(tokens)[0]
         return out.view(B, T, d), aux_loss
@@ -565,6 +581,7 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         # activation checkpointing: keep only the input, recompute the rest in backward
         self.checkpoint = False
+        self.hook = None  # interpretability hook points (nanogpt/interp.py)
 
     def forward(self, x, cos, sin, kv=None, cache=None, ve=None):
         """Returns (x, kv, the MoE balance loss or None). K/V travel as arguments and results, not
@@ -575,10 +592,22 @@ class Block(nn.Module):
         return self._forward(x, cos, sin, kv, cache, ve)
 
     def _forward(self, x, cos, sin, kv, cache, ve):
+        hook = self.hook
+        if hook is not None:
+            x = hook("resid_pre", x)
         h, kv = self.attn(self.attn_norm(x), cos, sin, kv, cache, ve)
+        if hook is not None:
+            h = hook("attn_out", h)
         x = x + self.dropout(h)
+        if hook is not None:
+            x = hook("resid_mid", x)
         h, balance = self.mlp(self.mlp_norm(x))
-        return x + self.dropout(h), kv, balance
+        if hook is not None:
+            h = hook("mlp_out", h)
+        x = x + self.dropout(h)
+        if hook is not None:
+            x = hook("resid_post", x)
+        return x, kv, balance
 
 
 class MTPModule(nn.Module):
