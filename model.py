@@ -520,23 +520,11 @@ class LMHead(nn.Linear):
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Next tokens (B, 1) from last-position logits (B, V): greedy at temperature 0, else top-k /
-    nucleus sampling."""
-    if temperature == 0:
-        return logits.argmax(-1, keepdim=True)
-    # max first and a temperature no smaller than the dtype can hold: a vanishing temperature
-    # tends to greedy
-    logits = ((logits - logits.amax(-1, keepdim=True))
-              / max(temperature, torch.finfo(logits.dtype).tiny))
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # keep the smallest prefix whose mass reaches top_p
-        drop = cumulative - sorted_logits.softmax(-1) > top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+    nucleus sampling (nanogpt/sampling.py, where every sampling setting lives)."""
+    from nanogpt.sampling import SamplingParams, next_tokens
+    params = SamplingParams(temperature=temperature, top_k=top_k or 0,
+                            top_p=1.0 if top_p is None else top_p)
+    return next_tokens(logits, params, generators=generator)[:, None]
 
 
 # -------------------------------------------------------------------------------------------- model
@@ -687,11 +675,21 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        generator=None, vocab_limit=None):
+                        generator=None, vocab_limit=None, params=None):
         """Yield the next tokens (B, 1) after idx (B, T), one step at a time, sampled with the KV
         cache. Past block_size the cache is rebuilt from the last 3/4 block of the context.
-        vocab_limit: ids from here on (a padded vocabulary's spare rows) are never sampled."""
-        block, cache = self.config.block_size, None
+        vocab_limit: ids from here on (a padded vocabulary's spare rows) are never sampled.
+        params: a nanogpt.sampling.SamplingParams (or one per row) in place of temperature / top_k /
+        top_p, with its penalties counted over the tokens generated here; generator: one for all
+        rows or one per row (default: each row's params.seed, else the global RNG)."""
+        from nanogpt.sampling import SamplingParams, next_tokens
+        if params is None:
+            params = SamplingParams(temperature=temperature, top_k=top_k or 0,
+                                    top_p=1.0 if top_p is None else top_p)
+        rows = params if isinstance(params, (list, tuple)) else [params] * idx.size(0)
+        if generator is None and any(p.seed is not None for p in rows):
+            generator = [p.generator(idx.device) for p in rows]
+        block, cache, generated = self.config.block_size, None, [[] for _ in rows]
         for _ in range(max_new_tokens):
             if cache is None or cache.pos >= block:
                 keep = block if cache is None else block * 3 // 4
@@ -702,7 +700,9 @@ class GPT(nn.Module):
             logits = self.logits(h[:, -1])
             if vocab_limit is not None:
                 logits[:, vocab_limit:] = float("-inf")
-            token = sample_next(logits, temperature, top_k, top_p, generator)
+            token = next_tokens(logits, params, generated, generator)[:, None]
+            for row, t in zip(generated, token[:, 0].tolist()):
+                row.append(t)
             idx = torch.cat((idx, token), dim=1)
             yield token
 
