@@ -143,9 +143,14 @@ class RMSNorm(nn.Module):
 
 def rope_tables(start, length, head_dim, theta, device):
     """cos and sin (length, head_dim/2) for positions start..start+length-1; computed per call
-    (cheap, compile-friendly)."""
+    (cheap, compile-friendly). start may be a (B,) tensor, one start per row (a batch of sequences
+    at different positions): then (B, 1, length, head_dim/2)."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
                          / head_dim)
+    if torch.is_tensor(start):
+        positions = start.to(device, torch.float32)[:, None] + torch.arange(length, device=device)
+        freqs = (positions[..., None] * inv_freq).unsqueeze(1)
+        return freqs.cos(), freqs.sin()
     freqs = torch.outer(torch.arange(start, start + length, device=device, dtype=torch.float32),
                         inv_freq)
     return freqs.cos(), freqs.sin()
@@ -160,7 +165,11 @@ def apply_rope(x, cos, sin):
 
 def attend(q, k, v, window, impl, dropout=0.0):
     """Causal attention of q (B, Hq, Tq, D) over k, v (B, Hkv, Tk, D), keys aligned to the end of
-    the query span."""
+    the query span. window may instead be a boolean mask (B, 1, Tq, Tk), True = visible: a batch
+    of sequences at different positions (nanogpt/engine.py's cache)."""
+    if torch.is_tensor(window):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=window, dropout_p=dropout,
+                                              enable_gqa=q.size(1) != k.size(1))
     t_q, t_k = q.size(2), k.size(2)
     if window is not None and window >= t_k:
         window = None  # a window covering every key is plain causal attention
@@ -216,10 +225,8 @@ class Attention(nn.Module):
             if ve is not None:
                 v = (self.ve_mix[0] * v
                      + self.ve_mix[1] * ve.view(B, T, -1, hd).transpose(1, 2).to(v.dtype))
-            if cache is not None:
-                k, v, decoding = cache.update(self.kv_group, k, v)
-                # a decode step's ring holds exactly its window
-                window = None if decoding else window
+            if cache is not None:  # the cache says what the queries see: a window or a mask
+                k, v, window = cache.update(self.kv_group, k, v, window)
             kv = (k, v, window)
         k, v, window = kv
         dropout = self.cfg.dropout if self.training else 0.0
@@ -400,8 +407,8 @@ class KVCache:
                                  else cfg.block_size)
                       for kind, kv_group, produces in layer_plan(cfg) if produces}
 
-    def update(self, kv_group, k, v):
-        """Store new K/V; return (keys, values, decoding) to attend over."""
+    def update(self, kv_group, k, v, window):
+        """Store new K/V; return (keys, values, window) to attend over."""
         size, T = self.slots[kv_group], k.size(2)
         if self.pos == 0:  # prefill: attend over the prompt itself, keep its last `size` positions
             if T > self.block_size:
@@ -412,7 +419,7 @@ class KVCache:
             slots = torch.arange(T - keep, T, device=k.device) % size
             self.k[kv_group][:, :, slots] = k[:, :, -keep:]
             self.v[kv_group][:, :, slots] = v[:, :, -keep:]
-            return k, v, False
+            return k, v, window
         if T != 1:
             raise ValueError("after the prefill the cache takes one token per step")
         if self.pos >= self.block_size:
@@ -423,7 +430,8 @@ class KVCache:
         self.v[kv_group][:, :, slot] = v[:, :, 0]
         # ring order does not matter: softmax is permutation-invariant over keys
         n = min(self.pos + 1, size)
-        return self.k[kv_group][:, :, :n], self.v[kv_group][:, :, :n], True
+        # a decode step's ring holds exactly its window
+        return self.k[kv_group][:, :, :n], self.v[kv_group][:, :, :n], None
 
     @staticmethod
     def bytes_at(cfg, context, dtype_bytes=2):
@@ -584,7 +592,7 @@ class GPT(nn.Module):
         With a cache, idx continues the cached context and cache.pos advances."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size and cache is None:
+        if cache is None and start + T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
         cos, sin = rope_tables(start, T, self.config.head_dim, self.config.rope_theta, idx.device)
         # shared_kv: each sharing group's K/V, from its producer layer
