@@ -87,6 +87,14 @@ class SamplingParams:
         return torch.Generator(device=device).manual_seed(self.seed)
 
 
+def params_from_settings(settings, max_tokens):
+    """Checked SamplingParams from a command's settings (a dict holding some of its field names; stop '' = none).
+    The command's seed stays out: it seeds the global RNG, as one seed per row would make every row alike."""
+    chosen = {f.name: settings[f.name] for f in fields(SamplingParams) if f.name in settings and f.name != "seed"}
+    chosen["stop"] = chosen.get("stop") or ()
+    return SamplingParams(**chosen, max_tokens=max_tokens).check()
+
+
 def per_row(value, rows, name):
     """One value for every row, or a list with one per row."""
     if isinstance(value, (list, tuple)):

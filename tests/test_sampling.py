@@ -245,3 +245,20 @@ def test_text_stream_waits_for_a_split_character_and_stops():
     assert [stream.push(i)[0] for i in (0, 2, 1)] == ["a", "", "Eb"]
     stream.push(2)
     assert stream.finish() == "E"  # generation ended on a partial stop string: shown after all
+
+
+def test_sample_py_cuts_at_a_stop_string_and_refuses_a_bad_setting_in_one_line(tmp_path):
+    import sample
+    from conftest import assert_one_clear_line, run_script
+    from test_sample import SPEC, tiny_run
+    _, model = tiny_run(tmp_path)
+    tok, prompt = Tokenizer(SPEC), Tokenizer(SPEC).encode("ROMEO:")
+    greedy = SamplingParams(temperature=0, max_tokens=20)
+    whole = tok.decode(sample.generate(model, torch.tensor([prompt] * 2), greedy, tok)[0])
+    stop = whole[5:7]
+    params = SamplingParams(temperature=0, max_tokens=20, stop=(stop,))
+    rows = sample.generate(model, torch.tensor([prompt] * 2), params, tok)
+    assert len(rows[0]) < 20 and stop in tok.decode(rows[0])  # generation ended once every row held it
+    assert sample.sample_text(tok, prompt, rows[0], params.stop) == "ROMEO:" + whole[:whole.find(stop)]
+    assert_one_clear_line(run_script("sample.py", "--out_dir=nowhere", "--min_p=2", check=False),
+                          "min_p must be in [0, 1], got 2")
