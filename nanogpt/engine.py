@@ -14,8 +14,8 @@ takes a start per row (model.rope_tables) and each row's queries see only its ow
 Greedy tokens equal those of the sequence run alone (tests/test_engine.py); a seeded request draws from its own
 generator, so batching does not change its tokens either.
 
-EngineThread runs an Engine in a background thread for a server: submit() from any thread gives a queue of
-events, cancel() frees the slot of a client that went away.
+EngineThread runs an Engine in a background thread for a server: submit() from any thread with a callback for its
+tokens, cancel() frees the slot of a client that went away.
 """
 import queue
 import threading
@@ -186,38 +186,44 @@ class Engine:
 
 
 class EngineThread:
-    """An Engine stepping in a background thread. submit() returns (sequence, queue): the queue gets
-    ('token', id) for each generated token and ('end', finish_reason) or ('error', message) last."""
+    """An Engine stepping in a background thread, for a server. submit(..., deliver) from any thread; the engine
+    thread calls deliver('token', id) for each generated token and deliver('end', finish_reason) or
+    deliver('error', message) last. cancel() frees the slot of a client that went away."""
 
     def __init__(self, engine):
         self.engine, self.inbox, self.wake = engine, queue.Queue(), threading.Event()
-        self.outboxes = {}
+        self.deliver = {}  # sequence -> its callback, while it runs
+        self.cancelled = 0
         self.thread = threading.Thread(target=self.loop, daemon=True, name="engine")
         self.thread.start()
 
-    def submit(self, prompt, params, stop_ids=()):
-        """Queue a request; ValueError (checked here, in the caller's thread) for a prompt or setting it refuses."""
+    def submit(self, prompt, params, deliver, stop_ids=()):
+        """Queue a request and return its Sequence; ValueError (in the caller's thread) for what the engine
+        refuses."""
         params.check()
         if not 1 <= len(prompt) <= self.engine.block_size:
             self.engine.add(prompt, params)  # raises the engine's one line
-        outbox = queue.Queue()
         seq = Sequence(list(prompt), params, frozenset(stop_ids))
-        self.inbox.put(("add", seq, outbox))
+        self.inbox.put(("add", seq, deliver))
         self.wake.set()
-        return seq, outbox
+        return seq
 
     def cancel(self, seq):
         self.inbox.put(("cancel", seq, None))
         self.wake.set()
 
-    def handle(self, command, seq, outbox):
-        engine = self.engine
+    def load(self):
+        """(sequences decoding or prefilling, sequences waiting for a slot); read from another thread: a snapshot."""
+        return len(self.engine.running), len(self.engine.waiting) + self.inbox.qsize()
+
+    def handle(self, command, seq, deliver):
         if command == "add":
-            seq.generator = seq.params.generator(engine.device)
-            engine.waiting.append(seq)
-            self.outboxes[seq] = outbox
-        elif command == "cancel" and seq in self.outboxes:
-            engine.cancel(seq)
+            seq.generator = seq.params.generator(self.engine.device)
+            self.engine.waiting.append(seq)
+            self.deliver[seq] = deliver
+        elif command == "cancel" and seq.finish_reason is None and seq in self.deliver:
+            self.engine.cancel(seq)
+            self.cancelled += 1
 
     def loop(self):
         while True:
@@ -228,13 +234,13 @@ class EngineThread:
                 self.handle(*self.inbox.get())
             try:
                 events = self.engine.step()
-            except Exception as e:  # noqa: BLE001 - a failed step ends every request in it, never the server
-                for seq in list(self.outboxes):
+            except Exception as e:  # noqa: BLE001 - a failed step ends the requests in it, never the server
+                for seq in list(self.deliver):
                     self.engine.cancel(seq)
-                    self.outboxes.pop(seq).put(("error", f"{type(e).__name__}: {e}"))
+                    self.deliver.pop(seq)("error", f"{type(e).__name__}: {e}")
                 continue
             for seq, token in events:
-                if token not in seq.stop_ids:
-                    self.outboxes[seq].put(("token", token))
-            for seq in [s for s in self.outboxes if s.finish_reason is not None]:
-                self.outboxes.pop(seq).put(("end", seq.finish_reason))
+                if token not in seq.stop_ids and seq in self.deliver:
+                    self.deliver[seq]("token", token)
+            for seq in [s for s in self.deliver if s.finish_reason is not None]:
+                self.deliver.pop(seq)("end", seq.finish_reason)
