@@ -76,9 +76,12 @@ def _configs():
 
 
 def _prune(configs, named_args, **kw):
-    """Decode shapes (M <= 16) take the 16-row tiles only; larger M the others."""
-    small = kw.get("TUNE_M", named_args.get("TUNE_M")) <= 16
-    kept = [c for c in configs if (c.kwargs["BM"] == 16) == small]
+    """Decode shapes (M <= 16) take the 16-row tiles only; larger M the others. int4 holds each K block's product
+    beside the accumulator: tiles over 64 x 128 spill (128 x 128 at 8 warps did, compiled for sm_90a)."""
+    arg = lambda name: kw.get(name, named_args.get(name))
+    small, int4 = arg("TUNE_M") <= 16, arg("BITS") == 4
+    kept = [c for c in configs if (c.kwargs["BM"] == 16) == small
+            and not (int4 and c.kwargs["BM"] * c.kwargs["BN"] > 64 * 128)]
     return kept or configs
 
 
