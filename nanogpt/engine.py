@@ -44,19 +44,26 @@ class SlotCache:
         self.rows = torch.tensor(rows, device=device)
         self.pos = torch.tensor(positions, device=device)  # GPT.forward reads it for RoPE and adds T after
         self.longest, self.masks = max(positions), {}
+        self.first_rows = rows == list(range(len(rows)))  # slots 0..B-1 in order: the cache rows are a view
 
     def mask(self, size, window, T):
-        """(B, 1, T, n + T) visibility of the n cached ring entries and the T new keys for the T new queries."""
-        n = min(size, self.longest)  # ring entries past every row's last position hold nothing yet
+        """(B, 1, T, keys) visibility for the T new queries of each row. A decode step (T = 1) attends over the ring
+        after its write; a prompt chunk over the ring before it, then its own T keys (its writes may overwrite ring
+        entries its earlier queries still see)."""
+        decode = T == 1
         start = self.pos[:, None]
-        last = start - 1
-        cached = last - (last - torch.arange(n, device=start.device)) % size  # position in each ring entry; < 0: none
+        last = start - 1 + decode  # the newest position in the ring
+        n = min(size, self.longest + decode)  # ring entries past every row's newest position hold nothing yet
+        ring = last - (last - torch.arange(n, device=start.device)) % size  # position in each entry; < 0: none
         new = start + torch.arange(T, device=start.device)
-        keys, queries = torch.cat((cached, new), 1)[:, None, :], new[:, :, None]
+        keys, queries = (ring if decode else torch.cat((ring, new), 1))[:, None, :], new[:, :, None]
         visible = (keys >= 0) & (keys <= queries)
         if window is not None:
             visible &= keys > queries - window
         return visible[:, None]
+
+    def rows_of(self, cache, n):
+        return cache[:len(self.rows), :, :n] if self.first_rows else cache[self.rows, :, :n]
 
     def update(self, kv_group, k, v, window):
         size, (B, H, T, D) = self.size[kv_group], k.shape
@@ -65,14 +72,18 @@ class SlotCache:
             self.v[kv_group] = torch.zeros_like(self.k[kv_group])
         if (size, window, T) not in self.masks:  # the layers of one kind share a mask
             self.masks[size, window, T] = self.mask(size, window, T)
-        n = min(size, self.longest)
-        keys = torch.cat((self.k[kv_group][self.rows, :, :n], k), 2)
-        values = torch.cat((self.v[kv_group][self.rows, :, :n], v), 2)
+        cache_k, cache_v, mask = self.k[kv_group], self.v[kv_group], self.masks[size, window, T]
+        if T > 1:
+            n = min(size, self.longest)
+            keys, values = torch.cat((self.rows_of(cache_k, n), k), 2), torch.cat((self.rows_of(cache_v, n), v), 2)
         keep = min(T, size)  # a prompt chunk longer than a ring keeps its last `size` positions
         ring = (self.pos[:, None] + torch.arange(T - keep, T, device=k.device)) % size
-        self.k[kv_group][self.rows[:, None], :, ring] = k[:, :, T - keep:].transpose(1, 2)
-        self.v[kv_group][self.rows[:, None], :, ring] = v[:, :, T - keep:].transpose(1, 2)
-        return keys, values, self.masks[size, window, T]
+        cache_k[self.rows[:, None], :, ring] = k[:, :, T - keep:].transpose(1, 2)
+        cache_v[self.rows[:, None], :, ring] = v[:, :, T - keep:].transpose(1, 2)
+        if T == 1:  # a decode step's key took the entry of position pos - size, which its query does not see
+            n = min(size, self.longest + 1)
+            keys, values = self.rows_of(cache_k, n), self.rows_of(cache_v, n)
+        return keys, values, mask
 
 
 @dataclass(eq=False)
@@ -126,6 +137,7 @@ class Engine:
         if seq.slot is not None:
             self.running.remove(seq)
             self.free.append(seq.slot)
+            self.free.sort(reverse=True)  # the lowest slot goes next: busy slots stay 0..B-1 when they can
             seq.slot = None
 
     def forward(self, rows, positions, tokens):
@@ -160,7 +172,7 @@ class Engine:
             seq = self.waiting.popleft()
             seq.slot = self.free.pop()
             self.running.append(seq)
-        decoding = [s for s in self.running if s.generated]
+        decoding = sorted((s for s in self.running if s.generated), key=lambda s: s.slot)
         events = []
         prefilling = next((s for s in self.running if not s.generated), None)
         if prefilling is not None:
