@@ -185,7 +185,7 @@ def quantize_model(model, scheme, group_size=DEFAULT_GROUP, head=False, empty=Fa
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     names = quantized_names(model, head)
     for name, shape in names.items():
-        check_group_size(scheme, group_size, shape[-1], name.rsplit(".", 1)[0])
+        check_group_size(scheme, group_size, shape[-1], name.removesuffix(".weight"))
     owners = {}
     for name in names:
         owner, param = name.rsplit(".", 1)
