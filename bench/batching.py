@@ -3,6 +3,7 @@ against the same N requests one after another through model.generate_tokens (the
 sample.py and chat.py run), printed as a markdown table.
 
     python bench/batching.py                                 # N = 1, 4, 16 on the quick run's shape (random weights)
+    python bench/batching.py --layers 6 --width 384 --heads 6 --block 256 --mlp swiglu   # nanoGPT's Shakespeare GPU shape
     python bench/batching.py --concurrency 1 4 16 32 --prompt 64 --new 128 --repeats 5
 
 Each repeat times the sequential run and the batched run back to back (paired: both see the same machine load) and
@@ -31,11 +32,12 @@ def parse_args():
     p.add_argument("--new", type=int, default=64, help="generated tokens per request")
     p.add_argument("--chunk", type=int, default=64, help="the engine's prefill chunk")
     p.add_argument("--repeats", type=int, default=3, help="paired runs per concurrency (medians reported)")
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--width", type=int, default=384)
-    p.add_argument("--heads", type=int, default=6)
-    p.add_argument("--block", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4, help="the model (default: train.py's quick run)")
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--block", type=int, default=128)
     p.add_argument("--vocab", type=int, default=65)
+    p.add_argument("--mlp", choices=("relu2", "swiglu"), default="relu2")
     args = p.parse_args()
     if min(args.concurrency + [args.prompt, args.new, args.chunk, args.repeats]) < 1:
         p.error("--concurrency, --prompt, --new, --chunk and --repeats must be >= 1")
@@ -66,9 +68,9 @@ def main():
     args = parse_args()
     torch.manual_seed(0)
     cfg = GPTConfig(n_layer=args.layers, n_embd=args.width, n_head=args.heads, block_size=args.block,
-                    vocab_size=args.vocab)
+                    vocab_size=args.vocab, mlp=args.mlp)
     model = GPT(cfg).eval()
-    print(f"model: {args.layers} layers, width {args.width}, {args.heads} heads, context {args.block} "
+    print(f"model: {args.layers} layers, width {args.width}, {args.heads} heads, {args.mlp}, context {args.block} "
           f"({model.num_params() / 1e6:.1f}M parameters, random weights); prompts {args.prompt} tokens, "
           f"{args.new} new tokens each; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     with torch.no_grad():
