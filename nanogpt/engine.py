@@ -32,8 +32,8 @@ from nanogpt.sampling import SamplingParams, next_tokens
 class SlotCache:
     """model.KVCache for a batch of sequences, each in its own slot at its own position. Before each forward the
     engine calls select(rows, positions): the slot of each batch row and the position of its first new token. The
-    attention layers call update(kv_group, k, v, window) and get back the row's cached keys followed by the new ones
-    and a visibility mask (B, 1, T, keys) in place of the window; the model advances pos."""
+    attention layers call update(kv_group, k, v, window) and get back the keys and values to attend over and a
+    visibility mask (B, 1, T, keys) in place of the window; the model advances pos."""
 
     def __init__(self, cfg, slots):
         self.slots, self.k, self.v = slots, {}, {}
@@ -101,7 +101,8 @@ class Sequence:
 class Engine:
     def __init__(self, model, slots=16, prefill_chunk=64, vocab_limit=None, autocast=None):
         """model: a model.GPT in eval mode; slots: sequences decoded together at most; prefill_chunk: prompt tokens
-        per step; vocab_limit: ids from here on (a padded vocabulary's spare rows) are never sampled."""
+        per step; vocab_limit: ids from here on (a padded vocabulary's spare rows) are never sampled. Stop strings
+        need text, so they are the caller's (serve.py ends a request through sampling.TextStream and cancel)."""
         if slots < 1 or prefill_chunk < 1:
             raise ValueError(f"slots ({slots}) and prefill_chunk ({prefill_chunk}) must be >= 1")
         self.model, self.block_size = model, model.config.block_size
