@@ -112,7 +112,11 @@ def prompt_ids(body, tokenizer, chat):
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise RequestError("prompt must be one non-empty string", param="prompt")
-    return tokenizer.encode(prompt), {tokenizer.eot} if tokenizer.eot is not None else set()
+    try:
+        ids = tokenizer.encode(prompt)
+    except ValueError as e:  # e.g. a character outside a character-level vocabulary
+        raise RequestError(str(e), param="prompt") from None
+    return ids, {tokenizer.eot} if tokenizer.eot is not None else set()
 
 
 # ---------------------------------------------------------------------------------------------------- the server
@@ -136,8 +140,8 @@ class Server:
         if len(ids) > self.block_size:
             raise RequestError(f"This model's maximum context length is {self.block_size} tokens; the prompt has "
                                f"{len(ids)}", code="context_length_exceeded", param="messages" if chat else "prompt")
-        if self.engine.load()[1] >= max_waiting:
-            raise RequestError(f"{max_waiting} requests are already waiting: retry later", status=429)
+        if sum(self.engine.load()) >= slots + max_waiting:
+            raise RequestError(f"{slots} requests are running and {max_waiting} waiting: retry later", status=429)
         return ids, params, stop_ids
 
     async def pieces(self, job, request, generated):

@@ -1,7 +1,7 @@
 """serve.py with the real openai client, against a server started on 127.0.0.1 with a tiny chat model: completions
 and chat equal a cache-free greedy decode, streaming equals the whole reply, stop strings, many clients at once
 (every answer complete and its own), bad requests as OpenAI-format 4xx errors, a client that leaves mid-stream frees
-its slot, and a port in use is one line."""
+its slot, a full queue is a 429, a base model refuses chat, and a port in use is one line."""
 import os
 import subprocess
 import sys
@@ -200,3 +200,30 @@ def test_a_port_in_use_is_one_line(served):
     port = url.rsplit(":", 1)[-1]
     result = run_script("serve.py", "--out_dir=nowhere", f"--port={port}", timeout=60, check=False)
     assert_one_clear_line(result, f"127.0.0.1:{port}", "--port")
+
+
+def test_a_full_queue_is_429_and_a_base_model_has_no_chat(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=512, vocab_size=96, n_layer=1, n_embd=32, n_head=2))
+    out = tmp_path / "char"
+    out.mkdir()
+    save_checkpoint({"model": model.state_dict(), "model_args": asdict(model.config),
+                     "tokenizer": {"kind": "char", "chars": "".join(map(chr, range(32, 127)))}}, str(out / "ckpt.pt"))
+    proc, url = start_server(str(out), "--slots=1", "--max_waiting=0")
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model="char", messages=[{"role": "user", "content": "hi"}])
+        assert "no chat format" in caught.value.body["message"]
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model="char", prompt="caf\u00e9", max_tokens=2)
+        assert "not in this model's vocabulary" in caught.value.body["message"]
+        with requests.post(f"{url}/v1/completions", json={"prompt": "ab", "max_tokens": 500, "stream": True},
+                           stream=True) as busy:  # holds the one slot
+            next(busy.iter_lines())
+            with pytest.raises(openai.RateLimitError) as caught:
+                client.completions.create(model="char", prompt="cd", max_tokens=2)
+            assert "1 requests are running and 0 waiting" in caught.value.body["message"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
