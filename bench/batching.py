@@ -7,7 +7,8 @@ sample.py and chat.py run), printed as a markdown table.
     python bench/batching.py --concurrency 1 4 16 32 --prompt 64 --new 128 --repeats 5
 
 Each repeat times the sequential run and the batched run back to back (paired: both see the same machine load) and
-the table shows medians over repeats: tokens/s of each and the median of the per-pair ratios. Every request
+the table shows medians over repeats: tokens/s of each and the median of the per-pair ratios. A last line gives
+the ceiling: how much more one decode step of N rows costs than one of a single row, in model.KVCache. Every request
 generates exactly --new tokens (greedy, no stop), so both sides produce the same token count; the batched side also
 prefills the prompts (in --chunk token chunks) inside its time, as a server would.
 """
@@ -20,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import GPT, GPTConfig  # noqa: E402
+from model import GPT, GPTConfig, KVCache  # noqa: E402
 from nanogpt.engine import Engine  # noqa: E402
 from nanogpt.sampling import SamplingParams  # noqa: E402
 
@@ -58,6 +59,18 @@ def batched(model, prompts, new, chunk):
     assert all(len(o) == new for o in outputs)
 
 
+def decode_step_cost(model, rows, prompt, steps=20):
+    """Seconds per decode step of `rows` sequences at once in model.KVCache (all at one position): how the model's
+    own step cost grows with the batch, the ceiling on what batching can gain on this machine."""
+    cache = KVCache(model.config)
+    model(torch.zeros(rows, prompt, dtype=torch.long), cache=cache)
+    token = torch.zeros(rows, 1, dtype=torch.long)
+    start = time.perf_counter()
+    for _ in range(steps):
+        model.logits(model(token, cache=cache)[:, -1])
+    return (time.perf_counter() - start) / steps
+
+
 def timed(fn, *args):
     start = time.perf_counter()
     fn(*args)
@@ -90,6 +103,13 @@ def main():
             ratios.append(t_seq / t_batch)
         print(f"| {n} | {statistics.median(seq_rates):.0f} | {statistics.median(batch_rates):.0f} | "
               f"{statistics.median(ratios):.2f}x |", flush=True)
+    n = max(args.concurrency)
+    with torch.no_grad():
+        costs = [(decode_step_cost(model, n, args.prompt), decode_step_cost(model, 1, args.prompt))
+                 for _ in range(args.repeats)]
+    grows = statistics.median(many / one for many, one in costs)
+    print(f"\nthe model's own decode step (model.KVCache, no engine): {n} rows cost {grows:.1f}x one row, so batching "
+          f"{n} decodes can gain at most {n / grows:.1f}x here (median of {args.repeats} paired measurements)")
 
 
 if __name__ == "__main__":
