@@ -71,7 +71,7 @@ def error_body(message, status, code=None, param=None):
 
 def refuse_unsupported(body):
     """OpenAI options this server cannot honour are refused by name, not silently dropped."""
-    if body.get("n", 1) != 1 or body.get("best_of", 1) != 1:
+    if body.get("n") not in (None, 1) or body.get("best_of") not in (None, 1):
         raise RequestError("n and best_of must be 1: one choice per request", param="n")
     if body.get("echo") or body.get("logprobs") or body.get("suffix") or body.get("logit_bias"):
         raise RequestError("echo, logprobs, suffix and logit_bias are not supported")
