@@ -59,11 +59,13 @@ def last_message(driver):
 
 
 def say(driver, text):
-    """Type a message, press Enter, wait until the reply is complete; returns the last bubble."""
+    """Type a message, press Enter, wait until the reply is complete; returns the last bubble (the reply or an
+    error line)."""
+    before = len(driver.find_elements(By.CSS_SELECTOR, ".msg"))
     driver.find_element(By.ID, "prompt").send_keys(text + "\n")
     wait = WebDriverWait(driver, 60, poll_frequency=0.05)
     wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle"
-               and last_message(d) is not None and last_message(d).get_attribute("class") != "msg user")
+               and len(d.find_elements(By.CSS_SELECTOR, ".msg")) == before + 2)
     return last_message(driver)
 
 
