@@ -205,9 +205,14 @@ class RMSNorm(nn.Module):
 
 def rope_tables(start, length, head_dim, theta, device):
     """cos and sin (length, head_dim/2) for positions start..start+length-1; computed per call
-    (cheap, compile-friendly)."""
+    (cheap, compile-friendly). start may be a (B,) tensor, one start per row (a batch of sequences
+    at different positions): then (B, 1, length, head_dim/2)."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
                          / head_dim)
+    if torch.is_tensor(start):
+        positions = start.to(device, torch.float32)[:, None] + torch.arange(length, device=device)
+        freqs = (positions[..., None] * inv_freq).unsqueeze(1)
+        return freqs.cos(), freqs.sin()
     freqs = torch.outer(torch.arange(start, start + length, device=device, dtype=torch.float32),
                         inv_freq)
     return freqs.cos(), freqs.sin()
@@ -222,7 +227,11 @@ def apply_rope(x, cos, sin):
 
 def attend(q, k, v, window, impl, dropout=0.0):
     """Causal attention of q (B, Hq, Tq, D) over k, v (B, Hkv, Tk, D), keys aligned to the end of
-    the query span."""
+    the query span. window may instead be a boolean mask (B, 1, Tq, Tk), True = visible: a batch
+    of sequences at different positions (nanogpt/engine.py's cache)."""
+    if torch.is_tensor(window):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=window, dropout_p=dropout,
+                                              enable_gqa=q.size(1) != k.size(1))
     t_q, t_k = q.size(2), k.size(2)
     if window is not None and window >= t_k:
         window = None  # a window covering every key is plain causal attention
@@ -284,10 +293,8 @@ class Attention(nn.Module):
                      + self.ve_mix[1] * ve.view(B, T, -1, hd).transpose(1, 2).to(v.dtype))
             if hook is not None:  # before packing: the group's consumers see a patched K/V too
                 k, v = hook("k", k), hook("v", v)
-            if cache is not None:
-                k, v, decoding = cache.update(self.kv_group, k, v)
-                # a decode step's ring holds exactly its window
-                window = None if decoding else window
+            if cache is not None:  # the cache says what the queries see: a window or a mask
+                k, v, window = cache.update(self.kv_group, k, v, window)
             kv = (k, v, window)
         k, v, window = kv
         dropout = self.cfg.dropout if self.training else 0.0
@@ -344,9 +351,9 @@ class MLA(nn.Module):
         latent, k_rope = self.kv_a_proj_with_mqa(x).unsqueeze(1).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim],
                                                                       dim=-1)
         latent, k_rope = self.kv_a_layernorm(latent), apply_rope(k_rope, cos, sin)
-        window, decoding = self.window, False
-        if cache is not None:
-            latent, k_rope, decoding = cache.update(self.kv_group, latent, k_rope)
+        window, decoding = self.window, cache is not None and cache.pos > 0
+        if cache is not None:  # the ring holds the latent and the rope key in place of K and V
+            latent, k_rope, window = cache.update(self.kv_group, latent, k_rope, window)
         if decoding:  # the ring holds exactly the window: every cached position is visible
             y = self.absorbed(q_nope, q_rope, latent, k_rope)
         else:
@@ -645,8 +652,8 @@ class KVCache:
                                  else cfg.block_size)
                       for kind, kv_group, produces in layer_plan(cfg) if produces}
 
-    def update(self, kv_group, k, v):
-        """Store new K/V; return (keys, values, decoding) to attend over."""
+    def update(self, kv_group, k, v, window):
+        """Store new K/V; return (keys, values, window) to attend over."""
         size, T = self.slots[kv_group], k.size(2)
         if self.pos == 0:  # prefill: attend over the prompt itself, keep its last `size` positions
             if T > self.block_size:
@@ -657,7 +664,7 @@ class KVCache:
             slots = torch.arange(T - keep, T, device=k.device) % size
             self.k[kv_group][:, :, slots] = k[:, :, -keep:]
             self.v[kv_group][:, :, slots] = v[:, :, -keep:]
-            return k, v, False
+            return k, v, window
         if T != 1:
             raise ValueError("after the prefill the cache takes one token per step")
         if self.pos >= self.block_size:
@@ -668,7 +675,8 @@ class KVCache:
         self.v[kv_group][:, :, slot] = v[:, :, 0]
         # ring order does not matter: softmax is permutation-invariant over keys
         n = min(self.pos + 1, size)
-        return self.k[kv_group][:, :, :n], self.v[kv_group][:, :, :n], True
+        # a decode step's ring holds exactly its window
+        return self.k[kv_group][:, :, :n], self.v[kv_group][:, :, :n], None
 
     @staticmethod
     def bytes_at(cfg, context, dtype_bytes=2):
@@ -766,23 +774,11 @@ class LMHead(nn.Linear):
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Next tokens (B, 1) from last-position logits (B, V): greedy at temperature 0, else top-k /
-    nucleus sampling."""
-    if temperature == 0:
-        return logits.argmax(-1, keepdim=True)
-    # max first and a temperature no smaller than the dtype can hold: a vanishing temperature
-    # tends to greedy
-    logits = ((logits - logits.amax(-1, keepdim=True))
-              / max(temperature, torch.finfo(logits.dtype).tiny))
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # keep the smallest prefix whose mass reaches top_p
-        drop = cumulative - sorted_logits.softmax(-1) > top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+    nucleus sampling (nanogpt/sampling.py, where every sampling setting lives)."""
+    from nanogpt.sampling import SamplingParams, next_tokens
+    params = SamplingParams(temperature=temperature, top_k=top_k or 0,
+                            top_p=1.0 if top_p is None else top_p)
+    return next_tokens(logits, params, generators=generator)[:, None]
 
 
 # -------------------------------------------------------------------------------------------- model
@@ -852,7 +848,7 @@ class GPT(nn.Module):
         With a cache, idx continues the cached context and cache.pos advances."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size and cache is None:
+        if cache is None and start + T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
         cos, sin = rope_tables(start, T, self.config.rope_dim, self.config.rope_theta, idx.device)
         # shared_kv: each sharing group's K/V, from its producer layer
@@ -975,11 +971,21 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        generator=None, vocab_limit=None):
+                        generator=None, vocab_limit=None, params=None):
         """Yield the next tokens (B, 1) after idx (B, T), one step at a time, sampled with the KV
         cache. Past block_size the cache is rebuilt from the last 3/4 block of the context.
-        vocab_limit: ids from here on (a padded vocabulary's spare rows) are never sampled."""
-        block, cache = self.config.block_size, None
+        vocab_limit: ids from here on (a padded vocabulary's spare rows) are never sampled.
+        params: a nanogpt.sampling.SamplingParams (or one per row) in place of temperature / top_k /
+        top_p, with its penalties counted over the tokens generated here; generator: one for all
+        rows or one per row (default: each row's params.seed, else the global RNG)."""
+        from nanogpt.sampling import SamplingParams, next_tokens
+        if params is None:
+            params = SamplingParams(temperature=temperature, top_k=top_k or 0,
+                                    top_p=1.0 if top_p is None else top_p)
+        rows = params if isinstance(params, (list, tuple)) else [params] * idx.size(0)
+        if generator is None and any(p.seed is not None for p in rows):
+            generator = [p.generator(idx.device) for p in rows]
+        block, cache, generated = self.config.block_size, None, [[] for _ in rows]
         for _ in range(max_new_tokens):
             if cache is None or cache.pos >= block:
                 keep = block if cache is None else block * 3 // 4
@@ -990,7 +996,9 @@ class GPT(nn.Module):
             logits = self.logits(h[:, -1])
             if vocab_limit is not None:
                 logits[:, vocab_limit:] = float("-inf")
-            token = sample_next(logits, temperature, top_k, top_p, generator)
+            token = next_tokens(logits, params, generated, generator)[:, None]
+            for row, t in zip(generated, token[:, 0].tolist()):
+                row.append(t)
             idx = torch.cat((idx, token), dim=1)
             yield token
 

@@ -2,7 +2,10 @@
 
     python sample.py                                    # from out/ckpt.pt
     python sample.py --out_dir=out-x --start="ROMEO:" --num_samples=3 --max_new_tokens=200
-    python sample.py --start=FILE:prompt.txt --temperature=0.8 --top_p=0.95
+    python sample.py --start=FILE:prompt.txt --temperature=0.8 --top_p=0.95 --stop="\n\n"
+
+The sampling settings are nanogpt/sampling.py's (docs/model.md#sampling): penalties on the raw logits, then the
+temperature, then top-k, top-p and min-p.
 """
 import time
 from typing import Literal
@@ -12,6 +15,7 @@ import torch
 from configurator import at_least, configure, require
 from model import KVCache
 from nanogpt.files import FileFormatError, read_text
+from nanogpt.sampling import first_stop, params_from_settings
 from nanogpt.runtime import ATTN_IMPLS, DTYPE_SETTINGS, load_for_inference
 
 out_dir = "out"                # the checkpoint to sample (ckpt.pt, or a sharded run's newest step_N/)
@@ -21,6 +25,11 @@ max_new_tokens = 500           # tokens generated per sequence
 temperature = 0.8              # 0 = greedy
 top_k = 200                    # 0 = off
 top_p = 1.0                    # nucleus sampling; 1.0 = off
+min_p = 0.0                    # drop tokens below min_p x the top probability; 0.0 = off
+repetition_penalty = 1.0       # > 1 discourages tokens already generated (CTRL); 1.0 = off
+frequency_penalty = 0.0        # in [-2, 2]: logit -= this x times generated (OpenAI)
+presence_penalty = 0.0         # in [-2, 2]: logit -= this once a token was generated (OpenAI)
+stop = ""                      # each sample ends before this text; '' = none
 seed = 1337
 speculative = False            # an MTP model, greedy: its MTP modules draft, the model verifies (same tokens)
 device = "auto"                # 'auto' (cuda, else cpu), 'cpu', 'cuda', 'xla' (each new cache length compiles a graph)
@@ -39,14 +48,41 @@ def generate_speculative(model, x, tokenizer):
     """Each sequence on its own (acceptance differs per sequence); prints the drafts accepted."""
     rows, accepted, proposed, steps = [], 0, 0, 0
     for row in x.split(1):
-        out = [row]
+        rows.append([])
         for tokens, (ok, n) in model.generate_speculative(row, max_new_tokens, vocab_limit=tokenizer.vocab_size):
-            out.append(tokens)
+            rows[-1] += tokens[0].tolist()
             accepted, proposed, steps = accepted + ok, proposed + n, steps + 1
-        rows.append(torch.cat(out, dim=1))
     print(f"speculative: {accepted}/{proposed} drafts accepted ({accepted / max(proposed, 1):.1%}), "
           f"{num_samples * max_new_tokens / steps:.2f} tokens per forward")
-    return torch.cat(rows)
+    return rows
+
+
+def sampling_params(config):
+    """The sampling settings as SamplingParams, checked (one line for a bad one)."""
+    try:
+        return params_from_settings(config, max_new_tokens)
+    except ValueError as e:
+        require(False, str(e))
+
+
+def generate(model, x, params, tokenizer):
+    """The sampled ids of each row of x; with stop strings, until every row holds one."""
+    rows = [[] for _ in range(x.size(0))]
+    for token in model.generate_tokens(x, params.max_tokens, params=params, vocab_limit=tokenizer.vocab_size):
+        for row, t in zip(rows, token[:, 0].tolist()):
+            row.append(t)
+        if params.stop and all(first_stop(tokenizer.decode(row), params.stop) >= 0 for row in rows):
+            break
+    return rows
+
+
+def sample_text(tokenizer, prompt, row, stop):
+    """The prompt and its sample as text, the sample cut before its first stop string."""
+    if not stop:
+        return tokenizer.decode(prompt + row)
+    text = tokenizer.decode(row)
+    cut = first_stop(text, stop)
+    return tokenizer.decode(prompt) + (text[:cut] if cut >= 0 else text)
 
 
 def prompt_ids(tokenizer):
@@ -67,26 +103,28 @@ def prompt_ids(tokenizer):
 
 
 def main():
-    check_settings(configure(globals()))
+    config = configure(globals())
+    check_settings(config)
+    params = sampling_params(config)
     model, tokenizer, _, dev, ptdtype, autocast = load_for_inference(out_dir, device, dtype, attn_impl)
     torch.manual_seed(seed)
-    x = torch.tensor(prompt_ids(tokenizer), dtype=torch.long, device=dev)[None].repeat(num_samples, 1)
+    ids = prompt_ids(tokenizer)
+    x = torch.tensor(ids, dtype=torch.long, device=dev)[None].repeat(num_samples, 1)
     with torch.no_grad(), autocast:  # (inference_mode tensors are refused by XLA)
         t0 = time.time()
         if speculative:
             if not model.config.mtp_depth:
                 raise SystemExit(f"--speculative=True needs a model trained with MTP; {out_dir} has mtp_depth=0")
-            y = generate_speculative(model, x, tokenizer)
+            rows = generate_speculative(model, x, tokenizer)
         else:
-            y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
-                               vocab_limit=tokenizer.vocab_size)
+            rows = generate(model, x, params, tokenizer)
         dt = time.time() - t0
-    for row in y.tolist():
-        print(tokenizer.decode(row))
+    for row in rows:
+        print(sample_text(tokenizer, ids, row, params.stop))
         print("---------------")
     cfg = model.config
     full = KVCache.bytes_at(cfg, cfg.block_size, torch.finfo(ptdtype).bits // 8)  # a cache's bytes per sequence
-    print(f"{num_samples * max_new_tokens / dt:,.1f} tokens/s; KV cache {full / cfg.block_size:,.0f} bytes/token "
+    print(f"{num_samples * len(rows[0]) / dt:,.1f} tokens/s; KV cache {full / cfg.block_size:,.0f} bytes/token "
           f"(per sequence, averaged over a full {cfg.block_size}-token context), {full * num_samples / 2**20:.2f} "
           f"MiB allocated for {num_samples} sequences")
 

@@ -78,7 +78,7 @@ step() {
 versions="import sys, torch, triton; print(sys.version.split()[0], torch.__version__, torch.version.cuda, \
 triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 step env 10 text "python -c \"$versions\"; if command -v nvidia-smi > /dev/null; then nvidia-smi; fi"
-step attention 130 md "python bench/attention.py --seq-lens 8192 --head-dims 128 --kv-heads 8,1 --windows none \
+step attention 115 md "python bench/attention.py --seq-lens 8192 --head-dims 128 --kv-heads 8,1 --windows none \
 --providers triton,triton-deterministic,sdpa-flash,sdpa-cudnn"
 step fp8-gemm 45 md "python bench/fp8.py --sections gemm --squares 8192 --layers none"
 step tests 55 text "$pytest tests/test_attention_kernel.py tests/test_fp8.py \
@@ -87,8 +87,9 @@ step tests-backward 45 text "$pytest tests/test_attention_kernel.py -k gradients
 step window 55 md "python bench/attention.py --seq-lens 8192 --head-dims 128 --kv-heads 8 --windows 1024 \
 --providers triton,flex,sdpa-cudnn"
 step fp8-quantize-mlp 45 md "python bench/fp8.py --sections quantize,linear --layers none"
-step train 105 md "python bench/train.py --models 1b --steps 5 --warmup 2 --no-fp8 --optimizers adamw"
+step train 85 md "python bench/train.py --models 1b --steps 5 --warmup 2 --no-fp8 --optimizers adamw"
 step decode 40 md "python bench/decode.py --contexts 1024,8192 --steps 16"
+step quant-gemm 35 md "python bench/quant.py --sections gemm"  # issue 27: the int8 / int4 weight-only GEMM
 
 if [ $total -gt 530 ]; then
     echo "| limits | failed: they add up to $total s > 530 s | 0 | $total |" >> "$summary"

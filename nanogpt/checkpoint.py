@@ -146,6 +146,10 @@ def model_from_checkpoint(ckpt, path="checkpoint", attn_impl="sdpa"):
     except TypeError as e:
         raise ValueError(f"{path}: its model_args do not fit this model.py ({e}); it comes from another model "
                          "version") from e
+    if ckpt.get("quantization"):  # tools/quantize.py wrote it: quantized layers to load the codes into
+        from nanogpt.quant import quantize_model
+        q = ckpt["quantization"]
+        quantize_model(model, q["scheme"], q["group_size"], q["head"], empty=True)
     result = model.load_state_dict(clean_state_dict(ckpt["model"]), strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"{path}: weights do not match the model it describes "

@@ -22,8 +22,10 @@ from tqdm import tqdm
 from model import KVCache
 from nanogpt.checkpoint import load_model
 from nanogpt.runtime import autocast_for, device_type, resolve_attn_impl, resolve_device, resolve_dtype
+from nanogpt.sampling import SamplingParams, first_stop, next_tokens
 
 HEAD_CHUNK = 2**26  # logits per call of the output head when scoring continuations (256 MiB in fp32)
+GREEDY = SamplingParams(temperature=0)  # the evaluations' generation
 
 # ------------------------------------------------------------------------------------------------------- encoding
 
@@ -90,10 +92,10 @@ def common_prefix_length(rows, limit):
 
 
 class SharedPrefix:
-    """A stand-in for model.KVCache (attention calls update(kv_group, k, v); the model reads and advances pos) that
-    holds the keys and values of one prefix, computed once, for batches of suffixes: each suffix row attends to the
-    whole prefix and causally to itself, at the positions after it (attention aligns its queries to the end of the
-    keys, sliding windows included)."""
+    """A stand-in for model.KVCache (attention calls update(kv_group, k, v, window); the model reads and advances
+    pos) that holds the keys and values of one prefix, computed once, for batches of suffixes: each suffix row attends
+    to the whole prefix and causally to itself, at the positions after it (attention aligns its queries to the end of
+    the keys, sliding windows included)."""
 
     def __init__(self, model, prefix, device, autocast):
         self.k, self.v, self.pos, self.recording = {}, {}, 0, True
@@ -101,13 +103,13 @@ class SharedPrefix:
             model(torch.tensor([prefix], device=device), cache=self)
         self.recording, self.length = False, len(prefix)
 
-    def update(self, kv_group, k, v):
+    def update(self, kv_group, k, v, window):
         if self.recording:
             self.k[kv_group], self.v[kv_group] = k, v
-            return k, v, False
+            return k, v, window
         rows = (k.size(0), -1, -1, -1)
         return (torch.cat((self.k[kv_group].expand(rows), k), dim=2),
-                torch.cat((self.v[kv_group].expand(rows), v), dim=2), False)
+                torch.cat((self.v[kv_group].expand(rows), v), dim=2), window)
 
     def __call__(self, model, suffixes):
         self.pos = self.length  # the model advanced it past the previous batch
@@ -264,7 +266,7 @@ class Scorer:
             logits = self.last_logits(torch.tensor([p[:start] for p in prompts], device=self.device), cache)
         new, texts = [[] for _ in prompts], [None] * len(prompts)
         for pos in range(start, max(map(len, prompts)) + max_new_tokens):
-            choice = logits.argmax(-1).tolist()
+            choice = next_tokens(logits, GREEDY).tolist()
             step = [p[pos] if pos < len(p) else choice[i] for i, p in enumerate(prompts)]
             for i, p in enumerate(prompts):
                 if pos >= len(p) and texts[i] is None:
@@ -281,7 +283,7 @@ class Scorer:
             return self.tok.decode(ids)
         ids.append(token)
         text = self.tok.decode(ids)
-        cut = min((text.find(s) for s in stop if s in text), default=-1)
+        cut = first_stop(text, stop)
         if cut >= 0:
             return text[:cut]
         return text if len(ids) == max_new_tokens else None

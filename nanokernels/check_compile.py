@@ -15,7 +15,8 @@ autotuner sees them. In a bf16 / fp16 attention case at D = 128, a config whose 
 when another spill-free config of the same kernel reaches N >= 64 (narrow wgmma leave the tensor cores waiting).
 The fp8 quantize kernels must use the hardware saturating cast and have a config that fits 2 thread
 blocks per SM. fp32 attention (a correctness path): each kernel has at least one config that fits in shared memory
-(the autotuner skips the others).
+(the autotuner skips the others). The weight-only int8 / int4 GEMM (quant_gemm.py) at decode and prefill shapes:
+the same shared-memory and spill checks (its 16-row decode tiles run on mma.sync, not wgmma).
 Each line shows shared memory, registers, stack (spill) bytes, the wgmma N used and thread blocks per SM. It cannot
 check results or speed: that needs the GPU (tests and bench/). It drives Triton internals (JITFunction.run,
 Autotuner.warmup, the active driver), checked with Triton 3.6 and 3.9; a newer Triton may need it adjusted.
@@ -40,7 +41,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
-from nanokernels import attention, fp8
+from nanokernels import attention, fp8, quant_gemm
 
 TARGET = GPUTarget("cuda", 90, 32)
 H100_SMEM_PER_BLOCK = 227 * 1024
@@ -141,6 +142,17 @@ def scaled_mm_case(scaling, sa, sb, M=4096, N=2048, K=1024):
     fp8.scaled_mm_triton(a, b, torch.empty(sa), torch.empty(sb), scaling)
 
 
+def quant_gemm_case(bits, M, dtype=torch.bfloat16, N=4096, K=4096, group=128):
+    """The weight-only int8 / int4 GEMM at a decode (M <= 16) or prefill shape of a 4096-wide layer."""
+    x = torch.empty(M, K, dtype=dtype)
+    if bits == 8:
+        q, s, z = torch.empty(N, K, dtype=torch.int8), torch.empty(N), None
+    else:
+        q, s = torch.empty(N, K // 2, dtype=torch.uint8), torch.empty(N, K // group)
+        z = torch.empty(N, K // group, dtype=torch.uint8)
+    quant_gemm.quant_matmul_triton(x, q, s, z, bits, group)
+
+
 def cases():
     """(title, launch, fp32, wide) tuples: the shapes the model trains and decodes with (Tq = 1: the decode kernels);
     wide: a bf16 / fp16 attention case at D = 128, where WIDE_WGMMA applies. Ints equal to 1 specialise apart, so
@@ -162,6 +174,9 @@ def cases():
         *[(f"fp8 scaled_mm {sc} sa={sa} sb={sb}", lambda a=(sc, sa, sb): scaled_mm_case(*a), False, False)
           for sc, sa, sb in [("tensor", (1, 1), (1, 1)), ("row", (M, 1), (N, 1)),
                              ("block", (M, KB), (N // 128, KB)), ("block", (M, KB), (N, KB))]],
+        *[(f"quant_gemm int{bits} {dt} M={m}", lambda a=(bits, m, dt): quant_gemm_case(*a), False, False)
+          for bits, m, dt in [(8, 1, bf16), (8, 16, bf16), (8, 4096, bf16), (4, 1, bf16), (4, 16, bf16),
+                              (4, 4096, bf16), (4, 1, fp16)]],
     ]
 
 

@@ -11,7 +11,8 @@ import triton
 from conftest import ROOT
 
 KERNELS = ["_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_decode_kernel",
-           "_decode_merge_kernel", "_amax_kernel", "_quant_tiles_kernel", "_quant_rows_kernel", "_scaled_mm_kernel"]
+           "_decode_merge_kernel", "_amax_kernel", "_quant_tiles_kernel", "_quant_rows_kernel", "_scaled_mm_kernel",
+           "_quant_mm_kernel"]
 
 
 @pytest.mark.slow
