@@ -43,6 +43,10 @@ text_file = ""                 # bpb: a text file, or a dataset folder holding v
 max_new_tokens = 256           # generation budget per answer (gsm8k, mmlu_cot)
 fewshot_seed = 1234            # shots are drawn per question from (seed, question id)
 mmlu_split: Literal["val", "test"] = "val"  # mmlu_cot's split (lm-evaluation-harness's is val)
+samples = ""                   # humaneval: score this JSONL file's task_id/completion rows (no model is loaded)
+num_samples = 1                # humaneval: completions per problem (pass@k for k = 1, 10, 100 up to it)
+temperature = 0.0              # humaneval: sampling temperature (0 with num_samples=1: greedy pass@1)
+sandbox_workers = 0            # humaneval: programs run at a time in the sandbox (0: one per CPU core)
 shared_prefix = True           # compute a question's shots and context once for all its choices
 device = "auto"                # 'auto' (cuda when there is a GPU, else cpu), 'cpu', 'cuda', 'cuda:N', 'xla'
 dtype: Literal[DTYPE_SETTINGS] = "auto"  # 'auto': bfloat16 on CUDA, else float32
@@ -174,7 +178,10 @@ def save(results, ckpt, config):
 def check_settings(config):
     at_least(config, 0, "limit")
     at_least(config, -1, "num_fewshot")
-    at_least(config, 1, "batch_size", "max_new_tokens")
+    at_least(config, 1, "batch_size", "max_new_tokens", "num_samples")
+    at_least(config, 0, "temperature", "sandbox_workers")
+    require(num_samples == 1 or temperature > 0, "num_samples > 1 needs --temperature > 0 (greedy samples are all "
+                                                 "the same)")
 
 
 def check_results_folder():
@@ -188,16 +195,27 @@ def check_results_folder():
             raise SystemExit(f"--out_dir={out_dir}: {e}")
 
 
+def load_scorer_unless_scoring_samples(names):
+    """(scorer, checkpoint dict); with --samples and humaneval alone no model is loaded (None, a stand-in dict) and
+    the results go into out_dir's results folder (created when missing)."""
+    require(not samples or "humaneval" in names, "--samples scores humaneval completions: add humaneval to --tasks")
+    if samples and names == ["humaneval"]:
+        os.makedirs(results_dir(out_dir), exist_ok=True)
+        return None, {"iter_num": None, "model_args": {"block_size": "-"}}
+    return load_scorer(out_dir, device, dtype, attn_impl, compile, batch_size, shared_prefix)
+
+
 def main():
     config = configure(globals())
     check_settings(config)
     names = task_names(tasks)
     check_results_folder()
     try:
-        scorer, ckpt = load_scorer(out_dir, device, dtype, attn_impl, compile, batch_size, shared_prefix)
+        scorer, ckpt = load_scorer_unless_scoring_samples(names)
     except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(str(e))
-    settings = Settings(data_dir, cache_dir, limit, num_fewshot, fewshot_seed, max_new_tokens, text_file, mmlu_split)
+    settings = Settings(data_dir, cache_dir, limit, num_fewshot, fewshot_seed, max_new_tokens, text_file, mmlu_split,
+                        samples, num_samples, temperature, sandbox_workers)
     results = {}
     for name in names:
         print(f"{name}: running")

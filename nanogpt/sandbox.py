@@ -15,7 +15,8 @@ CAP_SYS_ADMIN); without them it refuses to run anything (check_sandbox says so i
 - resource limits: RLIMIT_CPU (seconds of CPU), RLIMIT_AS (address space), RLIMIT_FSIZE (bytes of any one file
   written, stdout included), RLIMIT_NPROC, RLIMIT_NOFILE, no core dumps; and a wall-clock timeout.
 
-A program passes when it exits with status 0 in time. Its stdout and stderr go to one temporary file (capped by
+A program passes when it exits with status 0 in time and leaves no process running (the HumanEval release's own
+guard disables fork, kill and subprocess outright). Its stdout and stderr go to one temporary file (capped by
 RLIMIT_FSIZE) of which the last TAIL characters are kept.
 """
 import os
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 
 FIRST_UID = 61000          # the uids FIRST_UID .. FIRST_UID + workers - 1 run programs, one per parallel slot
 SETUP_FAILED = 97          # the launcher's exit status when a namespace, mount or limit cannot be set up
+LEFT_RUNNING = 98          # init's exit status when the program exited 0 but left processes running
 TAIL = 2000                # characters of a program's output kept
 
 # The launcher: `python -I -S -c LAUNCHER uid cpu_s memory_bytes file_bytes nproc`, the program on stdin. It runs as
@@ -95,8 +97,16 @@ if child == 0:
 while True:  # init: reap every orphan until the program itself exits; then the kernel kills the rest
     pid, status = os.wait()
     if pid == child:
-        os._exit(exit_code(status))
-""" % {"SETUP_FAILED": SETUP_FAILED}
+        break
+while True:  # reap the orphans that have already exited
+    try:
+        if os.waitpid(-1, os.WNOHANG)[0] == 0:
+            break
+    except ChildProcessError:
+        break
+left = [p for p in os.listdir("/proc") if p.isdigit() and p != "1"]
+os._exit(%(LEFT_RUNNING)d if left and exit_code(status) == 0 else exit_code(status))
+""" % {"SETUP_FAILED": SETUP_FAILED, "LEFT_RUNNING": LEFT_RUNNING}
 
 
 class SandboxError(RuntimeError):
@@ -125,6 +135,8 @@ def describe(returncode, timed_out, timeout):
         return f"timed out after {timeout:g}s"
     if returncode == 0:
         return "passed"
+    if returncode == LEFT_RUNNING:
+        return "left processes running"
     if returncode > 128:
         return f"killed by signal {returncode - 128}"
     return f"failed (exit {returncode})"

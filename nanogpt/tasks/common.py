@@ -35,6 +35,10 @@ class Settings:
     max_new_tokens: int = 256     # generation budget (gsm8k, mmlu_cot)
     text_file: str = ""           # bpb: a text file, or a dataset folder of val shards
     mmlu_split: str = "val"       # mmlu_cot's split
+    samples: str = ""             # humaneval: a JSONL file of task_id and completion rows to score ('': generate)
+    num_samples: int = 1          # humaneval: completions per problem
+    temperature: float = 0.0      # humaneval: sampling temperature (0 with one sample: greedy)
+    sandbox_workers: int = 0      # humaneval: programs run at a time (0: one per CPU core)
 
     def shots(self, default, has_shots=True):
         """The shots a task runs with: its default, or num_fewshot (a zero-shot-only task stays at 0)."""
