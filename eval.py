@@ -227,7 +227,7 @@ def main():
             raise SystemExit(f"{name}: {e}")
         r = results[name]
         print(f"{name}: {r['n']} questions in {r['seconds']:.1f} s ({r['n'] / r['seconds']:.2f}/s), "
-              + ", ".join(f"{m} {v:.4g}" for m, v in r["metrics"].items()))
+              + ", ".join(f"{m} {'-' if v is None else f'{v:.4g}'}" for m, v in r["metrics"].items()))
     rows, notes = save(results, ckpt, config)
     print()
     print_table(rows)
