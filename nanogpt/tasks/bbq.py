@@ -114,7 +114,7 @@ def read_items(settings):
     if not per_category:
         raise FileNotFoundError(f"no BBQ category file (<Category>.jsonl) in {settings.data_dir} or its bbq/ folder")
     turns = itertools.zip_longest(*per_category.values())
-    items = [item for turn in turns for item in turn if item is not None][:settings.limit or None]
+    items = settings.questions([item for turn in turns for item in turn if item is not None])
     note = f"categories not in data_dir, not run: {', '.join(missing)}" if missing else ""
     return items, list(per_category), note
 

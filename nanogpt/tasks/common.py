@@ -42,6 +42,12 @@ class Settings:
     num_samples: int = 1          # humaneval: completions per problem
     temperature: float = 0.0      # humaneval: sampling temperature (0 with one sample: greedy)
     sandbox_workers: int = 0      # humaneval: programs run at a time (0: one per CPU core)
+    rank: int = 0                 # this process scores questions rank, rank + world, ... of the first `limit`
+    world: int = 1                # (train.py's tasks under DDP; eval.py runs them all in one process)
+
+    def questions(self, rows):
+        """The questions this process scores: the first `limit` (0: all), every world-th from rank on."""
+        return rows[:self.limit or None][self.rank::self.world]
 
     def shots(self, default, has_shots=True):
         """The shots a task runs with: its default, or num_fewshot (a zero-shot-only task stays at 0)."""
@@ -308,7 +314,7 @@ class MultipleChoice:
     def run(self, scorer, settings):
         start, k = time.time(), settings.shots(self.num_fewshot, bool(self.shot_file))
         questions = read_task_rows(self.files, self.eval_file, self.to_question, settings, self.read)
-        questions = questions[:settings.limit or None]
+        questions = settings.questions(questions)
         pool = read_task_rows(self.files, self.shot_file, self.to_question, settings, self.read) if k else []
         texts = self.texts(questions, pool, k, settings.fewshot_seed)
         records, note = score_choices(scorer, questions, texts, self.metrics, self.name)
@@ -331,7 +337,7 @@ class Generation:
     def run(self, scorer, settings):
         start, k = time.time(), settings.shots(self.num_fewshot, self.num_fewshot > 0)
         problems, pool = self.read_questions(settings, k)
-        problems = problems[:settings.limit or None]
+        problems = settings.questions(problems)
         prompts = [scorer.encode(self.prompt(p, draw_shots(pool, k, p.id, settings.fewshot_seed))) for p in problems]
         outputs = scorer.generate(prompts, settings.max_new_tokens, self.stop, desc=self.name)
         records = [{"id": p.id, "output": out, **self.grade(out, p)} for p, out in zip(problems, outputs)]

@@ -88,7 +88,7 @@ class CrowsPairs:
     def run(self, scorer, settings):
         start = time.time()
         path = FILES.path(NAME, settings, lambda p: rows_of_file(p, to_pair, read_csv))
-        pairs = rows_of_file(path, to_pair, read_csv)[:settings.limit or None]
+        pairs = settings.questions(rows_of_file(path, to_pair, read_csv))
         # each sentence whole, after EOT (an empty context)
         texts = [encode_pair(scorer.encode, "", s, scorer.tok.eot) for p in pairs for s in (p.more, p.less)]
         lls = [float(lp.sum()) for lp in scorer.loglikelihoods(texts, desc=self.name)]

@@ -48,7 +48,7 @@ def to_problem(row):
 
 
 def read_problems(settings):
-    return read_task_rows(FILES, "HumanEval.jsonl.gz", to_problem, settings)[:settings.limit or None]
+    return settings.questions(read_task_rows(FILES, "HumanEval.jsonl.gz", to_problem, settings))
 
 
 def program(problem, completion):
