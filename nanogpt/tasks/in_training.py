@@ -54,7 +54,8 @@ def per_question_metrics(records):
 
 @torch.no_grad()
 def run_tasks(model, tok, names, limit, data_dir, place, autocast, batch_size=16):
-    """{"<task>/<metric>": value, ..., "tasks_seconds": wall seconds} of the named tasks on the training model."""
+    """{"<task>/<metric>": value, ..., "tasks_questions": questions scored, "tasks_seconds": wall seconds} of the
+    named tasks on the training model."""
     start = time.time()
     split = place.mode == "ddp" and place.world_size > 1  # FSDP2: every rank runs every question (see above)
     rank, world = (place.rank, place.world_size) if split else (0, 1)
@@ -63,7 +64,7 @@ def run_tasks(model, tok, names, limit, data_dir, place, autocast, batch_size=16
     scorer = Scorer(model, tok, place.device, autocast, batch_size)
     was_training = model.training
     model.eval()
-    out = {}
+    out, questions = {}, 0
     try:
         for name in names:
             t = time.time()
@@ -72,6 +73,7 @@ def run_tasks(model, tok, names, limit, data_dir, place, autocast, batch_size=16
             except (OSError, ValueError, RuntimeError, DownloadError, requests.RequestException) as e:
                 raise type(e)(f"{name}: {e}") from None
             records = gathered(result["records"], world)
+            questions += len(records)
             if not records:
                 continue
             result = task_result(name, result["shots"], records, per_question_metrics(records), t)
@@ -80,6 +82,7 @@ def run_tasks(model, tok, names, limit, data_dir, place, autocast, batch_size=16
             out.update({f"{name}/{m}": v for m, v in result["metrics"].items()})
     finally:
         model.train(was_training)
+    out["tasks_questions"] = questions  # over all ranks: eval_task_limit per task, whatever the world size
     out["tasks_seconds"] = time.time() - start
     return out
 
