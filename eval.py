@@ -40,6 +40,7 @@ batch_size = 16                # sequences per forward pass (right-padded, sorte
 data_dir = ""                  # folder with the tasks' files under their canonical names; '' = download into cache_dir
 cache_dir = CACHE_DIR          # downloads, one folder per task family (mmlu is eval_mmlu.py's)
 text_file = ""                 # bpb: a text file, or a dataset folder holding val_*.bin shards
+text_split: Literal["val", "train"] = "val"  # bpb: the split of a dataset folder's shards
 max_new_tokens = 256           # generation budget per answer (gsm8k, mmlu_cot)
 fewshot_seed = 1234            # shots are drawn per question from (seed, question id)
 mmlu_split: Literal["val", "test"] = "val"  # mmlu_cot's split (lm-evaluation-harness's is val)
@@ -215,7 +216,7 @@ def main():
     except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(str(e))
     settings = Settings(data_dir, cache_dir, limit, num_fewshot, fewshot_seed, max_new_tokens, text_file, mmlu_split,
-                        samples, num_samples, temperature, sandbox_workers)
+                        samples, num_samples, temperature, sandbox_workers, text_split=text_split)
     results = {}
     for name in names:
         print(f"{name}: running")

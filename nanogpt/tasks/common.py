@@ -37,6 +37,7 @@ class Settings:
     fewshot_seed: int = 1234      # shots are drawn per question from (seed, question id)
     max_new_tokens: int = 256     # generation budget (gsm8k, mmlu_cot)
     text_file: str = ""           # bpb: a text file, or a dataset folder of val shards
+    text_split: str = "val"       # bpb: the dataset folder's split
     mmlu_split: str = "val"       # mmlu_cot's split
     samples: str = ""             # humaneval: a JSONL file of task_id and completion rows to score ('': generate)
     num_samples: int = 1          # humaneval: completions per problem
