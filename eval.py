@@ -1,12 +1,15 @@
 """The evaluation suite: HellaSwag, ARC-Easy and ARC-Challenge, Winogrande, TruthfulQA MC1 and MC2, GSM8K, MMLU
-with chain of thought, and bits per byte, each with lm-evaluation-harness's protocol, on one scoring core
+with chain of thought, HumanEval (run in nanogpt/sandbox.py), CrowS-Pairs, BBQ, and bits per byte with perplexity,
+each with lm-evaluation-harness's (HumanEval: the original release's) protocol, on one scoring core
 (nanogpt/scoring.py). MMLU's 5-shot runner is eval_mmlu.py; its mmlu.json joins the report card.
 
-Tasks: hellaswag, arc_easy, arc_challenge, winogrande, truthfulqa_mc1, truthfulqa_mc2, gsm8k, mmlu_cot, bpb.
+Tasks: hellaswag, arc_easy, arc_challenge, winogrande, truthfulqa_mc1, truthfulqa_mc2, gsm8k, mmlu_cot, humaneval,
+crows_pairs, bbq, bpb.
 
     python eval.py --out_dir=out --tasks=hellaswag,arc_challenge,gsm8k
     python eval.py --out_dir=out --tasks=all --limit=200                    # every task (bpb when text_file is set)
     python eval.py --out_dir=out --tasks=bpb --text_file=data/shakespeare    # a dataset's val shards, or a text file
+    python eval.py --out_dir=scored --tasks=humaneval --samples=FILE.jsonl   # score task_id/completion rows, no model
 
 Each task reads its files under their canonical names from data_dir (or data_dir/<task folder>), or downloads them
 once into cache_dir. Prints one table; writes eval.json and eval.md beside the model (checkpoint.results_dir).
