@@ -118,3 +118,10 @@ def test_a_failing_program_reports_its_exit_status_and_output():
     assert (outcome.passed, outcome.status, outcome.output) == (False, "failed (exit 3)", "before\n")
     outcome = run_program("assert 1 + 1 == 3\n", LIMITS)
     assert outcome.status == "failed (exit 1)" and "AssertionError" in outcome.output
+
+
+def test_without_root_nothing_runs_and_the_reason_is_one_line(monkeypatch):
+    from nanogpt import sandbox
+    monkeypatch.setattr(sandbox.os, "geteuid", lambda: 1000)
+    with pytest.raises(sandbox.SandboxError, match="the sandbox needs root"):
+        check_sandbox()
