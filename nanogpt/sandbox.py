@@ -104,7 +104,13 @@ while True:  # reap the orphans that have already exited
             break
     except ChildProcessError:
         break
-left = [p for p in os.listdir("/proc") if p.isdigit() and p != "1"]
+def alive(pid):  # not a zombie about to be reaped
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+left = [p for p in os.listdir("/proc") if p.isdigit() and p != "1" and alive(p)]
 os._exit(%(LEFT_RUNNING)d if left and exit_code(status) == 0 else exit_code(status))
 """ % {"SETUP_FAILED": SETUP_FAILED, "LEFT_RUNNING": LEFT_RUNNING}
 
