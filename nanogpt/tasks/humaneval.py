@@ -114,9 +114,8 @@ def sample(scorer, prompt, n, temperature, max_new_tokens, generator):
     ids = torch.tensor([prompt] * n, device=scorer.device)
     rows, done = [[] for _ in range(n)], [None] * n
     with scorer.autocast:
-        for step, token in enumerate(scorer.model.generate_tokens(ids, max_new_tokens, temperature=temperature,
-                                                                  generator=generator,
-                                                                  vocab_limit=scorer.tok.vocab_size)):
+        for token in scorer.model.generate_tokens(ids, max_new_tokens, temperature=temperature, generator=generator,
+                                                  vocab_limit=scorer.tok.vocab_size):
             for i, t in enumerate(token[:, 0].tolist()):
                 if done[i] is None:
                     if t == scorer.tok.eot:
@@ -138,6 +137,7 @@ def generate(scorer, problems, settings):
     prompts = [scorer.encode(p.prompt)[-(scorer.block_size - settings.max_new_tokens):] for p in problems]
     if n == 1 and temperature == 0:
         out = scorer.generate(prompts, settings.max_new_tokens, STOP, desc="humaneval")  # batched across problems
+        # stopped unless it used the whole budget (counted by re-encoding the text: near enough for a note)
         pairs = [[(text, len(scorer.encode(text)) < settings.max_new_tokens)] for text in out]
     else:
         generator = torch.Generator(scorer.device).manual_seed(settings.fewshot_seed)
@@ -155,7 +155,7 @@ def score(problems, samples, workers, limits=Limits()):
     jobs = [(p, completion) for p in problems for completion in samples[p.id]]
     with tqdm(total=len(jobs), desc="humaneval: running", leave=False) as bar:
         outcomes = iter(run_programs([program(p, c) for p, c in jobs], limits, workers, bar.update))
-    ks = [k for k in KS if k <= min(len(samples[p.id]) for p in problems)]
+    ks = [k for k in KS if k <= min((len(samples[p.id]) for p in problems), default=1)]
     records = []
     for p in problems:
         ran = [next(outcomes) for _ in samples[p.id]]
