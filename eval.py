@@ -21,6 +21,7 @@ iter column, and a note). A damaged eval.json is moved aside to eval.json.damage
 mmlu.json is left out of the card with a warning.
 """
 import os
+from dataclasses import fields
 from datetime import datetime, timezone
 from typing import Literal
 
@@ -218,8 +219,7 @@ def main():
         scorer, ckpt = load_scorer_unless_scoring_samples(names)
     except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(str(e))
-    settings = Settings(data_dir, cache_dir, limit, num_fewshot, fewshot_seed, max_new_tokens, text_file, mmlu_split,
-                        samples, num_samples, temperature, sandbox_workers, text_split=text_split)
+    settings = Settings(**{f.name: config[f.name] for f in fields(Settings) if f.name in config})  # same names
     results = {}
     for name in names:
         print(f"{name}: running")
