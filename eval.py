@@ -1,12 +1,15 @@
 """The evaluation suite: HellaSwag, ARC-Easy and ARC-Challenge, Winogrande, TruthfulQA MC1 and MC2, GSM8K, MMLU
-with chain of thought, and bits per byte, each with lm-evaluation-harness's protocol, on one scoring core
+with chain of thought, HumanEval (run in nanogpt/sandbox.py), CrowS-Pairs, BBQ, and bits per byte with perplexity,
+each with lm-evaluation-harness's (HumanEval: the original release's) protocol, on one scoring core
 (nanogpt/scoring.py). MMLU's 5-shot runner is eval_mmlu.py; its mmlu.json joins the report card.
 
-Tasks: hellaswag, arc_easy, arc_challenge, winogrande, truthfulqa_mc1, truthfulqa_mc2, gsm8k, mmlu_cot, bpb.
+Tasks: hellaswag, arc_easy, arc_challenge, winogrande, truthfulqa_mc1, truthfulqa_mc2, gsm8k, mmlu_cot, humaneval,
+crows_pairs, bbq, bpb.
 
     python eval.py --out_dir=out --tasks=hellaswag,arc_challenge,gsm8k
     python eval.py --out_dir=out --tasks=all --limit=200                    # every task (bpb when text_file is set)
     python eval.py --out_dir=out --tasks=bpb --text_file=data/shakespeare    # a dataset's val shards, or a text file
+    python eval.py --out_dir=scored --tasks=humaneval --samples=FILE.jsonl   # score task_id/completion rows, no model
 
 Each task reads its files under their canonical names from data_dir (or data_dir/<task folder>), or downloads them
 once into cache_dir. Prints one table; writes eval.json and eval.md beside the model (checkpoint.results_dir).
@@ -18,6 +21,7 @@ iter column, and a note). A damaged eval.json is moved aside to eval.json.damage
 mmlu.json is left out of the card with a warning.
 """
 import os
+from dataclasses import fields
 from datetime import datetime, timezone
 from typing import Literal
 
@@ -40,9 +44,14 @@ batch_size = 16                # sequences per forward pass (right-padded, sorte
 data_dir = ""                  # folder with the tasks' files under their canonical names; '' = download into cache_dir
 cache_dir = CACHE_DIR          # downloads, one folder per task family (mmlu is eval_mmlu.py's)
 text_file = ""                 # bpb: a text file, or a dataset folder holding val_*.bin shards
+text_split: Literal["val", "train"] = "val"  # bpb: the split of a dataset folder's shards
 max_new_tokens = 256           # generation budget per answer (gsm8k, mmlu_cot)
 fewshot_seed = 1234            # shots are drawn per question from (seed, question id)
 mmlu_split: Literal["val", "test"] = "val"  # mmlu_cot's split (lm-evaluation-harness's is val)
+samples = ""                   # humaneval: score this JSONL file's task_id/completion rows (no model is loaded)
+num_samples = 1                # humaneval: completions per problem (pass@k for k = 1, 10, 100 up to it)
+temperature = 0.0              # humaneval: sampling temperature (0 with num_samples=1: greedy pass@1)
+sandbox_workers = 0            # humaneval: programs run at a time in the sandbox (0: one per CPU core)
 shared_prefix = True           # compute a question's shots and context once for all its choices
 device = "auto"                # 'auto' (cuda when there is a GPU, else cpu), 'cpu', 'cuda', 'cuda:N', 'xla'
 dtype: Literal[DTYPE_SETTINGS] = "auto"  # 'auto': bfloat16 on CUDA, else float32
@@ -174,7 +183,10 @@ def save(results, ckpt, config):
 def check_settings(config):
     at_least(config, 0, "limit")
     at_least(config, -1, "num_fewshot")
-    at_least(config, 1, "batch_size", "max_new_tokens")
+    at_least(config, 1, "batch_size", "max_new_tokens", "num_samples")
+    at_least(config, 0, "temperature", "sandbox_workers")
+    require(num_samples == 1 or temperature > 0, "num_samples > 1 needs --temperature > 0 (greedy samples are all "
+                                                 "the same)")
 
 
 def check_results_folder():
@@ -188,16 +200,26 @@ def check_results_folder():
             raise SystemExit(f"--out_dir={out_dir}: {e}")
 
 
+def load_scorer_unless_scoring_samples(names):
+    """(scorer, checkpoint dict); with --samples and humaneval alone no model is loaded (None, a stand-in dict) and
+    the results go into out_dir's results folder (created when missing)."""
+    require(not samples or "humaneval" in names, "--samples scores humaneval completions: add humaneval to --tasks")
+    if samples and names == ["humaneval"]:
+        os.makedirs(results_dir(out_dir), exist_ok=True)
+        return None, {"iter_num": None, "model_args": {"block_size": "-"}}
+    return load_scorer(out_dir, device, dtype, attn_impl, compile, batch_size, shared_prefix)
+
+
 def main():
     config = configure(globals())
     check_settings(config)
     names = task_names(tasks)
     check_results_folder()
     try:
-        scorer, ckpt = load_scorer(out_dir, device, dtype, attn_impl, compile, batch_size, shared_prefix)
+        scorer, ckpt = load_scorer_unless_scoring_samples(names)
     except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(str(e))
-    settings = Settings(data_dir, cache_dir, limit, num_fewshot, fewshot_seed, max_new_tokens, text_file, mmlu_split)
+    settings = Settings(**{f.name: config[f.name] for f in fields(Settings) if f.name in config})  # same names
     results = {}
     for name in names:
         print(f"{name}: running")
@@ -209,7 +231,7 @@ def main():
             raise SystemExit(f"{name}: {e}")
         r = results[name]
         print(f"{name}: {r['n']} questions in {r['seconds']:.1f} s ({r['n'] / r['seconds']:.2f}/s), "
-              + ", ".join(f"{m} {v:.4g}" for m, v in r["metrics"].items()))
+              + ", ".join(f"{m} {'-' if v is None else f'{v:.4g}'}" for m, v in r["metrics"].items()))
     rows, notes = save(results, ckpt, config)
     print()
     print_table(rows)

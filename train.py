@@ -31,6 +31,7 @@ from nanogpt.parallel import cut_xla_graph, finish, gradient_sync, mean_over_ran
 from nanogpt.runtime import ATTN_IMPLS, DTYPE_SETTINGS, autocast_for, resolve_attn_impl, resolve_dtype
 from nanogpt.runtime import device_type as device_type_of
 from nanogpt.runtime import peak_flops as device_peak_flops
+from nanogpt.tasks import in_training
 from nanogpt.tokenizer import model_vocab_size
 
 # ----------------------------------------------------------------------------------------------------------- config
@@ -40,6 +41,9 @@ eval_interval = 140            # evaluate (and checkpoint) every this many itera
 eval_iters = 12                # batches per split in each evaluation
 log_interval = 25              # a log line (loss, lr, tokens/s, MFU) every this many iterations
 eval_only = False              # evaluate once and stop
+eval_tasks = ""                # eval.py tasks run on the weights at every evaluation, e.g. 'hellaswag,arc_easy'
+eval_task_limit = 100          # questions per task in each of those (the same ones each time; split over DDP ranks)
+eval_task_data_dir = ""        # their files, as eval.py's --data_dir ('' = downloaded once into the cache)
 always_save_checkpoint = True  # save at every evaluation, not only when val loss improves
 init_from = "scratch"          # 'scratch', 'resume' (out_dir's run), or new-phase weights: a run, ckpt.pt or hf:FOLDER
 overwrite = False              # let a scratch run replace the checkpoint already in out_dir
@@ -169,6 +173,11 @@ def check_settings(config):
             f"init_from must be 'scratch', 'resume', a run folder or ckpt.pt, or hf:FOLDER (a Hugging Face model); "
             f"{init_from!r} is none of them")
     require(out_dir.strip(), "out_dir must name a folder, got ''")
+    at_least(config, 1, "eval_task_limit")
+    try:
+        in_training.check_names(eval_tasks)
+    except ValueError as e:
+        require(False, str(e))
     require(not os.path.exists(out_dir) or os.path.isdir(out_dir), f"out_dir {out_dir!r} is a file: name a folder")
     for name in datasets or [dataset]:  # a name, not a path: nothing outside data_root is read or run
         require(re.fullmatch(r"[\w.-]+", name) and name.strip(".") != "", f"dataset names are folder names in "
@@ -347,6 +356,9 @@ def main():
             t_eval = time.time()
             progress.train_seconds += t_eval - t_train
             evaluated = estimate_loss(model, objective, kind, eval_loaders, eval_starts, place, autocast)
+            if eval_tasks:  # logged beside the val loss as val_<task>/<metric>, and val_tasks_seconds
+                evaluated["val"].update(in_training.metrics_or_stop(raw_model, tokenizer, in_training.check_names(
+                    eval_tasks), eval_task_limit, eval_task_data_dir, place, autocast))
             joules = run_joules(meter, place, progress.joules_before)
             losses = {split: m["loss"] for split, m in evaluated.items()}
             if master:

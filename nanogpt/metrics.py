@@ -70,8 +70,19 @@ def log_train(out_dir, iter_num, loss, logged, lr, dt, tokens_per_iter, mfu, jou
                      **logged, "mixture": mixture, "xla_compilations": compilations})
 
 
+def plot_tasks(ax, eval_rows, keys):
+    """The eval_tasks metrics (val_<task>/<metric>) of each evaluation, one line each."""
+    for key in keys:
+        rows = [r for r in eval_rows if r.get(key) is not None]
+        ax.plot([r["iter"] for r in rows], [r[key] for r in rows], "o-", label=key.removeprefix("val_"))
+    ax.set_ylabel("task metrics")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+
+
 def plot(out_dir):
-    """loss.png: train loss per log interval and the eval losses above, the learning rate from iteration 0 below.
+    """loss.png: train loss per log interval and the eval losses above, train.py's eval_tasks metrics (when it has
+    them) in the middle, the learning rate from iteration 0 below.
     The loss axis starts above the first evaluation's (untrained) loss, so the part of the curve that matters fills
     it. Written to a temp file and renamed, so a viewer never reads half a PNG."""
     import matplotlib
@@ -80,7 +91,12 @@ def plot(out_dir):
     rows = read(out_dir)
     train_rows = [r for r in rows if "loss" in r]
     eval_rows = [r for r in rows if "val_loss" in r]
-    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=(3, 1))
+    task_keys = sorted({k for r in eval_rows for k in r if k.startswith("val_") and "/" in k})  # train.py eval_tasks
+    fig, axes = plt.subplots(2 + bool(task_keys), 1, figsize=(8, 7 + 3 * bool(task_keys)), sharex=True,
+                             height_ratios=(3, 2, 1)[:1] + ((2,) if task_keys else ()) + (1,))
+    ax, ax_lr = axes[0], axes[-1]
+    if task_keys:
+        plot_tasks(axes[1], eval_rows, task_keys)
     ax.plot([r["iter"] for r in train_rows], [r["loss"] for r in train_rows], alpha=0.5, label="train (batch)")
     ax.plot([r["iter"] for r in eval_rows], [r["train_loss"] for r in eval_rows], "o-", label="train (eval)")
     ax.plot([r["iter"] for r in eval_rows], [r["val_loss"] for r in eval_rows], "o-", label="val")

@@ -96,6 +96,8 @@ def write_data_dir(folder, rng, n=12):
     for name, data in task_files(rng, n).items():
         (folder / name).write_bytes(data)
     os.symlink(MMLU, folder / "mmlu")
+    for name in ("humaneval", "crows-pairs", "bbq"):
+        os.symlink(os.path.join(SHARED, "data", name), folder / name)
     return folder
 
 # ------------------------------------------------------------------------------------------------- crafted models
@@ -635,7 +637,8 @@ def test_eval_end_to_end_on_a_tiny_checkpoint_over_every_task(tmp_path, seed):
     assert list(results) == list(TASKS)
     for name, r in results.items():
         assert r["n"] == 16 and len(r["records"]) == 16 and r["seconds"] > 0, name
-        assert r["shots"] == (0 if name in ("truthfulqa_mc1", "truthfulqa_mc2", "mmlu_cot", "bpb") else 1)
+        zero_shot = ("truthfulqa_mc1", "truthfulqa_mc2", "mmlu_cot", "humaneval", "crows_pairs", "bbq", "bpb")
+        assert r["shots"] == (0 if name in zero_shot else 1)
     choice = [rec["acc"] for name in ("hellaswag", "arc_easy", "arc_challenge") for rec in results[name]["records"]]
     assert 0.04 <= sum(choice) / len(choice) <= 0.6  # random weights: near chance (1/3 to 1/5 of 48 questions)
     assert 0.1 <= results["winogrande"]["metrics"]["acc"] <= 0.9
@@ -644,6 +647,8 @@ def test_eval_end_to_end_on_a_tiny_checkpoint_over_every_task(tmp_path, seed):
     assert m["bits_per_byte"] * m["bytes"] / m["tokens"] == pytest.approx(math.log2(50304), abs=1.0)
     card = open(os.path.join(out, "eval.md")).read()
     assert "| hellaswag | acc_norm |" in card and "| bpb | bits_per_byte |" in card
+    assert "| hellaswag | macro_f1_norm |" in card and "| humaneval | pass@1 | 0.0000 |" in card
+    assert "| crows_pairs | pct_stereotype |" in card and "| bbq | s_amb/Age |" in card
     assert "| mmlu (test) | acc |" in card and "| mmlu (test) | rms_calibration_error |" in card
 
 

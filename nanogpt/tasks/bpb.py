@@ -5,10 +5,14 @@ Every token is predicted once, in lm-evaluation-harness's rolling windows (logli
 after EOT, each later one with as much of the preceding text as fits in block_size. Bits per byte = the summed
 negative log-likelihood (nats) / ln 2 / the UTF-8 bytes of the predicted tokens; token perplexity = exp(mean
 negative log-likelihood per token). Special tokens (EOT between a shard's documents) are not scored: they are no
-bytes of text. --limit counts windows.
+bytes of text. --limit counts windows. As lm-evaluation-harness's wikitext also reports them: byte_perplexity =
+exp(nll / bytes) = 2^bits_per_byte, and word_perplexity = exp(nll / words), words counted as the harness counts
+them, len(re.split(r"\\s+", document)), over the documents of the scored text (a text file is one document; a
+shard's documents end at EOT). A dataset folder's split is --text_split (val, or train).
 """
 import math
 import os
+import re
 import time
 
 import numpy as np
@@ -30,8 +34,23 @@ def token_bytes(tok):
                          for i in range(tok.vocab_size)])
 
 
-def read_tokens(path, scorer):
-    """(token ids, note): a text file encoded with the checkpoint's tokenizer, or a dataset folder's val shards."""
+def count_words(tok, ids):
+    """Words of the text of token ids as lm-evaluation-harness counts them, per document (split at special
+    tokens): len(re.split(r"\\s+", document)), empty documents left out."""
+    special = {tok.eot, *tok.special.values()}
+    documents, current = [], []
+    for i in ids:
+        if i in special:
+            documents.append(current)
+            current = []
+        else:
+            current.append(i)
+    return sum(len(re.split(r"\s+", tok.decode(d))) for d in documents + [current] if d)
+
+
+def read_tokens(path, scorer, split="val"):
+    """(token ids, note): a text file encoded with the checkpoint's tokenizer, or a dataset folder's split's
+    shards."""
     if not path:
         raise ValueError("bpb needs text_file: a text file, or a dataset folder holding val_*.bin shards")
     if not os.path.isdir(path):
@@ -46,7 +65,7 @@ def read_tokens(path, scorer):
     spec = dataset_spec(path)
     if not spec_extends(scorer.tok.spec, spec):
         raise ValueError(f"{path} was written with tokenizer {spec}, this checkpoint reads {scorer.tok.spec}")
-    return np.concatenate([read_shard(p) for p in shard_paths(path, "val")]), ""
+    return np.concatenate([read_shard(p) for p in shard_paths(path, split)]), ""
 
 
 class BitsPerByte:
@@ -54,7 +73,7 @@ class BitsPerByte:
 
     def run(self, scorer, settings):
         start = time.time()
-        tokens, note = read_tokens(settings.text_file, scorer)
+        tokens, note = read_tokens(settings.text_file, scorer, settings.text_split)
         if settings.limit:  # the first window predicts block_size tokens, and so does each next one
             tokens = tokens[:settings.limit * scorer.block_size]
         windows = rolling_windows([int(t) for t in tokens], scorer.block_size, scorer.tok.eot)[:settings.limit or None]
@@ -68,8 +87,10 @@ class BitsPerByte:
         if not n_bytes:
             raise ValueError(f"{settings.text_file} holds no text to score: an empty file or shards")
         result = task_result(self.name, 0, records, (), start, [note])
+        n_words = count_words(scorer.tok, [t for _, predicted in windows for t in predicted])
         result["metrics"] = {"bits_per_byte": nll / math.log(2) / n_bytes, "token_perplexity": math.exp(nll / n_tokens),
-                             "bytes": n_bytes, "tokens": n_tokens}
+                             "byte_perplexity": math.exp(nll / n_bytes), "word_perplexity": math.exp(nll / n_words),
+                             "bytes": n_bytes, "tokens": n_tokens, "words": n_words}
         result["stderr"] = dict.fromkeys(result["metrics"])
         return result
 

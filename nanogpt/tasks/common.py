@@ -16,9 +16,12 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 from nanogpt.download import DownloadError, download_file
 from nanogpt.files import numbered_jsonl, read_text, write_atomic
 from nanogpt.scoring import encode_pair
+from nanogpt.tasks import mmlu
 
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "nanogpt-kernels")  # one folder per task family
 SPACE = re.compile(r"\s*")
@@ -34,7 +37,18 @@ class Settings:
     fewshot_seed: int = 1234      # shots are drawn per question from (seed, question id)
     max_new_tokens: int = 256     # generation budget (gsm8k, mmlu_cot)
     text_file: str = ""           # bpb: a text file, or a dataset folder of val shards
+    text_split: str = "val"       # bpb: the dataset folder's split
     mmlu_split: str = "val"       # mmlu_cot's split
+    samples: str = ""             # humaneval: a JSONL file of task_id and completion rows to score ('': generate)
+    num_samples: int = 1          # humaneval: completions per problem
+    temperature: float = 0.0      # humaneval: sampling temperature (0 with one sample: greedy)
+    sandbox_workers: int = 0      # humaneval: programs run at a time (0: one per CPU core)
+    rank: int = 0                 # this process scores questions rank, rank + world, ... of the first `limit`
+    world: int = 1                # (train.py's tasks under DDP; eval.py runs them all in one process)
+
+    def questions(self, rows):
+        """The questions this process scores: the first `limit` (0: all), every world-th from rank on."""
+        return rows[:self.limit or None][self.rank::self.world]
 
     def shots(self, default, has_shots=True):
         """The shots a task runs with: its default, or num_fewshot (a zero-shot-only task stays at 0)."""
@@ -205,6 +219,25 @@ def task_result(name, shots, records, metrics, start, notes=()):
             "notes": [n for n in notes if n], "records": records}
 
 
+def macro_f1(golds, predictions):
+    """Macro-F1 over the answer classes (choice positions: the letters A, B, ...), as eval_mmlu.py computes it
+    (mmlu.macro_f1: the mean over classes someone answered or got of 2 TP / (2 TP + FP + FN), as sklearn's
+    f1_score(average="macro") averages over the labels present)."""
+    gold, pred = torch.tensor(golds), torch.tensor(predictions)
+    return mmlu.macro_f1(pred, gold, n_classes=int(max(gold.max(), pred.max())) + 1) if len(golds) else None
+
+
+def with_macro_f1(result):
+    """A multiple-choice result with macro_f1 (of the acc predictions) and macro_f1_norm (of acc_norm's) added
+    beside them; not a mean over questions, so without a standard error."""
+    records = result["records"]
+    for metric, key, name in (("acc", "prediction", "macro_f1"), ("acc_norm", "prediction_norm", "macro_f1_norm")):
+        if metric in result["metrics"]:
+            result["metrics"][name] = macro_f1([r["gold"] for r in records], [r[key] for r in records])
+            result["stderr"][name] = None
+    return result
+
+
 def truncation_note(lengths, block_size):
     cut = sum(n > block_size for n in lengths)
     return f"{cut} of {len(lengths)} sequences left-truncated to block_size {block_size}" if cut else ""
@@ -248,6 +281,16 @@ def choice_record(q, logprobs, metrics):
     return record
 
 
+def score_choices(scorer, questions, texts, metrics, desc):
+    """(choice_record of each question, truncation note) from the (context, continuation, question index) texts of
+    every choice of every question, in order."""
+    pairs = [encode_pair(scorer.encode, context, choice, scorer.tok.eot) for context, choice, _ in texts]
+    # a question's choices share their shots and context: computed once (scoring.Scorer.plan)
+    logprobs = iter(scorer.loglikelihoods(pairs, [n for _, _, n in texts], desc=desc))
+    records = [choice_record(q, [next(logprobs) for _ in q.choices], metrics) for q in questions]
+    return records, truncation_note([len(c) + len(x) - 1 for c, x in pairs], scorer.block_size)
+
+
 @dataclass
 class MultipleChoice:
     name: str
@@ -272,15 +315,11 @@ class MultipleChoice:
     def run(self, scorer, settings):
         start, k = time.time(), settings.shots(self.num_fewshot, bool(self.shot_file))
         questions = read_task_rows(self.files, self.eval_file, self.to_question, settings, self.read)
-        questions = questions[:settings.limit or None]
+        questions = settings.questions(questions)
         pool = read_task_rows(self.files, self.shot_file, self.to_question, settings, self.read) if k else []
         texts = self.texts(questions, pool, k, settings.fewshot_seed)
-        pairs = [encode_pair(scorer.encode, context, choice, scorer.tok.eot) for context, choice, _ in texts]
-        # a question's choices share their shots and context: computed once (scoring.Scorer.plan)
-        logprobs = iter(scorer.loglikelihoods(pairs, [n for _, _, n in texts], desc=self.name))
-        records = [choice_record(q, [next(logprobs) for _ in q.choices], self.metrics) for q in questions]
-        note = truncation_note([len(c) + len(x) - 1 for c, x in pairs], scorer.block_size)
-        return task_result(self.name, k, records, self.metrics, start, [note])
+        records, note = score_choices(scorer, questions, texts, self.metrics, self.name)
+        return with_macro_f1(task_result(self.name, k, records, self.metrics, start, [note]))
 
 
 # ------------------------------------------------------------------------------------------------------ generation
@@ -299,7 +338,7 @@ class Generation:
     def run(self, scorer, settings):
         start, k = time.time(), settings.shots(self.num_fewshot, self.num_fewshot > 0)
         problems, pool = self.read_questions(settings, k)
-        problems = problems[:settings.limit or None]
+        problems = settings.questions(problems)
         prompts = [scorer.encode(self.prompt(p, draw_shots(pool, k, p.id, settings.fewshot_seed))) for p in problems]
         outputs = scorer.generate(prompts, settings.max_new_tokens, self.stop, desc=self.name)
         records = [{"id": p.id, "output": out, **self.grade(out, p)} for p, out in zip(problems, outputs)]
