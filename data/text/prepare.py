@@ -443,23 +443,6 @@ def build_parser():
     return p
 
 
-def read_heldout(paths):
-    """{name: text} of held-out files: a UDHR .html file is its paragraphs (named by its lang attribute)."""
-    import html
-    import re
-    texts = {}
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            raw = f.read()
-        name = os.path.splitext(os.path.basename(path))[0]
-        if path.endswith(".html"):
-            lang = re.search(r'<html[^>]* lang="([^"]+)"', raw)
-            name = lang.group(1) if lang else name
-            raw = "\n".join(html.unescape(re.sub(r"<[^>]+>", "", p)) for p in re.findall(r"<p>(.*?)</p>", raw, re.S))
-        texts[name] = raw
-    return texts
-
-
 def train_tokenizer(args, out_dir):
     special = bpe.SPECIAL_TOKENS if args.chat_tokens else (bpe.EOT,)
     name = f"byte-level BPE of {os.path.basename(os.path.normpath(args.out_dir))}"
@@ -494,7 +477,7 @@ def prepare(args):
     if args.vocab_size:
         report["tokenizer_training"] = {"seconds": round(train_seconds, 3), "vocab_size": args.vocab_size}
     if args.heldout:
-        report["compression"] = bpe.compression(spec, read_heldout(args.heldout))
+        report["compression"] = bpe.compression(spec, bpe.read_heldout(args.heldout))
     report["settings"] = {k: v for k, v in settings.items() if k != "quality_rules"}
     report["inputs"] = paths
     clear_dataset(args.out_dir)  # the old dataset goes only now that the new one is complete
