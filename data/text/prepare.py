@@ -258,6 +258,7 @@ def filter_corpus(paths, settings, out_dir, workers):
     files = {split: open(os.path.join(out_dir, KEPT_TEXT.format(split=split)), "w", encoding="utf-8")
              for split in ("train", "val")}
     kept = 0
+    removed_log = open(os.path.join(out_dir, "removed.jsonl"), "w", encoding="utf-8") if settings["log_removed"] else None
     docs = read_documents(paths, settings["text_field"], settings["txt_docs"])
     try:
         for results, chunk_seconds in ordered_map(filter_chunk, chunks(docs), workers, init_filter_worker,
@@ -269,13 +270,18 @@ def filter_corpus(paths, settings, out_dir, workers):
                 report["bytes_in"] += size
                 if "language" in result:
                     report["languages"][result["language"]] += 1
-                removed = result.get("removed")
+                removed, duplicate = result.get("removed"), None
                 if removed is None and deduplicator is not None:
                     duplicate = deduplicator.duplicate_of(where, result)
                     removed = f"dedup:{duplicate[0]}" if duplicate else None
                 if removed:
                     report["removed"][removed] += 1
                     report["removed_bytes"][removed] += size
+                    if removed_log:
+                        entry = {"where": where, "removed": removed}
+                        if duplicate:
+                            entry["duplicate_of"] = duplicate[1]
+                        removed_log.write(json.dumps(entry) + "\n")
                     continue
                 report["pii"].update(result.get("pii", {}))
                 split = "val" if kept % settings["val_every"] == 0 else "train"
@@ -284,7 +290,7 @@ def filter_corpus(paths, settings, out_dir, workers):
                 kept += 1
             dedup_seconds += time.perf_counter() - t0
     finally:
-        for f in files.values():
+        for f in [*files.values(), *([removed_log] if removed_log else [])]:
             f.close()
     seconds["dedup"] += dedup_seconds  # the hashes in the workers plus the index lookups here
     report["seconds_cpu"] = dict(seconds)
@@ -410,7 +416,7 @@ def make_settings(args):
             "bands": args.bands, "rows": args.rows, "shingle": args.shingle, "seed": args.seed,
             "languages": [x for x in (args.languages or "").split(",") if x],
             "min_language_confidence": args.min_language_confidence, "text_field": args.text_field,
-            "txt_docs": args.txt_docs, "val_every": args.val_every}
+            "txt_docs": args.txt_docs, "val_every": args.val_every, "log_removed": args.log_removed}
 
 
 def build_parser():
@@ -436,6 +442,7 @@ def build_parser():
                    help="the trained tokenizer reserves the chat turn markers")
     p.add_argument("--heldout", nargs="*", default=[], metavar="FILE",
                    help="texts to measure the trained tokenizer's bytes/token on vs GPT-2 (.txt or UDHR .html)")
+    p.add_argument("--log_removed", action="store_true", help="write removed.jsonl: where, stage:rule, duplicate of")
     p.add_argument("--val_every", type=int, default=100, help="every N-th kept document is val (the first too)")
     p.add_argument("--shard_size", type=int, default=100_000_000, help="tokens per shard")
     p.add_argument("--workers", type=int, default=os.cpu_count())
@@ -481,10 +488,11 @@ def prepare(args):
     report["settings"] = {k: v for k, v in settings.items() if k != "quality_rules"}
     report["inputs"] = paths
     clear_dataset(args.out_dir)  # the old dataset goes only now that the new one is complete
-    for name in ("tokenizer.json", "report.json", "report.png"):
+    for name in ("tokenizer.json", "report.json", "report.png", "removed.jsonl"):
         if os.path.exists(os.path.join(args.out_dir, name)):
             os.remove(os.path.join(args.out_dir, name))
-    for path in shards["train"] + shards["val"]:
+    log = [os.path.join(staging, "removed.jsonl")] if args.log_removed else []
+    for path in shards["train"] + shards["val"] + log:
         os.replace(path, os.path.join(args.out_dir, os.path.basename(path)))
     shutil.rmtree(staging)
     write_json(os.path.join(args.out_dir, "report.json"), report)
