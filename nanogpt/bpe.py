@@ -45,7 +45,7 @@ def train_bpe(texts, vocab_size, special_tokens=SPECIAL_TOKENS, pattern=GPT2_PAT
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     eot = tok.token_to_id(EOT) if EOT in special_tokens else None
-    return {"kind": "hf", "name": f"{name} ({tok.get_vocab_size()} tokens)", "json": tok.to_str(), "eot": eot}
+    return {"kind": "hf", "name": name, "json": tok.to_str(), "eot": eot}
 
 
 def bytes_per_token(tokenizer, text):

@@ -106,7 +106,8 @@ def test_ngram_rules_match_a_naive_count(seed):
     rng = random.Random(seed)
     vocab = ["a", "bb", "ccc", "dddd", "the", "of", "x" * 9]
     for _ in range(200):
-        words = [rng.choice(vocab[:rng.randint(1, len(vocab))]) for _ in range(rng.randint(0, 60))]
+        length = rng.choice([rng.randint(0, 20), rng.randint(140, 400)])  # both code paths (NUMPY_FROM_WORDS)
+        words = [rng.choice(vocab[:rng.randint(1, len(vocab))]) for _ in range(length)]
         doc = text_filters.Doc(" ".join(words))
         for n in (2, 3, 4):
             assert text_filters.top_ngram_fraction(doc, n) == pytest.approx(naive_top_ngram(words, n), abs=1e-12)
