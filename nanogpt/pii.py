@@ -57,13 +57,17 @@ def is_phone(s):
     return 10 <= sum(c.isdigit() for c in s) <= 15
 
 
+# cheap scans that rule a kind out for most texts: the kind's pattern runs only where they find something
+DOTTED_QUAD = re.compile(r"\d\.\d{1,3}\.\d{1,3}\.\d")
+TEN_DIGITS = re.compile(r"\d(?:[ .()+-]{0,2}\d){9}")  # a card or phone number has at least 10 digits
+
 # kind -> (pattern, check of a match, a cheap test that the text can hold one at all)
 KINDS = {
     "email": (EMAIL, lambda s: True, lambda t: "@" in t),
-    "ip": (IPV4, is_ipv4, lambda t: "." in t),
+    "ip": (IPV4, is_ipv4, DOTTED_QUAD.search),
     "ipv6": (IPV6, is_ipv6, lambda t: "::" in t or t.count(":") >= 3),
-    "credit_card": (CARD, is_card, lambda t: True),
-    "phone": (PHONE, is_phone, lambda t: True),
+    "credit_card": (CARD, is_card, TEN_DIGITS.search),
+    "phone": (PHONE, is_phone, TEN_DIGITS.search),
 }
 
 

@@ -7,8 +7,8 @@ Inputs (globs allowed): .txt (one document per file, or per paragraph / line wit
 (the --text_field of each row), .parquet (that column; needs pyarrow). They are read as a stream, in the order given.
 Each document goes through, in order and each switchable:
   1. length limits (--rules min_chars, max_chars, min_words, max_words)
-  2. language identification (--languages=en,fr keeps those, with confidence >= --min_language_confidence; needs
-     py3langid, nanogpt/langid.py; --languages= (empty) switches it off)
+  2. language identification on the first --language_chars characters (--languages=en,fr keeps those, with
+     confidence >= --min_language_confidence; needs py3langid, nanogpt/langid.py; --languages= (empty): off)
   3. quality rules, Gopher / C4 / FineWeb style (nanogpt/text_filters.py; --rules name=threshold,... or name=none)
   4. PII redaction: e-mail, phone, IP, Luhn-checked credit cards -> placeholders (nanogpt/pii.py; --no-pii)
   5. exact deduplication on the normalised text, then MinHash LSH near-duplicates (nanogpt/dedup.py: --jaccard,
@@ -156,51 +156,63 @@ def init_filter_worker(settings):
         _WORKER["identify"] = load_identifier()
 
 
-def filter_document(text, seconds):
+class Meter:
+    """CPU seconds and input bytes per stage (CPU time, not wall: the numbers hold on a shared machine)."""
+
+    def __init__(self):
+        self.seconds, self.bytes = Counter(), Counter()
+        self.last = time.process_time()
+
+    def start(self):
+        self.last = time.process_time()
+
+    def stage(self, name, size):
+        now = time.process_time()
+        self.seconds[name] += now - self.last
+        self.bytes[name] += size
+        self.last = now
+
+
+def filter_document(text, meter):
     """One document through stages 1-4 and the dedup hashes: a dict with "removed" (a stage:rule name) or the
-    redacted text, its exact key and MinHash signature; per-stage seconds are added to `seconds`."""
-    s, out = _WORKER["settings"], {}
-    t0 = time.perf_counter()
+    redacted text, its exact key and MinHash signature."""
+    s, out, size = _WORKER["settings"], {}, len(text.encode("utf-8"))
+    meter.start()
     failed = text_filters.first_failed_rule(text, s["rules"], text_filters.LENGTH_RULES)
-    t1 = time.perf_counter()
-    seconds["length"] += t1 - t0
+    meter.stage("length", size)
     if failed:
         return {"removed": f"length:{failed}"}
     if s["languages"]:
-        lang, confidence = _WORKER["identify"](text)
+        lang, confidence = _WORKER["identify"](text[:s["language_chars"]])
         out["language"] = lang
-        seconds["language"] += time.perf_counter() - t1
+        meter.stage("language", size)
         if lang not in s["languages"] or confidence < s["min_language_confidence"]:
             out["removed"] = "language:" + ("not kept" if lang not in s["languages"] else "low confidence")
             return out
-    t2 = time.perf_counter()
     if s["quality"]:
         failed = text_filters.first_failed_rule(text, s["rules"], s["quality_rules"])
-        t3 = time.perf_counter()
-        seconds["quality"] += t3 - t2
+        meter.stage("quality", size)
         if failed:
             out["removed"] = f"quality:{failed}"
             return out
-    t3 = time.perf_counter()
     if s["pii"]:
         text, found = pii.redact(text)
         out["pii"] = {k: v for k, v in found.items() if v}
-    t4 = time.perf_counter()
-    seconds["pii"] += t4 - t3
+        meter.stage("pii", size)
     if s["dedup"]:
         normalised = dedup.normalise(text)
         out["key"] = dedup.exact_key(normalised)
         out["signature"] = _WORKER["hasher"].signature(normalised) if s["jaccard"] < 1 else None
-    seconds["dedup"] += time.perf_counter() - t4
+        meter.stage("dedup", size)
     out["text"] = text
     return out
 
 
 def filter_chunk(chunk):
-    """filter_document over a chunk of (where, text); returns (results, per-stage seconds)."""
-    seconds = Counter()
-    results = [(where, len(text.encode("utf-8")), filter_document(text, seconds)) for where, text in chunk]
-    return results, dict(seconds)
+    """filter_document over a chunk of (where, text); returns (results, {stage: [cpu seconds, bytes]})."""
+    meter = Meter()
+    results = [(where, len(text.encode("utf-8")), filter_document(text, meter)) for where, text in chunk]
+    return results, {k: [meter.seconds[k], meter.bytes[k]] for k in meter.seconds}
 
 
 def chunks(docs, max_bytes=1 << 20, max_docs=2048):
@@ -253,7 +265,8 @@ def filter_corpus(paths, settings, out_dir, workers):
     """Stages 1-5 over the inputs; kept documents go to out_dir's temp files (train, val); returns the report part."""
     report = {"documents_in": 0, "bytes_in": 0, "removed": Counter(), "removed_bytes": Counter(),
               "languages": Counter(), "pii": Counter(), "kept": {"train": 0, "val": 0}}
-    seconds, dedup_seconds = Counter(), 0.0
+    work = Counter()  # (stage, "seconds" or "bytes") -> total
+    dedup_seconds = 0.0
     deduplicator = Deduplicator(settings) if settings["dedup"] else None
     files = {split: open(os.path.join(out_dir, KEPT_TEXT.format(split=split)), "w", encoding="utf-8")
              for split in ("train", "val")}
@@ -261,10 +274,12 @@ def filter_corpus(paths, settings, out_dir, workers):
     removed_log = open(os.path.join(out_dir, "removed.jsonl"), "w", encoding="utf-8") if settings["log_removed"] else None
     docs = read_documents(paths, settings["text_field"], settings["txt_docs"])
     try:
-        for results, chunk_seconds in ordered_map(filter_chunk, chunks(docs), workers, init_filter_worker,
-                                                  (settings,)):
-            seconds.update(chunk_seconds)
-            t0 = time.perf_counter()
+        for results, chunk_work in ordered_map(filter_chunk, chunks(docs), workers, init_filter_worker,
+                                               (settings,)):
+            for stage, (seconds, size) in chunk_work.items():
+                work[stage, "seconds"] += seconds
+                work[stage, "bytes"] += size
+            t0 = time.process_time()
             for where, size, result in results:
                 report["documents_in"] += 1
                 report["bytes_in"] += size
@@ -288,12 +303,12 @@ def filter_corpus(paths, settings, out_dir, workers):
                 files[split].write(json.dumps({"where": where, "text": result["text"]}, ensure_ascii=False) + "\n")
                 report["kept"][split] += 1
                 kept += 1
-            dedup_seconds += time.perf_counter() - t0
+            dedup_seconds += time.process_time() - t0
     finally:
         for f in [*files.values(), *([removed_log] if removed_log else [])]:
             f.close()
-    seconds["dedup"] += dedup_seconds  # the hashes in the workers plus the index lookups here
-    report["seconds_cpu"] = dict(seconds)
+    work["dedup", "seconds"] += dedup_seconds  # the hashes in the workers plus the index lookups here
+    report["work"] = work
     if deduplicator:
         report["duplicate_clusters"] = cluster_summary(deduplicator.clusters)
     return report
@@ -320,13 +335,14 @@ def init_token_worker(spec):
 
 
 def encode_chunk(texts):
-    """[eot, *ids of text] for each text, as one int64 array (special tokens' text stays plain text)."""
-    tok = _WORKER["tokenizer"]
+    """([eot, *ids of text] for each text as one int64 array (special tokens' text stays plain text), CPU seconds,
+    bytes)."""
+    tok, t0 = _WORKER["tokenizer"], time.process_time()
     out = []
     for text in texts:
         out.append(tok.eot)
         out.extend(tok.encode_ordinary(text))
-    return np.array(out, dtype=np.int64)
+    return np.array(out, dtype=np.int64), time.process_time() - t0, sum(len(t.encode("utf-8")) for t in texts)
 
 
 def text_chunks(texts, n=512):
@@ -334,13 +350,17 @@ def text_chunks(texts, n=512):
     return iter(lambda: list(itertools.islice(it, n)), [])
 
 
-def tokenize_split(spec, kept_path, staging, split, shard_size, workers):
+def tokenize_split(spec, kept_path, staging, split, shard_size, workers, work):
+    """Tokenise a split's kept documents into shards in `staging`; returns (shard paths, tokens)."""
     tok = Tokenizer(spec)
     writer = ShardWriter(staging, split, shard_size, vocab_size=tok.vocab_size)
     tokens = 0
-    for ids in ordered_map(encode_chunk, text_chunks(read_kept(kept_path)), workers, init_token_worker, (spec,)):
+    for ids, seconds, size in ordered_map(encode_chunk, text_chunks(read_kept(kept_path)), workers,
+                                          init_token_worker, (spec,)):
         writer.add(ids)
         tokens += len(ids)
+        work["tokenize", "seconds"] += seconds
+        work["tokenize", "bytes"] += size
     return writer.close(), tokens
 
 # --------------------------------------------------------------------------------------------------- the report
@@ -373,15 +393,19 @@ def plot_report(report, path):
 
 
 def finish_report(report, tokens, spec, wall, cpu):
+    """The report's totals; per stage: the CPU seconds it took and the MB that reached it, over all processes."""
     mb = report["bytes_in"] / 1e6
-    seconds = report.pop("seconds_cpu")
+    work = report.pop("work")
+    stages = [k for k, kind in work if kind == "seconds"]
     report["tokens"] = tokens
     report["tokenizer"] = Tokenizer(spec).describe()
     report["throughput"] = {
         "wall_seconds": round(wall, 3), "cpu_seconds": round(cpu, 3), "mb_in": round(mb, 3),
         "mb_per_second": round(mb / max(wall, 1e-9), 3),
-        "cpu_seconds_per_stage": {k: round(v, 3) for k, v in seconds.items()},
-        "mb_per_cpu_second": {k: round(mb / v, 2) for k, v in seconds.items() if v > 0}}
+        "cpu_seconds_per_stage": {k: round(work[k, "seconds"], 3) for k in stages},
+        "mb_per_stage": {k: round(work[k, "bytes"] / 1e6, 3) for k in stages},
+        "mb_per_cpu_second": {k: round(work[k, "bytes"] / 1e6 / work[k, "seconds"], 2)
+                              for k in stages if work[k, "seconds"] > 0}}
     for key in ("removed", "removed_bytes", "languages", "pii"):
         report[key] = dict(sorted(report[key].items()))
     return report
@@ -415,7 +439,7 @@ def make_settings(args):
             "quality": args.quality, "pii": args.pii, "dedup": args.dedup, "jaccard": args.jaccard,
             "bands": args.bands, "rows": args.rows, "shingle": args.shingle, "seed": args.seed,
             "languages": [x for x in (args.languages or "").split(",") if x],
-            "min_language_confidence": args.min_language_confidence, "text_field": args.text_field,
+            "min_language_confidence": args.min_language_confidence, "language_chars": args.language_chars, "text_field": args.text_field,
             "txt_docs": args.txt_docs, "val_every": args.val_every, "log_removed": args.log_removed}
 
 
@@ -430,6 +454,7 @@ def build_parser():
     p.add_argument("--quality", action=argparse.BooleanOptionalAction, default=True, help="quality rules")
     p.add_argument("--languages", default="", help="keep-list, e.g. en,fr (ISO 639-1); empty: no language ID")
     p.add_argument("--min_language_confidence", type=float, default=0.65)
+    p.add_argument("--language_chars", type=int, default=2000, help="language ID reads this many characters")
     p.add_argument("--pii", action=argparse.BooleanOptionalAction, default=True, help="PII redaction")
     p.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True, help="exact + near dedup")
     p.add_argument("--jaccard", type=float, default=0.8, help="near-duplicate threshold (1: exact dedup only)")
@@ -474,15 +499,15 @@ def prepare(args):
     t0 = time.perf_counter()
     spec = train_tokenizer(args, staging) if args.vocab_size else {"kind": "gpt2"}
     train_seconds = time.perf_counter() - t0
-    t0, tokens, shards = time.perf_counter(), {}, {}
+    tokens, shards = {}, {}
     for split in ("train", "val"):
         shards[split], tokens[split] = tokenize_split(spec, os.path.join(staging, KEPT_TEXT.format(split=split)),
-                                                      staging, split, args.shard_size, args.workers)
-    tokenize_seconds = time.perf_counter() - t0
+                                                      staging, split, args.shard_size, args.workers, report["work"])
     report = finish_report(report, tokens, spec, time.time() - t_start, cpu_seconds() - cpu_start)
-    report["throughput"]["tokenize_wall_seconds"] = round(tokenize_seconds, 3)
     if args.vocab_size:
-        report["tokenizer_training"] = {"seconds": round(train_seconds, 3), "vocab_size": args.vocab_size}
+        train_mb = os.path.getsize(os.path.join(staging, KEPT_TEXT.format(split="train"))) / 1e6
+        report["tokenizer_training"] = {"wall_seconds": round(train_seconds, 3), "vocab_size": args.vocab_size,
+                                        "mb": round(train_mb, 3), "seconds_per_mb": round(train_seconds / train_mb, 3)}
     if args.heldout:
         report["compression"] = bpe.compression(spec, bpe.read_heldout(args.heldout))
     report["settings"] = {k: v for k, v in settings.items() if k != "quality_rules"}
