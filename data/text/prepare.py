@@ -15,7 +15,8 @@ Each document goes through, in order and each switchable:
      --shingle, --bands, --rows; --no-dedup)
   6. tokenisation with GPT-2's BPE, or a byte-level BPE trained here on the kept train documents (--vocab_size=N,
      nanogpt/bpe.py), <|endoftext|> before each document, into {train,val}_NNNNNN.bin shards (nanogpt/shards.py).
-Every --val_every-th kept document (the first included) is val. Stages 1-4 and 6 run on --workers processes; results
+Every --val_every-th kept document (the first included) is val; --order=length writes each split's documents
+shortest first (a curriculum: train.py reads a dataset named in its `curriculum` setting in stored order). Stages 1-4 and 6 run on --workers processes; results
 come back in input order and every random choice is seeded, so the same input gives the same shards. The report
 (report.json + report.png in --out_dir) counts documents and tokens in, removed per stage and rule, kept; languages;
 PII found; duplicate clusters; seconds and MB/s per stage. Shards are written to a staging folder and moved in only
@@ -323,10 +324,21 @@ def cluster_summary(clusters, show=10):
 # ------------------------------------------------------------------------------------------------- tokenising
 
 
-def read_kept(path):
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)["text"]
+def read_kept(path, order="input"):
+    """The kept documents' texts, in input order or shortest first (order="length", ties in input order: a
+    curriculum; train.py's `curriculum` setting then reads the dataset in this order instead of shuffled)."""
+    with open(path, "rb") as f:
+        if order == "input":
+            for line in f:
+                yield json.loads(line)["text"]
+            return
+        index, offset = [], 0
+        for line in f:  # (length, offset) per document: the texts stay on disk
+            index.append((len(json.loads(line)["text"]), offset))
+            offset += len(line)
+        for _, at in sorted(index):
+            f.seek(at)
+            yield json.loads(f.readline())["text"]
 
 
 def init_token_worker(spec):
@@ -350,12 +362,12 @@ def text_chunks(texts, n=512):
     return iter(lambda: list(itertools.islice(it, n)), [])
 
 
-def tokenize_split(spec, kept_path, staging, split, shard_size, workers, work):
+def tokenize_split(spec, kept_path, staging, split, shard_size, workers, work, order="input"):
     """Tokenise a split's kept documents into shards in `staging`; returns (shard paths, tokens)."""
     tok = Tokenizer(spec)
     writer = ShardWriter(staging, split, shard_size, vocab_size=tok.vocab_size)
     tokens = 0
-    for ids, seconds, size in ordered_map(encode_chunk, text_chunks(read_kept(kept_path)), workers,
+    for ids, seconds, size in ordered_map(encode_chunk, text_chunks(read_kept(kept_path, order)), workers,
                                           init_token_worker, (spec,)):
         writer.add(ids)
         tokens += len(ids)
@@ -439,7 +451,8 @@ def make_settings(args):
             "quality": args.quality, "pii": args.pii, "dedup": args.dedup, "jaccard": args.jaccard,
             "bands": args.bands, "rows": args.rows, "shingle": args.shingle, "seed": args.seed,
             "languages": [x for x in (args.languages or "").split(",") if x],
-            "min_language_confidence": args.min_language_confidence, "language_chars": args.language_chars, "text_field": args.text_field,
+            "min_language_confidence": args.min_language_confidence, "language_chars": args.language_chars,
+            "text_field": args.text_field,
             "txt_docs": args.txt_docs, "val_every": args.val_every, "log_removed": args.log_removed}
 
 
@@ -468,6 +481,8 @@ def build_parser():
     p.add_argument("--heldout", nargs="*", default=[], metavar="FILE",
                    help="texts to measure the trained tokenizer's bytes/token on vs GPT-2 (.txt or UDHR .html)")
     p.add_argument("--log_removed", action="store_true", help="write removed.jsonl: where, stage:rule, duplicate of")
+    p.add_argument("--order", default="input", choices=("input", "length"),
+                   help="document order in the shards: as read, or shortest first (a curriculum)")
     p.add_argument("--val_every", type=int, default=100, help="every N-th kept document is val (the first too)")
     p.add_argument("--shard_size", type=int, default=100_000_000, help="tokens per shard")
     p.add_argument("--workers", type=int, default=os.cpu_count())
@@ -502,7 +517,8 @@ def prepare(args):
     tokens, shards = {}, {}
     for split in ("train", "val"):
         shards[split], tokens[split] = tokenize_split(spec, os.path.join(staging, KEPT_TEXT.format(split=split)),
-                                                      staging, split, args.shard_size, args.workers, report["work"])
+                                                      staging, split, args.shard_size, args.workers, report["work"],
+                                                      args.order)
     report = finish_report(report, tokens, spec, time.time() - t_start, cpu_seconds() - cpu_start)
     if args.vocab_size:
         train_mb = os.path.getsize(os.path.join(staging, KEPT_TEXT.format(split="train"))) / 1e6
