@@ -6,7 +6,8 @@
 #       --text_field chosen --txt_docs paragraph --out_dir data/text_web \
 #       --rules $RULES,max_top_2gram=none,max_top_3gram=none,max_top_4gram=none,max_dup_5gram=none,max_dup_10gram=none
 #   python data/text/prepare.py --input $S/tinyshakespeare/input.txt $S/hh-rlhf/harmless-base-test.jsonl.gz \
-#       --text_field chosen --txt_docs paragraph --languages en --rules min_chars=100,min_words=20 --out_dir data/text_hq
+#       --text_field chosen --txt_docs paragraph --languages en --rules min_chars=100,min_words=20 \
+#       --out_dir data/text_hq
 #   python data/gsm8k/prepare.py --input $S/gsm8k/train.jsonl --block_size 256
 #   python train.py config/train_phases_small.py
 out_dir = "out-phases"

@@ -9,7 +9,6 @@ import json
 import os
 import random
 
-import numpy as np
 import pytest
 
 from conftest import SHARED, TINY, run_script
@@ -70,7 +69,14 @@ def corpus(tmp_path_factory):
     passing = [t for t in gsm8k + hh if first_failed_rule(t) is None]  # copies of these reach dedup and PII
     write_jsonl(str(root / "gsm8k.jsonl"), [{"text": t} for t in gsm8k])
     write_jsonl(str(root / "hh.jsonl.gz"), [{"id": i, "text": t} for i, t in enumerate(hh)])
-    write_jsonl(str(root / "mmlu.jsonl"), [{"text": t} for t in mmlu])
+    try:  # pyarrow comes with lm-eval's datasets in CI; without it the MMLU texts are JSONL
+        import pyarrow
+        import pyarrow.parquet as pq
+        pq.write_table(pyarrow.table({"text": mmlu, "n": list(range(len(mmlu)))}), str(root / "mmlu.parquet"))
+        mmlu_file = str(root / "mmlu.parquet")
+    except ImportError:
+        mmlu_file = str(root / "mmlu.jsonl")
+        write_jsonl(mmlu_file, [{"text": t} for t in mmlu])
     planted, expected = [], {}
     near = [(t, c) for t, c in ((t, edit(t, rng)) for t in passing[1::2]) if jaccard(t, c) >= 0.9][:10]
     assert len(near) == 10
@@ -94,8 +100,7 @@ def corpus(tmp_path_factory):
     write_jsonl(planted_path, [{"text": t} for t in planted])
     with open(os.path.join(DATA, "tinyshakespeare", "input.txt"), encoding="utf-8") as f:
         (root / "shakespeare.txt").write_text(f.read()[:20000], encoding="utf-8")
-    files = [str(root / "gsm8k.jsonl"), str(root / "*.jsonl.gz"), str(root / "mmlu.jsonl"),
-             str(root / "shakespeare.txt")]
+    files = [str(root / "gsm8k.jsonl"), str(root / "*.jsonl.gz"), mmlu_file, str(root / "shakespeare.txt")]
     return files, {f"{planted_path}:{line}": what for line, what in expected.items()}
 
 
@@ -128,6 +133,7 @@ def test_planted_duplicates_pii_and_junk(corpus, tmp_path):
     assert report["kept"]["train"] + report["kept"]["val"] + sum(report["removed"].values()) == report["documents_in"]
     assert sum(report["tokens"].values()) == sum(len(read_shard(p)) for p in glob.glob(str(tmp_path / "a/*.bin")))
     assert {"report.json", "report.png", "tokenizer.json"} <= set(os.listdir(tmp_path / "a"))
+    assert report["documents_per_input"][files[2]] == 20  # the MMLU texts, from parquet when pyarrow is there
     assert not os.path.exists(tmp_path / "a" / ".partial")
 
     # deterministic: one process gives the same shards as two

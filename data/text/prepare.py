@@ -16,8 +16,9 @@ Each document goes through, in order and each switchable:
   6. tokenisation with GPT-2's BPE, or a byte-level BPE trained here on the kept train documents (--vocab_size=N,
      nanogpt/bpe.py), <|endoftext|> before each document, into {train,val}_NNNNNN.bin shards (nanogpt/shards.py).
 Every --val_every-th kept document (the first included) is val; --order=length writes each split's documents
-shortest first (a curriculum: train.py reads a dataset named in its `curriculum` setting in stored order). Stages 1-4 and 6 run on --workers processes; results
-come back in input order and every random choice is seeded, so the same input gives the same shards. The report
+shortest first (a curriculum: train.py reads a dataset named in its `curriculum` setting in stored order).
+Stages 1-4 and 6 run on --workers processes; results come back in input order and every random choice is seeded,
+so the same input gives the same shards. The report
 (report.json + report.png in --out_dir) counts documents and tokens in, removed per stage and rule, kept; languages;
 PII found; duplicate clusters; seconds and MB/s per stage. Shards are written to a staging folder and moved in only
 when every split is complete, tokenizer.json last: an interrupted run leaves no dataset that looks complete.
@@ -264,15 +265,16 @@ class Deduplicator:
 
 def filter_corpus(paths, settings, out_dir, workers):
     """Stages 1-5 over the inputs; kept documents go to out_dir's temp files (train, val); returns the report part."""
-    report = {"documents_in": 0, "bytes_in": 0, "removed": Counter(), "removed_bytes": Counter(),
-              "languages": Counter(), "pii": Counter(), "kept": {"train": 0, "val": 0}}
+    report = {"documents_in": 0, "bytes_in": 0, "documents_per_input": Counter(), "removed": Counter(),
+              "removed_bytes": Counter(), "languages": Counter(), "pii": Counter(), "kept": {"train": 0, "val": 0}}
     work = Counter()  # (stage, "seconds" or "bytes") -> total
     dedup_seconds = 0.0
     deduplicator = Deduplicator(settings) if settings["dedup"] else None
     files = {split: open(os.path.join(out_dir, KEPT_TEXT.format(split=split)), "w", encoding="utf-8")
              for split in ("train", "val")}
     kept = 0
-    removed_log = open(os.path.join(out_dir, "removed.jsonl"), "w", encoding="utf-8") if settings["log_removed"] else None
+    removed_log = (open(os.path.join(out_dir, "removed.jsonl"), "w", encoding="utf-8") if settings["log_removed"]
+                   else None)
     docs = read_documents(paths, settings["text_field"], settings["txt_docs"])
     try:
         for results, chunk_work in ordered_map(filter_chunk, chunks(docs), workers, init_filter_worker,
@@ -284,6 +286,7 @@ def filter_corpus(paths, settings, out_dir, workers):
             for where, size, result in results:
                 report["documents_in"] += 1
                 report["bytes_in"] += size
+                report["documents_per_input"][where.rsplit(":", 1)[0]] += 1
                 if "language" in result:
                     report["languages"][result["language"]] += 1
                 removed, duplicate = result.get("removed"), None
@@ -418,7 +421,7 @@ def finish_report(report, tokens, spec, wall, cpu):
         "mb_per_stage": {k: round(work[k, "bytes"] / 1e6, 3) for k in stages},
         "mb_per_cpu_second": {k: round(work[k, "bytes"] / 1e6 / work[k, "seconds"], 2)
                               for k in stages if work[k, "seconds"] > 0}}
-    for key in ("removed", "removed_bytes", "languages", "pii"):
+    for key in ("documents_per_input", "removed", "removed_bytes", "languages", "pii"):
         report[key] = dict(sorted(report[key].items()))
     return report
 
