@@ -61,8 +61,9 @@ class MinHasher:
 
     def signature(self, normalised):
         """The (bands * rows,) uint32 MinHash signature of a normalised text."""
-        x = self.shingles(normalised)
-        values = (self.a[:, None] * x[None, :] + self.b[:, None]) >> np.uint64(32)
+        values = np.multiply(self.a[:, None], self.shingles(normalised)[None, :])  # in place from here: no copies
+        values += self.b[:, None]
+        values >>= np.uint64(32)
         return values.min(axis=1).astype(np.uint32)
 
 

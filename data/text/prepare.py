@@ -526,7 +526,8 @@ def prepare(args):
     if args.vocab_size:
         train_mb = os.path.getsize(os.path.join(staging, KEPT_TEXT.format(split="train"))) / 1e6
         report["tokenizer_training"] = {"wall_seconds": round(train_seconds, 3), "vocab_size": args.vocab_size,
-                                        "mb": round(train_mb, 3), "seconds_per_mb": round(train_seconds / train_mb, 3)}
+                                        "mb_kept_jsonl": round(train_mb, 3),
+                                        "seconds_per_mb": round(train_seconds / train_mb, 3)}
     if args.heldout:
         report["compression"] = bpe.compression(spec, bpe.read_heldout(args.heldout))
     report["settings"] = {k: v for k, v in settings.items() if k != "quality_rules"}
