@@ -8,7 +8,7 @@
 Reads top to bottom: settings, their checks, helpers, then main(): setup, data, model, optimizer, loop. How a run
 starts (scratch, resume, new phase) is nanogpt/start.py; the objective (next-token or DPO) nanogpt/objectives.py;
 parallelism nanogpt/parallel.py; the optimizer and schedule nanogpt/optim.py; checkpoints nanogpt/checkpoint.py;
-the dry run nanogpt/memory.py; the log lines and plot nanogpt/metrics.py.
+the dry run nanogpt/memory.py; the log lines and plot nanogpt/metrics.py; data phases nanogpt/phases.py.
 """
 import math
 import os
@@ -27,9 +27,9 @@ from nanogpt.checkpoint import has_checkpoint, load_sharded, save_run
 from nanogpt.memory import dry_run_vocab_size, plan_for, print_dry_run
 from nanogpt.objectives import batch_weights, evaluate, make_objective
 from nanogpt.optim import OPTIMIZERS, SCHEDULES, WSD_SHAPES, build_optimizer, scheduled_lr, scheduled_momentum, set_lr
+from nanogpt.parallel import cut_xla_graph, finish, gradient_sync, mean_over_ranks, sum_over_ranks
 from nanogpt.phases import PhaseError, PhasedLoader, Plan, check_phases, dataset_names
 from nanogpt.phases import write_report as write_phase_report
-from nanogpt.parallel import cut_xla_graph, finish, gradient_sync, mean_over_ranks, sum_over_ranks
 from nanogpt.runtime import ATTN_IMPLS, DTYPE_SETTINGS, autocast_for, resolve_attn_impl, resolve_dtype
 from nanogpt.runtime import device_type as device_type_of
 from nanogpt.runtime import peak_flops as device_peak_flops
