@@ -68,7 +68,7 @@ def corpus(tmp_path_factory):
     gsm8k, hh, mmlu, unused = source_documents()
     passing = [t for t in gsm8k + hh if first_failed_rule(t) is None]  # copies of these reach dedup and PII
     write_jsonl(str(root / "gsm8k.jsonl"), [{"text": t} for t in gsm8k])
-    write_jsonl(str(root / "hh.jsonl.gz"), [{"id": i, "text": t} for i, t in enumerate(hh)])
+    write_jsonl(str(root / "hh.jsonl.gz"), [{"id": i, "chosen": t} for i, t in enumerate(hh)])  # --text_field
     try:  # pyarrow comes with lm-eval's datasets in CI; without it the MMLU texts are JSONL
         import pyarrow
         import pyarrow.parquet as pq
@@ -106,7 +106,8 @@ def corpus(tmp_path_factory):
 
 def prepare(files, out_dir, *args):
     from data.text.prepare import main
-    return main(["--input", *files, "--out_dir", str(out_dir), "--log_removed", "--overwrite", *args])
+    return main(["--input", *files, "--out_dir", str(out_dir), "--log_removed", "--overwrite",
+                 "--text_field=text,chosen", *args])
 
 
 def shard_bytes(folder):
@@ -182,8 +183,10 @@ def test_bad_input_is_one_clear_line(tmp_path):
     assert "no such file" in bad(tmp_path, [str(tmp_path / "*.parquet")], out)
     no_field = tmp_path / "nofield.jsonl"
     write_jsonl(str(no_field), [{"text": "fine"}, {"content": "no text here"}])
-    assert f"{no_field}:2: no string field 'text' (has: content): set --text_field" in bad(tmp_path, [str(no_field)],
-                                                                                             out)
+    message = bad(tmp_path, [str(no_field)], out)
+    assert f"{no_field}:2: no string field 'text,chosen' (has: content): set --text_field" in message
+    assert f"{no_field}:1: no string field 'body,content'" in bad(tmp_path, [str(no_field)], out,
+                                                                  "--text_field=body,content")
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("line one\nna\u00efve caf\u00e9\n".encode("latin-1"))
     assert f"{latin1}:2: not valid UTF-8" in bad(tmp_path, [str(latin1)], out)

@@ -101,19 +101,21 @@ def read_txt(path, docs):
         yield f"{path}:{start}", text
 
 
-def read_jsonl(path, field):
+def read_jsonl(path, fields):
+    """(file:line, text) of each row: the first of `fields` the row has."""
     try:
         for number, row in numbered_jsonl(path):
-            text = row.get(field) if isinstance(row, dict) else None
-            if not isinstance(text, str):
+            found = [row[f] for f in fields if f in row] if isinstance(row, dict) else []
+            if not found or not isinstance(found[0], str):
                 keys = ", ".join(list(row)[:6]) if isinstance(row, dict) else type(row).__name__
-                raise InputError(f"{path}:{number}: no string field '{field}' (has: {keys}): set --text_field")
-            yield f"{path}:{number}", text
+                raise InputError(f"{path}:{number}: no string field '{','.join(fields)}' (has: {keys}): set "
+                                 "--text_field")
+            yield f"{path}:{number}", found[0]
     except FileFormatError as e:
         raise InputError(str(e)) from None
 
 
-def read_parquet(path, field):
+def read_parquet(path, fields):
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -122,8 +124,9 @@ def read_parquet(path, field):
         table = pq.ParquetFile(path)
     except Exception as e:  # pyarrow's errors for a file that is not parquet
         raise InputError(f"{path}: not a parquet file ({e})") from None
-    if field not in table.schema_arrow.names:
-        raise InputError(f"{path}: no column '{field}' (has: {', '.join(table.schema_arrow.names[:6])}): "
+    field = next((f for f in fields if f in table.schema_arrow.names), None)
+    if field is None:
+        raise InputError(f"{path}: no column '{','.join(fields)}' (has: {', '.join(table.schema_arrow.names[:6])}): "
                          "set --text_field")
     row = 0
     for batch in table.iter_batches(columns=[field], batch_size=1024):
@@ -134,12 +137,14 @@ def read_parquet(path, field):
 
 
 def read_documents(paths, text_field="text", txt_docs="file"):
-    """(where, text) of every document of the files, streamed in order; where is file:line (file:row N for parquet)."""
+    """(where, text) of every document of the files, streamed in order; where is file:line (file:row N for parquet).
+    text_field: a name, or several separated by commas (the first a row has)."""
+    fields = [f.strip() for f in text_field.split(",") if f.strip()]
     for path in paths:
         if path.endswith((".jsonl", ".jsonl.gz")):
-            yield from read_jsonl(path, text_field)
+            yield from read_jsonl(path, fields)
         elif path.endswith(".parquet"):
-            yield from read_parquet(path, text_field)
+            yield from read_parquet(path, fields)
         else:
             yield from read_txt(path, txt_docs)
 
@@ -463,7 +468,8 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="files or globs (quote them)")
     p.add_argument("--out_dir", required=True, help="the dataset folder, e.g. data/mycorpus")
-    p.add_argument("--text_field", default="text", help="the text field of .jsonl rows / .parquet column")
+    p.add_argument("--text_field", default="text", help="the text field of .jsonl rows / .parquet column; several "
+                   "separated by commas: the first a row has (e.g. text,content,chosen)")
     p.add_argument("--txt_docs", default="file", choices=("file", "paragraph", "line"), help="a .txt document is")
     p.add_argument("--rules", default="", help="quality/length thresholds: name=value,... (name=none: off); the "
                    f"rules and defaults: {', '.join(f'{k}={v}' for k, v in text_filters.RULES.items())}")
