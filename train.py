@@ -8,7 +8,7 @@
 Reads top to bottom: settings, their checks, helpers, then main(): setup, data, model, optimizer, loop. How a run
 starts (scratch, resume, new phase) is nanogpt/start.py; the objective (next-token or DPO) nanogpt/objectives.py;
 parallelism nanogpt/parallel.py; the optimizer and schedule nanogpt/optim.py; checkpoints nanogpt/checkpoint.py;
-the dry run nanogpt/memory.py; the log lines and plot nanogpt/metrics.py.
+the dry run nanogpt/memory.py; the log lines and plot nanogpt/metrics.py; data phases nanogpt/phases.py.
 """
 import math
 import os
@@ -28,6 +28,8 @@ from nanogpt.memory import dry_run_vocab_size, plan_for, print_dry_run
 from nanogpt.objectives import batch_weights, evaluate, make_objective
 from nanogpt.optim import OPTIMIZERS, SCHEDULES, WSD_SHAPES, build_optimizer, scheduled_lr, scheduled_momentum, set_lr
 from nanogpt.parallel import cut_xla_graph, finish, gradient_sync, mean_over_ranks, sum_over_ranks
+from nanogpt.phases import PhaseError, PhasedLoader, Plan, check_phases, dataset_names
+from nanogpt.phases import write_report as write_phase_report
 from nanogpt.runtime import ATTN_IMPLS, DTYPE_SETTINGS, autocast_for, resolve_attn_impl, resolve_dtype
 from nanogpt.runtime import device_type as device_type_of
 from nanogpt.runtime import peak_flops as device_peak_flops
@@ -53,6 +55,8 @@ kv_context = 8192              # context length of the dry run's KV-cache report
 data_root = "data"             # folder holding the dataset folders
 dataset = "shakespeare_char"   # a folder in data_root with train_*.bin / val_*.bin shards and tokenizer.json
 datasets = {}                  # {name: weight} mixes several prepared datasets; overrides `dataset` when set
+phases = []                    # [{name, datasets, iters or tokens, temperature}]: mixtures in turn (nanogpt/phases.py)
+curriculum = []                # datasets read in their stored order (data/text/prepare.py --order) instead of shuffled
 batch_size = 32                # micro-batch per device
 block_size = 128               # context length
 gradient_accumulation_steps = 1  # micro-batches per optimizer step
@@ -179,7 +183,14 @@ def check_settings(config):
     except ValueError as e:
         require(False, str(e))
     require(not os.path.exists(out_dir) or os.path.isdir(out_dir), f"out_dir {out_dir!r} is a file: name a folder")
-    for name in datasets or [dataset]:  # a name, not a path: nothing outside data_root is read or run
+    try:
+        check_phases(phases)
+    except PhaseError as e:
+        require(False, str(e))
+    require(not (phases and datasets), "set phases or datasets, not both: each phase has its own datasets")
+    unknown = sorted(set(curriculum) - set(datasets or dataset_names(phases) or [dataset]))
+    require(not unknown, f"curriculum names {unknown}, which this run does not train on")
+    for name in datasets or dataset_names(phases) or [dataset]:  # a name, not a path: nothing outside data_root
         require(re.fullmatch(r"[\w.-]+", name) and name.strip(".") != "", f"dataset names are folder names in "
                 f"data_root (letters, digits, '_', '-', '.'), got {name!r}")
     try:  # the architecture's own checks, before anything runs (the vocabulary comes with the data)
@@ -259,6 +270,7 @@ def kept_note():
 
 
 def main():
+    global max_iters  # phases set it: the sum of their lengths
     config = configure(globals())
     check_settings(config)
     explicit = given()
@@ -284,8 +296,19 @@ def main():
         finish(message)
     try:
         _lock = start.prepare_out_dir(out_dir, init_from, overwrite, master)  # held until the process exits
-        data_dirs, mix_weights = start.dataset_dirs(data_root, datasets or {dataset: 1.0}, master)
+        data_dirs, mix_weights = start.dataset_dirs(data_root, datasets or dict.fromkeys(dataset_names(phases), 1.0)
+                                                    or {dataset: 1.0}, master)
+        plan = Plan(phases, data_dirs, tokens_per_iter) if phases else None
+        if plan and "max_iters" in explicit and max_iters > plan.total_iters:
+            raise ValueError(f"config error: max_iters={max_iters} but the phases add up to {plan.total_iters} "
+                             "iterations: drop max_iters (the phases set it) or lengthen the phases")
+        if plan:  # the run is the plan (an explicit smaller max_iters stops it early); the lr schedule spans it
+            max_iters = config["max_iters"] = max_iters if "max_iters" in explicit else plan.total_iters
+            mix_weights = plan.overall_weights().tolist()  # the evaluation loaders mix the whole run's data
         train_loader, eval_loaders, tokenizer = start.make_loaders(config, data_dirs, mix_weights, place)
+        train_loader.read_in_order([i for i, d in enumerate(data_dirs) if os.path.basename(d) in curriculum])
+        if plan:
+            train_loader = PhasedLoader(train_loader, plan, accumulation, block_size, master)
     except (OSError, ValueError) as e:  # missing or corrupt shards, no tokenizer record: the message says what to do
         refuse(str(e))
     kind = "dpo" if train_loader.pairs else "next_token"  # pretraining and SFT: next_token
@@ -348,7 +371,7 @@ def main():
     losses = {}
     while True:
         lr = scheduled_lr(progress.iter_num, lr_schedule, learning_rate, min_lr, warmup_iters,
-                          lr_decay_iters or max_iters, wsd_decay_frac, wsd_shape)
+                          lr_decay_iters or (plan.total_iters if plan else max_iters), wsd_decay_frac, wsd_shape)
         set_lr(opt, lr, scheduled_momentum(progress.iter_num, muon_momentum_start, muon_momentum,
                                            muon_momentum_warmup))
 
@@ -422,6 +445,8 @@ def main():
 
     joules = run_joules(meter, place, progress.joules_before)
     meter.stop()
+    if master and phases:
+        write_phase_report(out_dir, train_loader)
     if master and losses:
         print(f"final val loss {losses['val']:.4f} at iter {progress.iter_num} ({time.time() - t_start:.1f} s, "
               f"{energy.describe(joules, meter.source.label, pue, carbon_intensity_g_per_kwh)})")

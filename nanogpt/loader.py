@@ -53,6 +53,7 @@ class WindowStream:
             raise ValueError(f"{data_dir}: '{split}' shards hold {reason}")
         self.epoch, self.pos = 0, 0
         self._layout_epoch = None
+        self.ordered = False  # True: windows in stored order, no offset (a curriculum: prepare.py --order)
 
     def _read_masks(self, data_dir, split):
         """The mask shards, checked to match the token shards row for row."""
@@ -69,12 +70,13 @@ class WindowStream:
         """This epoch's window starts: a random offset per epoch (none for rows), windows permuted across all shards."""
         if self._layout_epoch != self.epoch:
             rng = np.random.default_rng((self.seed, self.epoch))
-            offset = 0 if self.rows else int(rng.integers(0, self.window))
+            offset = 0 if self.rows or self.ordered else int(rng.integers(0, self.window))
             self.offsets = np.array([offset if len(s) - offset >= self.window else 0 for s in self.shards])
             counts = np.array([(len(s) - o) // self.window for s, o in zip(self.shards, self.offsets)])
             self.cumulative = np.cumsum(counts)
             self.first = self.cumulative - counts  # global index of each shard's first window
-            self.order = rng.permutation(int(self.cumulative[-1]))
+            n = int(self.cumulative[-1])
+            self.order = np.arange(n) if self.ordered else rng.permutation(n)
             self._layout_epoch = self.epoch
         return self.order
 
@@ -150,6 +152,12 @@ class BatchLoader:
             batch = batch.to(device)
         sequences = batch.chunk(2, dim=2) if self.pairs else (batch,)
         return tuple(t for seq in sequences for t in (seq[0, :, :-1].contiguous(), seq[1, :, 1:].contiguous()))
+
+    def read_in_order(self, indices):
+        """The datasets at these indices are read in their stored order every epoch (a curriculum), not shuffled."""
+        for i in indices:
+            self.streams[i].ordered = True
+            self.streams[i]._layout_epoch = None
 
     def mixture(self):
         """Realised fraction of sequences drawn from each dataset so far."""
