@@ -177,7 +177,8 @@ def merged_checkpoint(method, sources, base_source="", weights=None, t=0.5, dens
         ckpt = read_checkpoint(sources[0])
         if "merged_from" not in ckpt:
             raise ValueError(f"{sources[0]} holds no LoRA adapters (lora_rank was 0): it is a full model already")
-        return ckpt
+        merged_from = ckpt.pop("merged_from")
+        return dict(ckpt, config={"merge": {"method": method, "models": sources, "base": merged_from["base"]}})
     ckpts = [read_checkpoint(s) for s in sources]
     base_ckpt = read_checkpoint(base_source) if base_source else None
     named = list(zip(ckpts, sources)) + ([(base_ckpt, base_source)] if base_ckpt else [])
