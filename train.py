@@ -22,11 +22,13 @@ import torch
 
 from configurator import at_least, configure, given, require
 from model import GPTConfig
-from nanogpt import energy, metrics, parallel, start
+from nanogpt import energy, lora, metrics, parallel, start
+from nanogpt.distill import load_teacher
 from nanogpt.checkpoint import has_checkpoint, load_sharded, save_run
 from nanogpt.memory import dry_run_vocab_size, plan_for, print_dry_run
 from nanogpt.objectives import batch_weights, evaluate, make_objective
-from nanogpt.optim import OPTIMIZERS, SCHEDULES, WSD_SHAPES, build_optimizer, scheduled_lr, scheduled_momentum, set_lr
+from nanogpt.optim import (OPTIMIZERS, SCHEDULES, WSD_SHAPES, build_optimizer, scheduled_lr, scheduled_momentum,
+                           set_lr, state_bytes)
 from nanogpt.parallel import cut_xla_graph, finish, gradient_sync, mean_over_ranks, sum_over_ranks
 from nanogpt.phases import PhaseError, PhasedLoader, Plan, check_phases, dataset_names
 from nanogpt.phases import write_report as write_phase_report
@@ -143,6 +145,16 @@ gpu_mem_gb = 0.0               # memory plan: GPU memory to plan for; 0 = the de
 dpo_beta = 0.1                 # DPO's beta: how far the policy may move from the reference
 dpo_label_smoothing = 0.0      # cDPO: the probability that a preference label is wrong
 dpo_ipo = False                # the IPO loss (on per-token mean log-probs) instead of DPO's
+# post-training: LoRA (nanogpt/lora.py), low-rank adapters on the frozen init_from model, for any objective
+lora_rank = 0                  # adapter rank; 0 = off (every weight trains)
+lora_alpha = 16.0              # the adapters' update is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0             # dropout on the adapters' input (linear layers only)
+lora_targets = "*_proj"        # comma-separated name patterns of the linear layers adapted, e.g. 'q_proj,v_proj'
+lora_experts = False           # also adapt the routed experts (MoE), one adapter per expert and matrix
+# distillation (nanogpt/distill.py): next-token data plus a frozen teacher's distribution
+teacher_from = ""              # the teacher: a run folder, ckpt.pt or hf:FOLDER with the data's tokenizer; '' = off
+distill_weight = 0.5           # loss = (1 - distill_weight) CE + distill_weight T^2 KL(teacher^T || student^T)
+distill_temperature = 2.0      # T: both models' logits divided by T before the KL
 # energy and CO2e (nanogpt/energy.py)
 pue = energy.DEFAULT_PUE       # data-centre overhead (1.56: Uptime Institute Global Data Center Survey 2024)
 carbon_intensity_g_per_kwh = energy.DEFAULT_G_PER_KWH  # grid (366 g CO2/kWh: US utility-scale average 2023, EIA)
@@ -170,6 +182,16 @@ def check_settings(config):
     require(0 <= dropout < 1, f"dropout must be in [0, 1), got {dropout}")
     require(dpo_beta > 0 and 0 <= dpo_label_smoothing < 0.5 and not (dpo_ipo and dpo_label_smoothing),
             "need dpo_beta > 0, 0 <= dpo_label_smoothing < 0.5, and no label smoothing with dpo_ipo")
+    require(lora_rank >= 0 and lora_alpha > 0 and 0 <= lora_dropout < 1,
+            "need lora_rank >= 0 (0 = off), lora_alpha > 0 and 0 <= lora_dropout < 1")
+    require(not lora_rank or init_from != "scratch", "lora_rank > 0 adapts a trained model: name it with --init_from "
+            "(a run folder, ckpt.pt or hf:FOLDER)")
+    require(not (lora_rank and fsdp), "LoRA does not run under FSDP: train the adapters on one process or with DDP "
+            "(fsdp=False)")
+    require(0 <= distill_weight <= 1 and distill_temperature > 0,
+            "need 0 <= distill_weight <= 1 and distill_temperature > 0")
+    require(not teacher_from or os.path.exists(teacher_from.removeprefix("hf:")),
+            f"teacher_from must be a run folder, ckpt.pt or hf:FOLDER; {teacher_from!r} does not exist")
     require(0 <= wsd_decay_frac <= 1, f"wsd_decay_frac must be in [0, 1], got {wsd_decay_frac}")
     require(learning_rate > 0 and 0 <= min_lr <= learning_rate,
             "need 0 < learning_rate and 0 <= min_lr <= learning_rate")
@@ -251,16 +273,16 @@ def run_joules(meter, place, joules_before):
     return joules_before + sum_over_ranks(joules).item()
 
 
-def save(config, model, raw_model, opt, progress, val_loss, joules, train_loader, tokenizer, reference_id, place):
+def save(config, model, raw_model, opt, progress, val_loss, joules, train_loader, tokenizer, records, place):
     """This run's checkpoint: its weights and optimizer, and what resuming it needs (nanogpt/checkpoint.py)."""
     rng = {"torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state() if place.device_type == "cuda" else None}
     meta = {"model_args": {f.name: getattr(raw_model.config, f.name) for f in fields(GPTConfig)}, "config": config,
             "iter_num": progress.iter_num, "best_val_loss": progress.best_val_loss, "val_loss": val_loss,
-            "train_seconds": progress.train_seconds, **reference_id, "energy_joules": joules,
+            "train_seconds": progress.train_seconds, **records, "energy_joules": joules,
             "loader": train_loader.state_dict(), "tokenizer": tokenizer.spec, "rng": rng,
             "objective": "dpo" if train_loader.pairs else "next_token"}
-    save_run(out_dir, meta, model, raw_model, opt, place.mode, place.master, keep_checkpoints)
+    save_run(out_dir, meta, model, raw_model, opt, place.mode, place.master, keep_checkpoints)  # LoRA: adapters only
 
 
 def kept_note():
@@ -315,6 +337,10 @@ def main():
     if kind != "dpo" and explicit & set(start.DPO_SETTINGS):
         refuse(f"config error: {', '.join(sorted(explicit & set(start.DPO_SETTINGS)))} only apply to preference "
                f"pairs (DPO), and {datasets or dataset} holds none: drop them")
+    if teacher_from and kind == "dpo":
+        refuse("config error: teacher_from distils next-token data, and this dataset holds preference pairs: drop it")
+    if not teacher_from and explicit & {"distill_weight", "distill_temperature"}:
+        refuse("config error: distill_weight and distill_temperature only apply with a teacher: set --teacher_from")
     eval_starts = {split: loader.state_dict() for split, loader in eval_loaders.items()}  # rewound to at every eval
 
     # model: from scratch, resumed, or a new phase's weights (nanogpt/start.py); DPO's frozen reference beside it
@@ -322,7 +348,15 @@ def main():
         resume_from = start.resume_path(out_dir, place.mode) if init_from == "resume" else None
         checkpoint = start.read_start(init_from, resume_from, place.mode, tokenizer, master, kind)
         vocab_size = checkpoint["model_args"]["vocab_size"] if checkpoint else model_vocab_size(tokenizer)
-        model = start.build_model(config, explicit, vocab_size, place, checkpoint)
+        adapters = checkpoint if init_from == "resume" and checkpoint and "lora" in checkpoint else None
+        base = lora.read_base(adapters, resume_from) if adapters else checkpoint  # a LoRA run resumes on its base
+        model = start.build_model(config, explicit, vocab_size, place, base)
+        full_state = state_bytes(optimizer, model, muon_normalize)  # what full fine-tuning's optimizer would keep
+        adapted, lora_id = lora.start_adapters(model, config, init_from, base, adapters) if lora_rank or adapters \
+            else ([], {})
+        recorded = checkpoint.get("teacher_fingerprint") if init_from == "resume" else None
+        teacher, teacher_id = (load_teacher(teacher_from, tokenizer, block_size, place.device, recorded)
+                               if teacher_from else (None, {}))
         reference_from = checkpoint.get("reference_from", "scratch") if init_from == "resume" else init_from
         resumed = checkpoint if init_from == "resume" else None  # its reference must be the one it started from
         reference = (start.reference_model(config, explicit, vocab_size, place, tokenizer, reference_from, resumed)
@@ -335,11 +369,20 @@ def main():
               f"{tokens_per_iter:,} tokens/iter, device {place.device} {place.dtype}, {place.mode} over "
               f"{place.world_size} process(es), attention {place.attn_kernel}, "
               f"activation_checkpoint={activation_checkpoint!r}")
+        if adapted:
+            print(lora.describe(model, adapted))
+        if teacher is not None:
+            print(f"distilling from {teacher_from} ({teacher.num_params():,} parameters): loss = "
+                  f"{1 - distill_weight:g} CE + {distill_weight:g} x {distill_temperature:g}^2 KL at T = "
+                  f"{distill_temperature:g}")
 
     # optimizer, and a resumed run's state
     opt = build_optimizer(optimizer, model, learning_rate, weight_decay, (beta1, beta2), lr_scales, place.device_type,
                           muon=dict(momentum=muon_momentum, nesterov=muon_nesterov, ns_steps=muon_ns_steps,
                                     coefficients=muon_coefficients, normalize=muon_normalize, normalize_beta2=beta2))
+    if adapted and master:
+        print(f"optimizer state planned: {state_bytes(optimizer, model, muon_normalize):,} bytes for the adapters "
+              f"({full_state:,} for full fine-tuning with {optimizer})")
     scaler = torch.amp.GradScaler(place.device_type, enabled=place.dtype == "float16" and place.device_type == "cuda"
                                   and place.mode != "fsdp")
     progress = start.Progress()
@@ -361,7 +404,10 @@ def main():
         if not mtp_depth:
             return 0.0
         return mtp_weight_late if 0 < mtp_weight_switch <= progress.iter_num else mtp_weight
-    objective = make_objective(kind, model, accumulation, reference, dpo_beta, dpo_label_smoothing, dpo_ipo,
+    distill = dict(teacher=teacher, head=raw_model.lm_head, softcap=raw_model.config.logit_softcap,
+                   weight=distill_weight, temperature=distill_temperature, vocab=tokenizer.vocab_size)
+    kind = "distill" if teacher is not None else kind  # the data stays next-token (saved as such)
+    objective = make_objective(kind, model, accumulation, reference, dpo_beta, dpo_label_smoothing, dpo_ipo, distill,
                                mtp_lambda)
     flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
     peak = (peak_flops or device_peak_flops(place.device)) * place.world_size
@@ -397,7 +443,7 @@ def main():
             if progress.iter_num > 0 and (losses["val"] < progress.best_val_loss or always_save_checkpoint):
                 progress.best_val_loss = min(progress.best_val_loss, losses["val"])
                 save(config, model, raw_model, opt, progress, losses["val"], joules, train_loader, tokenizer,
-                     reference_id, place)
+                     dict(reference_id, **lora_id, **teacher_id), place)
             if eval_only or reached:
                 break
             t_train = time.time()
@@ -447,6 +493,9 @@ def main():
     meter.stop()
     if master and phases:
         write_phase_report(out_dir, train_loader)
+    if master and adapted:
+        print(f"LoRA: {sum(p.numel() for p in raw_model.parameters() if p.requires_grad):,} trainable parameters, "
+              f"optimizer state {lora.optimizer_state_bytes(opt):,} bytes measured")
     if master and losses:
         print(f"final val loss {losses['val']:.4f} at iter {progress.iter_num} ({time.time() - t_start:.1f} s, "
               f"{energy.describe(joules, meter.source.label, pue, carbon_intensity_g_per_kwh)})")

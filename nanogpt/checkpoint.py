@@ -160,7 +160,7 @@ def model_from_checkpoint(ckpt, path="checkpoint", attn_impl="sdpa"):
 def read_checkpoint(source):
     """The checkpoint dict of a run folder (its ckpt.pt, else its newest sharded step_N/), a step_N/ folder, a
     ckpt.pt path, or hf:FOLDER (a Hugging Face model, converted by nanogpt/hf.py): every place that takes a model takes
-    these."""
+    these. A LoRA run's checkpoint comes with its adapters merged into its base model's weights."""
     if source.startswith("hf:"):
         from nanogpt import hf
         return hf.read_hf_checkpoint(source[3:])
@@ -171,7 +171,11 @@ def read_checkpoint(source):
         if not os.path.exists(os.path.join(source, "ckpt.pt")) and sharded:
             return consolidate(sharded[-1])
         source = os.path.join(source, "ckpt.pt")
-    return read_checkpoint_file(source)
+    ckpt = read_checkpoint_file(source)
+    if "lora" in ckpt:  # a LoRA run's adapters: merged into its base's weights (nanogpt/lora.py)
+        from nanogpt.lora import merged_checkpoint
+        return merged_checkpoint(ckpt, source)
+    return ckpt
 
 
 def results_dir(source):
@@ -280,7 +284,11 @@ def save_run(out_dir, meta, model, raw_model, optimizer, mode, master, keep=2):
         save_sharded(out_dir, meta["iter_num"], model, optimizer, meta, keep=keep)
     elif master:
         try:
-            save_checkpoint(to_cpu(dict(meta, model=raw_model.state_dict(), optimizer=optimizer.state_dict())),
+            weights = raw_model.state_dict()
+            if getattr(raw_model, "lora", None):  # a LoRA run saves its adapters only (nanogpt/lora.py)
+                from nanogpt.lora import adapter_state
+                weights = adapter_state(raw_model)
+            save_checkpoint(to_cpu(dict(meta, model=weights, optimizer=optimizer.state_dict())),
                             os.path.join(out_dir, "ckpt.pt"))
         except OSError as e:
             sys.exit(str(e))

@@ -2,6 +2,7 @@
 
     'next_token'  pretraining and SFT (SFT's data marks the targets it does not train with -1): cross-entropy
     'dpo'         preference pairs against a frozen reference model: DPO, cDPO or IPO (nanogpt/posttrain.py)
+    'distill'     next-token data and a frozen teacher: cross-entropy mixed with KL to the teacher (nanogpt/distill.py)
 
 A step averages over its whole global batch (micro-batches x ranks): `batch_weights` gives each micro-batch's weight
 so that summing the weighted losses over micro-batches, and averaging gradients over ranks (DDP, FSDP), is the mean
@@ -16,9 +17,10 @@ targets it has). lambda (mtp_weight) may follow a schedule; at 0 the MTP modules
 import torch
 
 from nanogpt.parallel import cut_xla_graph, mean_over_ranks, sum_over_ranks
+from nanogpt.distill import distill_losses, mixed_loss
 from nanogpt.posttrain import dpo_objective
 
-KINDS = ("next_token", "dpo")
+KINDS = ("next_token", "dpo", "distill")
 
 
 def batch_weights(kind, batches, world_size):
@@ -31,10 +33,12 @@ def batch_weights(kind, batches, world_size):
 
 
 def make_objective(kind, model, accumulation, reference=None, beta=0.1, label_smoothing=0.0, ipo=False,
-                   mtp_weight=lambda: 0.0):
+                   distill=None, mtp_weight=lambda: 0.0):
     """objective(batch, weight) -> (the micro-batch's loss to backpropagate, its metrics as detached tensors, not
     yet weighted). accumulation: micro-batches per step. dpo: `reference` is the frozen model, beta, label_smoothing
-    and ipo as in posttrain.dpo_loss. mtp_weight: a function giving the MTP loss weight lambda now (next_token)."""
+    and ipo as in posttrain.dpo_loss. distill: a dict of teacher, head (the student's raw output layer), softcap,
+    weight, temperature and vocab (the tokenizer's ids); its metrics' loss is the data cross-entropy alone.
+    mtp_weight: a function giving the MTP loss weight lambda now (next_token)."""
     if kind not in KINDS:
         raise ValueError(f"objective must be one of {KINDS}, got {kind!r}")
 
@@ -52,7 +56,13 @@ def make_objective(kind, model, accumulation, reference=None, beta=0.1, label_sm
         loss, balance, stats = dpo_objective(model, reference, batch, beta, label_smoothing, ipo)
         return loss * weight + balance / accumulation, stats
 
-    return dpo if kind == "dpo" else next_token
+    def distillation(batch, weight):
+        d = distill
+        ce, kl = distill_losses(model, d["head"], d["softcap"], d["teacher"], *batch, d["temperature"], d["vocab"])
+        loss = mixed_loss(ce, kl, d["weight"], d["temperature"])
+        return loss * weight, {"loss": ce.detach().float(), "kl": kl.detach().float()}
+
+    return {"dpo": dpo, "distill": distillation}.get(kind, next_token)
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ The parameters are split into named groups, each with its own learning-rate mult
     router     the MoE routers
     memory     product-key memory value tables (AdamW always, no weight decay: a step touches few rows)
     vectors    norms, product keys and any other non-matrix parameter (no weight decay)
+    lora       LoRA adapters (nanogpt/lora.py): AdamW, no weight decay; a LoRA run trains nothing else
 Optimizers: 'adamw' (torch's) for every group, or 'muon': Muon for the matrices and experts, AdamW for the other
 groups. The schedule gives a base lr per iteration and every group runs at its multiplier times it, so each group
 follows the schedule from its own initial lr. Adding an optimizer: a class or function that takes these groups, one
@@ -21,7 +22,7 @@ import torch.distributed as dist
 
 from model import MoE
 
-GROUPS = ("matrices", "experts", "embedding", "lm_head", "router", "memory", "vectors")
+GROUPS = ("matrices", "experts", "embedding", "lm_head", "router", "memory", "vectors", "lora")
 MUON_GROUPS = ("matrices", "experts")
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd", "linear", "constant")
@@ -32,6 +33,8 @@ def group_of(name, param):
     """The group of a parameter, by its name in the model (the same under FSDP2, whose parameters are DTensors)."""
     if name == "wte.weight" or name.startswith("value_embeds."):
         return "embedding"
+    if name.endswith((".lora_A", ".lora_B")):
+        return "lora"
     if name == "lm_head.weight":
         return "lm_head"
     if name.endswith("router.weight"):
@@ -51,7 +54,8 @@ def param_groups(model, lr, weight_decay, lr_scales):
         if p.requires_grad:
             members[group_of(name, p)].append(p)
     return [{"name": g, "params": ps, "lr_scale": float(lr_scales.get(g, 1.0)), "lr": lr * lr_scales.get(g, 1.0),
-             "weight_decay": 0.0 if g in ("vectors", "memory") else weight_decay} for g, ps in members.items() if ps]
+             "weight_decay": 0.0 if g in ("vectors", "memory", "lora") else weight_decay}
+            for g, ps in members.items() if ps]
 
 
 # -------------------------------------------------------------------------------------------------------- Muon
@@ -280,6 +284,8 @@ def state_bytes(name, model, normalize=False):
         raise ValueError(f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, got {name!r}")
     total = 0
     for param_name, p in model.named_parameters():
+        if not p.requires_grad:  # frozen (a LoRA run's base): no state
+            continue
         if name == "muon" and group_of(param_name, p) in MUON_GROUPS:
             total += 4 * p.numel() + (4 * p.numel() // p.shape[-1] if normalize else 0)
         else:

@@ -3,6 +3,7 @@
     python tools/merge.py --method=linear --models=out-a,out-b --out_dir=out-merged
     python tools/merge.py --method=slerp --models=out-a,out-b --t=0.5 --out_dir=out-merged
     python tools/merge.py --method=ties --models=out-a,out-b --base=out-base --weights=0.5,0.5 --out_dir=out-merged
+    python tools/merge.py --method=lora --models=out-lora --out_dir=out-merged    # adapters folded into their base
 
 A model is a run folder (its ckpt.pt, or the newest sharded step_N/), a ckpt.pt path, a step_N/ folder, or a Hugging
 Face folder as hf:PATH. Every tensor is merged on its own, in float64, and stored in the first model's dtype.
@@ -19,6 +20,7 @@ With task vectors tau_i = model_i - base:
     dare              drop each entry of tau_i with probability 1 - density, scale the rest by 1 / density (so its
                       expectation is tau_i), then task arithmetic (Yu et al. 2024, "Language Models are Super Mario")
     dare_ties         DARE's drop and rescale in place of TIES's trim, then TIES's sign election and mean
+    lora              one LoRA run: its adapters merged into its base's weights (nanogpt/lora.py), a full ckpt.pt
 """
 import os
 import sys
@@ -32,7 +34,7 @@ from model import GPTConfig  # noqa: E402
 from nanogpt.checkpoint import (architecture, architecture_differences, clean_state_dict,  # noqa: E402
                                 has_checkpoint, read_checkpoint, save_checkpoint)
 
-METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare", "dare_ties")
+METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare", "dare_ties", "lora")
 TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare", "dare_ties")
 NEARLY_PARALLEL = 0.9995  # SLERP falls back to linear interpolation above this |cosine|
 
@@ -171,6 +173,12 @@ def default_weights(method, n):
 
 def merged_checkpoint(method, sources, base_source="", weights=None, t=0.5, density=0.2, seed=0):
     """Read, check and merge; a checkpoint dict ready for save_checkpoint."""
+    if method == "lora":  # read_checkpoint merges a LoRA run's adapters into its base
+        ckpt = read_checkpoint(sources[0])
+        if "merged_from" not in ckpt:
+            raise ValueError(f"{sources[0]} holds no LoRA adapters (lora_rank was 0): it is a full model already")
+        merged_from = ckpt.pop("merged_from")
+        return dict(ckpt, config={"merge": {"method": method, "models": sources, "base": merged_from["base"]}})
     ckpts = [read_checkpoint(s) for s in sources]
     base_ckpt = read_checkpoint(base_source) if base_source else None
     named = list(zip(ckpts, sources)) + ([(base_ckpt, base_source)] if base_ckpt else [])
@@ -185,7 +193,8 @@ def merged_checkpoint(method, sources, base_source="", weights=None, t=0.5, dens
 
 def check_settings(method, sources, base_source, weights, t, density):
     """One line for the first bad setting (via configurator.require)."""
-    require(len(sources) >= 2, f"--models needs at least two models, got {len(sources)}")
+    require(method == "lora" or len(sources) >= 2, f"--models needs at least two models, got {len(sources)}")
+    require(method != "lora" or len(sources) == 1, f"--method=lora merges one LoRA run, got {len(sources)} models")
     require(method != "slerp" or len(sources) == 2, f"slerp merges exactly two models, got {len(sources)}")
     require(method not in TASK_VECTOR_METHODS or base_source, f"--method={method} needs --base (the common base model)")
     require(not weights or len(weights) == len(sources), f"--weights has {len(weights or ())} values for "
@@ -199,7 +208,7 @@ def check_used(method, given_settings):
     """A setting the method never reads is an error, not a silent no-op."""
     used = {"linear": {"weights"}, "slerp": {"t"}, "task_arithmetic": {"base", "weights"},
             "ties": {"base", "weights", "density"}, "dare": {"base", "weights", "density", "seed"},
-            "dare_ties": {"base", "weights", "density", "seed"}}[method]
+            "dare_ties": {"base", "weights", "density", "seed"}, "lora": set()}[method]
     unused = sorted((given_settings & {"base", "weights", "t", "density", "seed"}) - used)
     require(not unused, f"--method={method} does not use {', '.join('--' + k for k in unused)}: drop it or "
             "choose a method that uses it")
