@@ -80,7 +80,7 @@ def result_rows(result):
 
 def mmlu_rows(path):
     """Report-card rows from eval_mmlu.py's mmlu.json: accuracy (with its standard error), the macro average over
-    subjects and the two calibration errors."""
+    subjects, macro-F1 over the letters and the two calibration errors."""
     r = read_json(path)
     if "questions" in r:
         correct = [int(q["prediction"] == q["gold"]) for q in r["questions"]]
@@ -90,7 +90,7 @@ def mmlu_rows(path):
     task, common = f"mmlu ({r['split']})", (r["ntrain"], r["n"], r["wall_s"], r.get("iter_num"), r.get("date"))
     rows = [(task, "acc", r["accuracy"], stderr, *common), (task, "acc (macro over subjects)", r["macro_accuracy"],
                                                              None, *common)]
-    for key in ("ece_10bin", "rms_calibration_error"):
+    for key in ("macro_f1", "ece_10bin", "rms_calibration_error"):
         if key in r:
             rows.append((task, key, r[key], None, *common))
     return rows

@@ -119,7 +119,7 @@ class SandboxError(RuntimeError):
     """The sandbox cannot be set up on this machine (no root, no namespaces): nothing was run."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Limits:
     timeout: float = 3.0         # wall-clock seconds (the HumanEval release's default)
     cpu_s: int = 4               # seconds of CPU

@@ -228,3 +228,13 @@ def test_macro_f1_by_hand_and_against_sklearn(seed):
                                         for g, p, q in ((0, 0, 1), (1, 0, 1))]})
     assert result["metrics"]["macro_f1"] == pytest.approx((2 / 3 + 0) / 2) and result["stderr"]["macro_f1"] is None
     assert result["metrics"]["macro_f1_norm"] == pytest.approx((0 + 2 / 3) / 2)
+
+
+def test_mmlu_cot_macro_f1_over_the_four_letters_by_hand(monkeypatch):
+    from nanogpt.tasks import common, mmlu_cot
+    records = [{"gold": g, "strict": s, "flexible": g} for g, s in zip("AABC", ("A", None, "B", "B"))]
+    monkeypatch.setattr(common.Generation, "run", lambda self, scorer, settings: {
+        "metrics": {}, "stderr": {}, "records": records})
+    m = mmlu_cot.TASK.run(None, None)["metrics"]
+    # strict: A 2/3 (TP 1, the unread answer a miss), B 2/3 (TP 1, FP 1), C 0 (FN 1), D never gold nor answered
+    assert m["macro_f1_strict"] == pytest.approx(4 / 9) and m["macro_f1_flexible"] == 1.0

@@ -15,6 +15,8 @@ import re
 import string
 from dataclasses import dataclass
 
+import torch
+
 from nanogpt.tasks import mmlu
 from nanogpt.tasks.common import Generation
 
@@ -70,5 +72,20 @@ def grade(output, problem):
             "failed_flexible": int(flexible is None)}
 
 
-TASK = Generation("mmlu_cot", read_questions, num_fewshot=0, prompt=prompt, stop=STOP, grade=grade,
-                  metrics=("acc_strict", "acc_flexible", "failed_strict", "failed_flexible"))
+class WithMacroF1(Generation):
+    """The generation task, with macro-F1 over the four letters beside each accuracy (mmlu.macro_f1; an answer not
+    read counts as a miss of its gold letter)."""
+
+    def run(self, scorer, settings):
+        result = super().run(scorer, settings)
+        index = {ch: i for i, ch in enumerate(mmlu.LETTERS)}
+        for way in ("strict", "flexible"):
+            gold = torch.tensor([index[r["gold"]] for r in result["records"]])
+            pred = torch.tensor([index.get(r[way], -1) for r in result["records"]])
+            result["metrics"][f"macro_f1_{way}"] = mmlu.macro_f1(pred, gold) if len(gold) else None
+            result["stderr"][f"macro_f1_{way}"] = None
+        return result
+
+
+TASK = WithMacroF1("mmlu_cot", read_questions, num_fewshot=0, prompt=prompt, stop=STOP, grade=grade,
+                   metrics=("acc_strict", "acc_flexible", "failed_strict", "failed_flexible"))
