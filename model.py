@@ -1020,13 +1020,19 @@ class GPT(nn.Module):
     def generate_speculative(self, idx, max_new_tokens, vocab_limit=None):
         """Greedy decoding of one sequence idx (1, T), self-speculative (the MTP modules draft, the
         model verifies): yield (the tokens (1, n) accepted this step, (drafts accepted, proposed)).
-        Each step is one forward over the last block_size tokens (no KV cache): the drafts that
-        match the model's own greedy choices are kept, plus its next token: greedy decoding."""
+        Each step is one forward, without a KV cache, over the context generate_tokens' cache would
+        hold (at most block_size tokens, restarting from the last 3/4 block when full) and the
+        drafts that fit: the drafts equal to the model's own greedy choices are kept, plus its next
+        token, so the tokens are generate_tokens' greedy ones."""
         if not self.mtp or idx.size(0) != 1:
             raise ValueError("speculative decoding takes one sequence of an MTP model")
-        drafts, made = idx[:, :0], 0
+        block = self.config.block_size
+        drafts, made, start = idx[:, :0], 0, max(0, idx.size(1) - block)
         while made < max_new_tokens:
-            seq = torch.cat((idx, drafts), dim=1)[:, -self.config.block_size:]
+            if idx.size(1) - start > block:  # generate_tokens rebuilds its full cache here
+                start = idx.size(1) - block * 3 // 4
+            drafts = drafts[:, :block - (idx.size(1) - start)]  # every query sees its whole context
+            seq = torch.cat((idx[:, start:], drafts), dim=1)
             h, last = self(seq, mtp=True)
             n = drafts.size(1)
             logits = self.logits(h[0, -n - 1:])
