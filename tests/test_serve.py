@@ -195,11 +195,13 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(served):
     assert (health["running"], health["cancelled"]) == (0, before + 1), health
 
 
-def test_a_port_in_use_is_one_line(served):
+def test_a_port_in_use_or_a_missing_checkpoint_is_one_line(served, tmp_path):
     _, url, _ = served
     port = url.rsplit(":", 1)[-1]
     result = run_script("serve.py", "--out_dir=nowhere", f"--port={port}", timeout=60, check=False)
     assert_one_clear_line(result, f"127.0.0.1:{port}", "--port")
+    result = run_script("serve.py", f"--out_dir={tmp_path}", "--port=0", "--device=cpu", timeout=60, check=False)
+    assert_one_clear_line(result, f"no checkpoint at {tmp_path}")
 
 
 def test_a_full_queue_is_429_and_a_base_model_has_no_chat(tmp_path):
