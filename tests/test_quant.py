@@ -12,7 +12,7 @@ import torch
 from conftest import assert_one_clear_line, run_script
 
 from model import GPT, GPTConfig
-from nanogpt.checkpoint import load_model, save_checkpoint
+from nanogpt.checkpoint import load_model, read_checkpoint, save_checkpoint
 from nanogpt.quant import QuantWeight, model_bytes, quantize_model, quantize_tensor
 from nanokernels.quant_gemm import dequantize, pack_int4, quant_matmul_ref, quant_matmul_triton, unpack_int4
 
@@ -153,7 +153,7 @@ def save_run(path, model):
     return str(path)
 
 
-def test_the_tool_writes_a_checkpoint_every_loader_reads_and_refuses_bad_input_in_one_line(tmp_path):
+def test_the_tool_writes_a_checkpoint_inference_loads_and_refuses_bad_input_in_one_line(tmp_path):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**DENSE)).eval()
     src, dst = save_run(tmp_path / "run", model), str(tmp_path / "run-int4")
@@ -172,8 +172,15 @@ def test_the_tool_writes_a_checkpoint_every_loader_reads_and_refuses_bad_input_i
     sampled = run_script("sample.py", f"--out_dir={dst}", "--device=cpu", "--num_samples=1", "--max_new_tokens=5",
                          "--start=ROMEO:", "--temperature=0")
     assert sampled.stdout.startswith("ROMEO:")
+    # only inference loads it: training, merging and export read the float checkpoint
+    with pytest.raises(ValueError, match="holds int4 weights quantized for inference: train, merge or export the "
+                                         "float checkpoint"):
+        read_checkpoint(dst)
+    assert_one_clear_line(run_script("tools/merge.py", f"--models={dst},{src}", f"--out_dir={tmp_path / 'm'}",
+                                     check=False), "quantized for inference")
     assert_one_clear_line(run_script("tools/quantize.py", f"--model={dst}", f"--out_dir={tmp_path / 'again'}",
                                      check=False), "already quantized (int4)", "unquantized checkpoint")
     assert_one_clear_line(run_script("tools/quantize.py", f"--model={src}", f"--out_dir={tmp_path / 'g'}",
                                      "--scheme=int4", "--group_size=48", check=False),
                           "group_size 48 does not divide", "width 64", "--group_size=64")
+
