@@ -206,7 +206,7 @@ def test_a_port_in_use_or_a_missing_checkpoint_is_one_line(served, tmp_path):
 
 def test_a_full_queue_is_429_and_a_base_model_has_no_chat(tmp_path):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=512, vocab_size=96, n_layer=1, n_embd=32, n_head=2))
+    model = GPT(GPTConfig(block_size=4096, vocab_size=96, n_layer=1, n_embd=32, n_head=2))  # a reply of seconds
     out = tmp_path / "char"
     out.mkdir()
     save_checkpoint({"model": model.state_dict(), "model_args": asdict(model.config),
@@ -220,9 +220,10 @@ def test_a_full_queue_is_429_and_a_base_model_has_no_chat(tmp_path):
         with pytest.raises(openai.BadRequestError) as caught:
             client.completions.create(model="char", prompt="caf\u00e9", max_tokens=2)
         assert "not in this model's vocabulary" in caught.value.body["message"]
-        with requests.post(f"{url}/v1/completions", json={"prompt": "ab", "max_tokens": 500, "stream": True},
+        with requests.post(f"{url}/v1/completions", json={"prompt": "ab", "max_tokens": 4000, "stream": True},
                            stream=True) as busy:  # holds the one slot
-            next(busy.iter_lines())
+            lines = busy.iter_lines()  # (kept: a dropped line iterator closes the connection)
+            next(lines)
             with pytest.raises(openai.RateLimitError) as caught:
                 client.completions.create(model="char", prompt="cd", max_tokens=2)
             assert "1 requests are running and 0 waiting" in caught.value.body["message"]
