@@ -56,7 +56,8 @@ def main():
         save_checkpoint(ckpt, os.path.join(out_dir, "ckpt.pt"))
     except (OSError, RuntimeError, ValueError) as e:  # a missing / unreadable / quantized model, a bad width
         raise SystemExit(str(e))
-    print(f"-> {os.path.join(out_dir, 'ckpt.pt')} ({os.path.getsize(os.path.join(out_dir, 'ckpt.pt')) / 2**20:.2f} MiB)")
+    path = os.path.join(out_dir, "ckpt.pt")
+    print(f"-> {path} ({os.path.getsize(path) / 2**20:.2f} MiB)")
 
 
 if __name__ == "__main__":
