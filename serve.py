@@ -50,7 +50,7 @@ SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top
                    "presence_penalty": "presence_penalty", "seed": "seed", "stop": "stop",
                    "max_tokens": "max_tokens", "max_completion_tokens": "max_tokens"}
 IGNORED = {"model", "user", "stream_options", "n", "logprobs", "echo", "suffix", "best_of", "logit_bias",
-           "top_logprobs", "response_format", "tools", "tool_choice", "parallel_tool_calls", "metadata", "store"}
+           "top_logprobs", "metadata", "store"}
 
 
 class RequestError(Exception):
@@ -75,9 +75,10 @@ def refuse_unsupported(body):
         raise RequestError("n and best_of must be 1: one choice per request", param="n")
     if body.get("echo") or body.get("logprobs") or body.get("suffix") or body.get("logit_bias"):
         raise RequestError("echo, logprobs, suffix and logit_bias are not supported")
-    unknown = sorted(set(body) - set(SAMPLING_FIELDS) - IGNORED - {"prompt", "messages", "stream"})
+    known = set(SAMPLING_FIELDS) | IGNORED | {"prompt", "messages", "stream"}
+    unknown = sorted(k for k, v in body.items() if k not in known and v is not None)  # null = not given
     if unknown:
-        raise RequestError(f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
+        raise RequestError(f"field(s) this server does not support: {', '.join(unknown)}", param=unknown[0])
 
 
 def sampling_params(body):
