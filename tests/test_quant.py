@@ -2,7 +2,8 @@
 hand-computed example and the half-step error bound, the Triton GEMM in the interpreter against float64 (decode and
 prefill shapes, ragged N and K, fp32 / bf16 / fp16), quantized models equal to float models holding the dequantized
 weights (dense, MoE, head), torchao's int8 weight-only as an independent reference, and the tool end to end with its
-bad inputs (an already-quantized checkpoint, a group size that does not divide a width) in one line."""
+bad inputs (an already-quantized checkpoint, a group size that does not divide a width) in one line, and the batching
+engine serving a quantized model."""
 import copy
 import os
 from dataclasses import asdict
@@ -184,3 +185,14 @@ def test_the_tool_writes_a_checkpoint_inference_loads_and_refuses_bad_input_in_o
                                      "--scheme=int4", "--group_size=48", check=False),
                           "group_size 48 does not divide", "width 64", "--group_size=64")
 
+
+
+def test_the_batching_engine_serves_a_quantized_model_as_it_generates_alone(seed):
+    from nanogpt.engine import Engine
+    from nanogpt.sampling import SamplingParams
+    model = GPT(GPTConfig(**dict(MOE, attn_pattern="LG", local_window=8))).eval()
+    quantize_model(model, "int4", 16, head=True)
+    prompts, greedy = [[1, 2, 3], [4, 5, 6, 7, 8], [9]], SamplingParams(temperature=0, max_tokens=10)
+    batched = Engine(model, slots=2, prefill_chunk=2).run([(p, greedy) for p in prompts])
+    alone = [model.generate(torch.tensor([p]), 10, temperature=0)[0, len(p):].tolist() for p in prompts]
+    assert batched == alone
