@@ -158,7 +158,7 @@ class Server:
             while True:
                 try:
                     kind, value = await asyncio.wait_for(events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if await request.is_disconnected():
                         return
                     continue
@@ -261,9 +261,11 @@ def build_app(server):
     async def failed(request, e):
         return json_error(f"internal error: {type(e).__name__}: {e}", 500)
 
+    with open(CHAT_PAGE, encoding="utf-8") as f:
+        chat_page = f.read()
+
     async def page(request):
-        with open(CHAT_PAGE, encoding="utf-8") as f:
-            return HTMLResponse(f.read())
+        return HTMLResponse(chat_page)
 
     async def health(request):
         return JSONResponse(server.health())
@@ -309,7 +311,7 @@ def main():
         raise SystemExit("serve.py needs the optional web stack: pip install starlette uvicorn")
     from nanogpt.engine import Engine, EngineThread
     sock = listen(host, port)
-    model, tokenizer, _, dev, _, autocast = load_for_inference(out_dir, device, dtype, attn_impl)
+    model, tokenizer, _, _, _, autocast = load_for_inference(out_dir, device, dtype, attn_impl)
     engine = Engine(model, slots, prefill_chunk, vocab_limit=tokenizer.vocab_size, autocast=autocast)
     name = model_name or os.path.basename(os.path.normpath(out_dir))
     server = Server(EngineThread(engine), tokenizer, name, model.config.block_size)
