@@ -18,8 +18,8 @@ import torch
 
 from configurator import at_least, configure, require
 from nanogpt.chat_format import chat_tokens, render_prompt
-from nanogpt.sampling import TextStream, params_from_settings
 from nanogpt.runtime import ATTN_IMPLS, DTYPE_SETTINGS, load_for_inference
+from nanogpt.sampling import TextStream, params_from_settings
 
 out_dir = "out-sft"            # the chat model (ckpt.pt, or a sharded run's newest step_N/)
 prompt = ""                    # answer this one message and exit; '' = an interactive chat

@@ -15,8 +15,8 @@ import torch
 from configurator import at_least, configure, require
 from model import KVCache
 from nanogpt.files import FileFormatError, read_text
-from nanogpt.sampling import first_stop, params_from_settings
 from nanogpt.runtime import ATTN_IMPLS, DTYPE_SETTINGS, load_for_inference
+from nanogpt.sampling import first_stop, params_from_settings
 
 out_dir = "out"                # the checkpoint to sample (ckpt.pt, or a sharded run's newest step_N/)
 start = "\n"                   # prompt text, or FILE:path to read it from a file

@@ -50,7 +50,7 @@ SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top
                    "presence_penalty": "presence_penalty", "seed": "seed", "stop": "stop",
                    "max_tokens": "max_tokens", "max_completion_tokens": "max_tokens"}
 IGNORED = {"model", "user", "stream_options", "n", "logprobs", "echo", "suffix", "best_of", "logit_bias",
-           "top_logprobs", "response_format", "tools", "tool_choice", "parallel_tool_calls", "metadata", "store"}
+           "top_logprobs", "metadata", "store"}
 
 
 class RequestError(Exception):
@@ -75,9 +75,10 @@ def refuse_unsupported(body):
         raise RequestError("n and best_of must be 1: one choice per request", param="n")
     if body.get("echo") or body.get("logprobs") or body.get("suffix") or body.get("logit_bias"):
         raise RequestError("echo, logprobs, suffix and logit_bias are not supported")
-    unknown = sorted(set(body) - set(SAMPLING_FIELDS) - IGNORED - {"prompt", "messages", "stream"})
+    known = set(SAMPLING_FIELDS) | IGNORED | {"prompt", "messages", "stream"}
+    unknown = sorted(k for k, v in body.items() if k not in known and v is not None)  # null = not given
     if unknown:
-        raise RequestError(f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
+        raise RequestError(f"field(s) this server does not support: {', '.join(unknown)}", param=unknown[0])
 
 
 def sampling_params(body):
@@ -157,7 +158,7 @@ class Server:
             while True:
                 try:
                     kind, value = await asyncio.wait_for(events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if await request.is_disconnected():
                         return
                     continue
@@ -260,9 +261,11 @@ def build_app(server):
     async def failed(request, e):
         return json_error(f"internal error: {type(e).__name__}: {e}", 500)
 
+    with open(CHAT_PAGE, encoding="utf-8") as f:
+        chat_page = f.read()
+
     async def page(request):
-        with open(CHAT_PAGE, encoding="utf-8") as f:
-            return HTMLResponse(f.read())
+        return HTMLResponse(chat_page)
 
     async def health(request):
         return JSONResponse(server.health())
@@ -308,7 +311,7 @@ def main():
         raise SystemExit("serve.py needs the optional web stack: pip install starlette uvicorn")
     from nanogpt.engine import Engine, EngineThread
     sock = listen(host, port)
-    model, tokenizer, _, dev, _, autocast = load_for_inference(out_dir, device, dtype, attn_impl)
+    model, tokenizer, _, _, _, autocast = load_for_inference(out_dir, device, dtype, attn_impl)
     engine = Engine(model, slots, prefill_chunk, vocab_limit=tokenizer.vocab_size, autocast=autocast)
     name = model_name or os.path.basename(os.path.normpath(out_dir))
     server = Server(EngineThread(engine), tokenizer, name, model.config.block_size)

@@ -122,13 +122,13 @@ def gemm_section(args):
         for M in map(int, args.ms.split(",")):
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             wb = w.to(torch.bfloat16)
-            ways = {"bf16 F.linear": (lambda: F.linear(x, wb), wb.numel() * 2, wb.double())}
+            ways = {"bf16 F.linear": (lambda x=x, wb=wb: F.linear(x, wb), wb.numel() * 2, wb.double())}
             for s, q in quantized.items():
                 deq = q.dequantize(torch.float64)
-                ways[f"{s} fused"] = (lambda q=q: quant_matmul_triton(x, q.qdata, q.scale, q.zero, q.bits, 128),
+                ways[f"{s} fused"] = (lambda q=q, x=x: quant_matmul_triton(x, q.qdata, q.scale, q.zero, q.bits, 128),
                                       q.qdata.numel() * q.qdata.element_size(), deq)
                 ways[f"{s} dequantize + matmul"] = (
-                    lambda q=q: F.linear(x, dequantize(q.qdata, q.scale, q.zero, q.bits, 128, torch.bfloat16)),
+                    lambda q=q, x=x: F.linear(x, dequantize(q.qdata, q.scale, q.zero, q.bits, 128, torch.bfloat16)),
                     q.qdata.numel() * q.qdata.element_size(), deq)
             for way, (fn, nbytes, ref_w) in ways.items():
                 ref = x.double() @ ref_w.t()

@@ -77,7 +77,7 @@ def read_state(path, map_location="cpu"):
                            "nothing in it was run") from e
 
 
-def read_checkpoint_file(path, map_location="cpu"):
+def read_checkpoint_file(path, map_location="cpu", quantized_ok=False):
     if not os.path.exists(path):
         out_dir = (os.path.dirname(path) or ".") if path.endswith(".pt") else path  # else: a run not trained yet
         raise FileNotFoundError(f"no checkpoint at {path}: train one first, e.g. `python train.py --out_dir={out_dir}`")
@@ -88,6 +88,9 @@ def read_checkpoint_file(path, map_location="cpu"):
     missing = {"model", "model_args"} - set(ckpt) if isinstance(ckpt, dict) else {"model", "model_args"}
     if missing:
         raise ValueError(f"{path} lacks {sorted(missing)}: not a checkpoint of this repo's train.py")
+    if ckpt.get("quantization") and not quantized_ok:  # tools/quantize.py wrote it: weights for inference only
+        raise ValueError(f"{path} holds {ckpt['quantization']['scheme']} weights quantized for inference: train, "
+                         "merge or export the float checkpoint it was quantized from")
     return ckpt
 
 
@@ -157,10 +160,11 @@ def model_from_checkpoint(ckpt, path="checkpoint", attn_impl="sdpa"):
     return model
 
 
-def read_checkpoint(source):
+def read_checkpoint(source, quantized_ok=False):
     """The checkpoint dict of a run folder (its ckpt.pt, else its newest sharded step_N/), a step_N/ folder, a
     ckpt.pt path, or hf:FOLDER (a Hugging Face model, converted by nanogpt/hf.py): every place that takes a model takes
-    these. A LoRA run's checkpoint comes with its adapters merged into its base model's weights."""
+    these. A LoRA run's checkpoint comes with its adapters merged into its base model's weights. A quantized
+    checkpoint (tools/quantize.py) is refused unless quantized_ok: only inference loads it."""
     if source.startswith("hf:"):
         from nanogpt import hf
         return hf.read_hf_checkpoint(source[3:])
@@ -171,7 +175,7 @@ def read_checkpoint(source):
         if not os.path.exists(os.path.join(source, "ckpt.pt")) and sharded:
             return consolidate(sharded[-1])
         source = os.path.join(source, "ckpt.pt")
-    ckpt = read_checkpoint_file(source)
+    ckpt = read_checkpoint_file(source, quantized_ok=quantized_ok)
     if "lora" in ckpt:  # a LoRA run's adapters: merged into its base's weights (nanogpt/lora.py)
         from nanogpt.lora import merged_checkpoint
         return merged_checkpoint(ckpt, source)
@@ -190,7 +194,7 @@ def results_dir(source):
 def load_model(out_dir, device="cpu", attn_impl="sdpa"):
     """(model in eval mode on `device` with the given attention kernel, its Tokenizer, the raw checkpoint dict) from
     any source read_checkpoint takes: a run folder, a step_N/ folder, a ckpt.pt, or hf:FOLDER."""
-    ckpt = read_checkpoint(out_dir)
+    ckpt = read_checkpoint(out_dir, quantized_ok=True)
     model = model_from_checkpoint(ckpt, out_dir, attn_impl).to(device).eval()
     for moe in model.moe_layers():  # XLA compiles static shapes: every expert on every token
         moe.dense_dispatch = str(device).startswith("xla")

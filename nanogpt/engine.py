@@ -66,7 +66,7 @@ class SlotCache:
         return cache[:len(self.rows), :, :n] if self.first_rows else cache[self.rows, :, :n]
 
     def update(self, kv_group, k, v, window):
-        size, (B, H, T, D) = self.size[kv_group], k.shape
+        size, (_, H, T, D) = self.size[kv_group], k.shape
         if kv_group not in self.k:  # the first forward sets the dtype and device
             self.k[kv_group] = k.new_zeros(self.slots, H, size, D)
             self.v[kv_group] = torch.zeros_like(self.k[kv_group])

@@ -174,9 +174,9 @@ def cases():
         *[(f"fp8 scaled_mm {sc} sa={sa} sb={sb}", lambda a=(sc, sa, sb): scaled_mm_case(*a), False, False)
           for sc, sa, sb in [("tensor", (1, 1), (1, 1)), ("row", (M, 1), (N, 1)),
                              ("block", (M, KB), (N // 128, KB)), ("block", (M, KB), (N, KB))]],
-        *[(f"quant_gemm int{bits} {dt} M={m}", lambda a=(bits, m, dt): quant_gemm_case(*a), False, False)
+        *[(f"quant_gemm int{bits} {dt} M={m}", lambda a=(bits, m, dt): quant_gemm_case(*a), dt == fp32, False)
           for bits, m, dt in [(8, 1, bf16), (8, 16, bf16), (8, 4096, bf16), (4, 1, bf16), (4, 16, bf16),
-                              (4, 4096, bf16), (4, 1, fp16)]],
+                              (4, 4096, bf16), (4, 1, fp16), (8, 1, fp32), (4, 16, fp32)]],
     ]
 
 

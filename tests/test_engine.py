@@ -3,7 +3,8 @@
 The reference is independent of any cache: greedy decoding by a full forward over the whole sequence at every step.
 The models run in float64, so batching's different summation orders cannot flip an argmax. The configs cover the
 cache's shapes: a sliding-window ring shorter than the prompts and the prefill chunks, cross-layer shared K/V
-(kv_share=2 and share_global_kv), multi-query and grouped-query attention, value embeddings."""
+(kv_share=2 and share_global_kv), multi-query and grouped-query attention, value embeddings, and a
+mixture-of-experts model (its routing is per token, so batching must not change it)."""
 import random
 
 import pytest
@@ -18,6 +19,7 @@ CONFIGS = {
                               share_global_kv=True, value_embeds=1),
     "hybrid-gqa": dict(n_layer=3, n_head=4, n_kv_head=2, attn_pattern="LG", local_window=3),
     "global-mha": dict(n_layer=2, n_head=2),
+    "moe": dict(n_layer=2, n_head=2, n_kv_head=1, n_expert=4, n_expert_active=2, n_dense_layers=1),
 }
 VOCAB, BLOCK = 97, 40
 

@@ -2,7 +2,8 @@
 hand-computed example and the half-step error bound, the Triton GEMM in the interpreter against float64 (decode and
 prefill shapes, ragged N and K, fp32 / bf16 / fp16), quantized models equal to float models holding the dequantized
 weights (dense, MoE, head), torchao's int8 weight-only as an independent reference, and the tool end to end with its
-bad inputs (an already-quantized checkpoint, a group size that does not divide a width) in one line."""
+bad inputs (an already-quantized checkpoint, a group size that does not divide a width) in one line, and the batching
+engine serving a quantized model."""
 import copy
 import os
 from dataclasses import asdict
@@ -12,7 +13,7 @@ import torch
 from conftest import assert_one_clear_line, run_script
 
 from model import GPT, GPTConfig
-from nanogpt.checkpoint import load_model, save_checkpoint
+from nanogpt.checkpoint import load_model, read_checkpoint, save_checkpoint
 from nanogpt.quant import QuantWeight, model_bytes, quantize_model, quantize_tensor
 from nanokernels.quant_gemm import dequantize, pack_int4, quant_matmul_ref, quant_matmul_triton, unpack_int4
 
@@ -102,7 +103,7 @@ def test_a_quantized_model_computes_the_float_model_of_its_dequantized_weights(s
     names = quantize_model(qmodel, scheme, group, head)
     assert ("lm_head.weight" in names) == head and not any("router" in n for n in names)
     assert len([n for n in names if ".w_up" in n or ".w_down" in n]) == (4 if arch is MOE else 0)
-    assert not any(p.dtype.is_floating_point and p.dim() == 2 and "blocks" in n and "router" not in n and "norm" not in n
+    assert not any(p.dim() >= 2 and n.startswith("blocks") and "router" not in n
                    for n, p in qmodel.named_parameters())  # every block GEMM weight is gone
     twin = dequantized_twin(model, qmodel, names)
     idx = torch.randint(0, len(CHARS), (2, 20))
@@ -153,7 +154,7 @@ def save_run(path, model):
     return str(path)
 
 
-def test_the_tool_writes_a_checkpoint_every_loader_reads_and_refuses_bad_input_in_one_line(tmp_path):
+def test_the_tool_writes_a_checkpoint_inference_loads_and_refuses_bad_input_in_one_line(tmp_path):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**DENSE)).eval()
     src, dst = save_run(tmp_path / "run", model), str(tmp_path / "run-int4")
@@ -172,8 +173,26 @@ def test_the_tool_writes_a_checkpoint_every_loader_reads_and_refuses_bad_input_i
     sampled = run_script("sample.py", f"--out_dir={dst}", "--device=cpu", "--num_samples=1", "--max_new_tokens=5",
                          "--start=ROMEO:", "--temperature=0")
     assert sampled.stdout.startswith("ROMEO:")
+    # only inference loads it: training, merging and export read the float checkpoint
+    with pytest.raises(ValueError, match="holds int4 weights quantized for inference: train, merge or export the "
+                                         "float checkpoint"):
+        read_checkpoint(dst)
+    assert_one_clear_line(run_script("tools/merge.py", f"--models={dst},{src}", f"--out_dir={tmp_path / 'm'}",
+                                     check=False), "quantized for inference")
     assert_one_clear_line(run_script("tools/quantize.py", f"--model={dst}", f"--out_dir={tmp_path / 'again'}",
                                      check=False), "already quantized (int4)", "unquantized checkpoint")
     assert_one_clear_line(run_script("tools/quantize.py", f"--model={src}", f"--out_dir={tmp_path / 'g'}",
                                      "--scheme=int4", "--group_size=48", check=False),
                           "group_size 48 does not divide", "width 64", "--group_size=64")
+
+
+
+def test_the_batching_engine_serves_a_quantized_model_as_it_generates_alone(seed):
+    from nanogpt.engine import Engine
+    from nanogpt.sampling import SamplingParams
+    model = GPT(GPTConfig(**dict(MOE, attn_pattern="LG", local_window=8))).eval()
+    quantize_model(model, "int4", 16, head=True)
+    prompts, greedy = [[1, 2, 3], [4, 5, 6, 7, 8], [9]], SamplingParams(temperature=0, max_tokens=10)
+    batched = Engine(model, slots=2, prefill_chunk=2).run([(p, greedy) for p in prompts])
+    alone = [model.generate(torch.tensor([p]), 10, temperature=0)[0, len(p):].tolist() for p in prompts]
+    assert batched == alone

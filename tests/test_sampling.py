@@ -6,7 +6,10 @@ import random
 
 import pytest
 import torch
+from conftest import assert_one_clear_line, run_script
+from test_sample import SPEC, tiny_run
 
+import sample
 from nanogpt.sampling import SamplingParams, StopChecker, TextStream, distribution, next_tokens
 from nanogpt.tokenizer import Tokenizer
 
@@ -248,9 +251,6 @@ def test_text_stream_waits_for_a_split_character_and_stops():
 
 
 def test_sample_py_cuts_at_a_stop_string_and_refuses_a_bad_setting_in_one_line(tmp_path):
-    import sample
-    from conftest import assert_one_clear_line, run_script
-    from test_sample import SPEC, tiny_run
     _, model = tiny_run(tmp_path)
     tok, prompt = Tokenizer(SPEC), Tokenizer(SPEC).encode("ROMEO:")
     greedy = SamplingParams(temperature=0, max_tokens=20)

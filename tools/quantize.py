@@ -51,12 +51,13 @@ def main():
     require(overwrite or not has_checkpoint(out_dir), f"{out_dir} already holds a checkpoint: pass --overwrite=True "
             "or another --out_dir")
     try:
-        ckpt = quantized_checkpoint(read_checkpoint(model), model)
+        ckpt = quantized_checkpoint(read_checkpoint(model, quantized_ok=True), model)
         os.makedirs(out_dir, exist_ok=True)
         save_checkpoint(ckpt, os.path.join(out_dir, "ckpt.pt"))
     except (OSError, RuntimeError, ValueError) as e:  # a missing / unreadable / quantized model, a bad width
         raise SystemExit(str(e))
-    print(f"-> {os.path.join(out_dir, 'ckpt.pt')} ({os.path.getsize(os.path.join(out_dir, 'ckpt.pt')) / 2**20:.2f} MiB)")
+    path = os.path.join(out_dir, "ckpt.pt")
+    print(f"-> {path} ({os.path.getsize(path) / 2**20:.2f} MiB)")
 
 
 if __name__ == "__main__":
