@@ -191,6 +191,10 @@ def test_bad_input_is_one_clear_line(tmp_path):
     latin1.write_bytes("line one\nna\u00efve caf\u00e9\n".encode("latin-1"))
     assert f"{latin1}:2: not valid UTF-8" in bad(tmp_path, [str(latin1)], out)
     assert "no training document left: 1 read" in bad(tmp_path, [str(good)], out)
+    for name in ("cut.jsonl.gz", "cut.txt.gz"):  # a download cut short
+        write_jsonl(str(tmp_path / name), [{"text": f"row {i} " * 50} for i in range(200)])
+        (tmp_path / name).write_bytes((tmp_path / name).read_bytes()[:300])
+        assert f"{tmp_path / name}:" in bad(tmp_path, [str(tmp_path / name)], out)
     assert "unknown quality rule 'min_wrds'" in bad(tmp_path, [str(good)], out, "--rules", "min_wrds=3")
     assert "threshold is not a number" in bad(tmp_path, [str(good)], out, "--rules", "min_words=many")
     csv_file = tmp_path / "table.csv"

@@ -82,20 +82,23 @@ def open_binary(path):
 
 def read_txt(path, docs):
     """(file:line, text) of a text file: the whole file, each paragraph (blank-line separated) or each line."""
-    lines, start = [], 1
-    with open_binary(path) as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise InputError(f"{path}:{number}: not valid UTF-8 (byte {e.start} of the line)") from None
-            if docs == "line" or (docs == "paragraph" and not line.strip()):
-                text = "".join(lines + [line] if docs == "line" else lines).strip()
-                if text:
-                    yield f"{path}:{start}", text
-                lines, start = [], number + 1
-            else:
-                lines.append(line)
+    lines, start, number = [], 1, 0
+    try:
+        with open_binary(path) as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise InputError(f"{path}:{number}: not valid UTF-8 (byte {e.start} of the line)") from None
+                if docs == "line" or (docs == "paragraph" and not line.strip()):
+                    text = "".join(lines + [line] if docs == "line" else lines).strip()
+                    if text:
+                        yield f"{path}:{start}", text
+                    lines, start = [], number + 1
+                else:
+                    lines.append(line)
+    except (OSError, EOFError) as e:  # a truncated or corrupt .gz
+        raise InputError(f"{path}:{number + 1}: not readable ({e})") from None
     text = "".join(lines).strip()
     if text:
         yield f"{path}:{start}", text
