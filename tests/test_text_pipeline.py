@@ -215,3 +215,13 @@ def test_interrupted_run_leaves_no_dataset(corpus, tmp_path, monkeypatch):
         prepare(files, tmp_path / "out", "--workers=1")
     left = set(os.listdir(tmp_path / "out"))
     assert left == {".partial"}, left
+
+
+def test_order_by_length_writes_shortest_first(corpus, tmp_path):
+    files, _ = corpus
+    prepare(files, tmp_path / "c", "--workers=2", "--order=length", "--no-dedup", "--no-pii")
+    tok = Tokenizer.for_dataset(str(tmp_path / "c"))
+    ids = read_shard(str(tmp_path / "c" / "train_000000.bin")).tolist()
+    starts = [i for i, t in enumerate(ids) if t == tok.eot] + [len(ids)]
+    lengths = [len(tok.decode(ids[a + 1:b])) for a, b in zip(starts, starts[1:])]
+    assert len(lengths) > 100 and lengths == sorted(lengths)
