@@ -125,7 +125,9 @@ def test_planted_duplicates_pii_and_junk(corpus, tmp_path):
             assert removed.get(where) == what, (where, what, removed.get(where))
     dedup_removed = {w for w, r in removed.items() if r.startswith("dedup")}
     assert dedup_removed == {w for w, what in expected.items() if what.startswith("dedup")}  # precision = recall = 1
-    assert report["duplicate_clusters"]["clusters"] == len(dedup_removed)
+    assert report["duplicate_clusters"]["clusters"] == len(dedup_removed)  # each planted copy has its own original
+    largest = report["duplicate_clusters"]["largest"]
+    assert all(c["size"] == 2 and c["removed_first"][0] in dedup_removed for c in largest)
     tok = Tokenizer.for_dataset(str(tmp_path / "a"))
     text = "".join(tok.decode(read_shard(p).tolist()) for p in sorted(glob.glob(str(tmp_path / "a" / "*.bin"))))
     for kind, value in PII_VALUES.items():
