@@ -413,6 +413,7 @@ def plot_report(report, path):
     removed = dict(sorted(report["removed"].items(), key=lambda kv: -kv[1]))
     bars = {"kept": report["kept"]["train"] + report["kept"]["val"], **removed}
     axes[0].barh(list(bars)[::-1], list(bars.values())[::-1], color=["C1"] * len(removed) + ["C2"])
+    axes[0].set_xscale("log")  # a rule that removes 3 documents of a million still shows
     axes[0].set_title(f"{report['documents_in']:,} documents: kept and removed by stage:rule")
     langs = dict(Counter(report["languages"]).most_common(15))
     axes[1].bar(list(langs), list(langs.values()))
