@@ -76,13 +76,12 @@ class Doc:
         return self._words
 
     def word_arrays(self):
-        """Arrays for the n-gram rules: an id per word (equal for equal words), each word's length, prefix sums of
-        ids[i] P^i and of lengths, and P^-i (mod 2^64), so any n-gram's hash and length are two array operations.
-        The ids are exact, so two different n-grams share a hash only if they agree mod 2^64."""
+        """Arrays for the n-gram rules: an id per word (its 64-bit str hash: equal words, equal ids; two words share
+        one with probability 2^-64), each word's length, prefix sums of ids[i] P^i and of lengths, and P^-i (mod
+        2^64), so any n-gram's hash and length are two array operations."""
         if self._arrays is None:
             n = len(self.words)
-            vocab = {w: i for i, w in enumerate(dict.fromkeys(self.words), 1)}
-            ids = np.fromiter(map(vocab.__getitem__, self.words), np.uint64, n)
+            ids = np.fromiter(map(hash, self.words), np.int64, n).view(np.uint64)  # equal words, equal ids
             lengths = np.fromiter(map(len, self.words), np.int64, n)
             powers = np.concatenate([[np.uint64(1)], np.cumprod(np.full(max(n - 1, 0), HASH_BASE, np.uint64))])
             unshift = np.concatenate([[np.uint64(1)], np.cumprod(np.full(max(n - 1, 0), HASH_INVERSE, np.uint64))])
@@ -107,7 +106,7 @@ def ngram_counts(doc, n):
     order = np.argsort(key)
     ordered = key[order]
     first = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
-    group_sizes = np.diff(np.append(first, m))
+    group_sizes = np.append(first[1:], m) - first
     counts = np.empty(m, dtype=np.int64)
     counts[order] = np.repeat(group_sizes, group_sizes)
     return counts, chars[n:n + m] - chars[:m]

@@ -174,6 +174,20 @@ def test_exact_key_ignores_case_spacing_and_punctuation():
     assert dedup.exact_key(dedup.normalise("hello world")) != dedup.exact_key(dedup.normalise("hello there world"))
 
 
+def test_normalise_matches_its_regex_definition(seed):
+    import re
+    import unicodedata
+
+    def reference(text):  # NFKC, lower case, punctuation runs -> space, whitespace runs -> one space, stripped
+        text = re.sub(r"[^\w\s]+", " ", unicodedata.normalize("NFKC", text).lower())
+        return re.sub(r"\s+", " ", text).strip()
+    rng = random.Random(seed)
+    alphabet = [chr(i) for i in range(128)] + list("\u00e9\u00c0\u00df\ufb01\u2460\u3000\u00a0\u2003\u2014\u2026\u201c")
+    for _ in range(5000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        assert dedup.normalise(text) == reference(text), repr(text)
+
+
 def test_minhash_estimates_jaccard(seed):
     rng = random.Random(seed)
     hasher = dedup.MinHasher(bands=16, rows=16, shingle=3, seed=seed)

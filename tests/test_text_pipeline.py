@@ -125,7 +125,9 @@ def test_planted_duplicates_pii_and_junk(corpus, tmp_path):
             assert removed.get(where) == what, (where, what, removed.get(where))
     dedup_removed = {w for w, r in removed.items() if r.startswith("dedup")}
     assert dedup_removed == {w for w, what in expected.items() if what.startswith("dedup")}  # precision = recall = 1
-    assert report["duplicate_clusters"]["clusters"] == len(dedup_removed)
+    assert report["duplicate_clusters"]["clusters"] == len(dedup_removed)  # each planted copy has its own original
+    largest = report["duplicate_clusters"]["largest"]
+    assert all(c["size"] == 2 and c["removed_first"][0] in dedup_removed for c in largest)
     tok = Tokenizer.for_dataset(str(tmp_path / "a"))
     text = "".join(tok.decode(read_shard(p).tolist()) for p in sorted(glob.glob(str(tmp_path / "a" / "*.bin"))))
     for kind, value in PII_VALUES.items():
@@ -191,6 +193,10 @@ def test_bad_input_is_one_clear_line(tmp_path):
     latin1.write_bytes("line one\nna\u00efve caf\u00e9\n".encode("latin-1"))
     assert f"{latin1}:2: not valid UTF-8" in bad(tmp_path, [str(latin1)], out)
     assert "no training document left: 1 read" in bad(tmp_path, [str(good)], out)
+    for name in ("cut.jsonl.gz", "cut.txt.gz"):  # a download cut short
+        write_jsonl(str(tmp_path / name), [{"text": f"row {i} " * 50} for i in range(200)])
+        (tmp_path / name).write_bytes((tmp_path / name).read_bytes()[:300])
+        assert f"{tmp_path / name}:" in bad(tmp_path, [str(tmp_path / name)], out)
     assert "unknown quality rule 'min_wrds'" in bad(tmp_path, [str(good)], out, "--rules", "min_wrds=3")
     assert "threshold is not a number" in bad(tmp_path, [str(good)], out, "--rules", "min_words=many")
     csv_file = tmp_path / "table.csv"
@@ -211,3 +217,13 @@ def test_interrupted_run_leaves_no_dataset(corpus, tmp_path, monkeypatch):
         prepare(files, tmp_path / "out", "--workers=1")
     left = set(os.listdir(tmp_path / "out"))
     assert left == {".partial"}, left
+
+
+def test_order_by_length_writes_shortest_first(corpus, tmp_path):
+    files, _ = corpus
+    prepare(files, tmp_path / "c", "--workers=2", "--order=length", "--no-dedup", "--no-pii")
+    tok = Tokenizer.for_dataset(str(tmp_path / "c"))
+    ids = read_shard(str(tmp_path / "c" / "train_000000.bin")).tolist()
+    starts = [i for i, t in enumerate(ids) if t == tok.eot] + [len(ids)]
+    lengths = [len(tok.decode(ids[a + 1:b])) for a, b in zip(starts, starts[1:])]
+    assert len(lengths) > 100 and lengths == sorted(lengths)

@@ -33,7 +33,7 @@ import resource
 import shutil
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from multiprocessing import Pool
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -82,20 +82,23 @@ def open_binary(path):
 
 def read_txt(path, docs):
     """(file:line, text) of a text file: the whole file, each paragraph (blank-line separated) or each line."""
-    lines, start = [], 1
-    with open_binary(path) as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise InputError(f"{path}:{number}: not valid UTF-8 (byte {e.start} of the line)") from None
-            if docs == "line" or (docs == "paragraph" and not line.strip()):
-                text = "".join(lines + [line] if docs == "line" else lines).strip()
-                if text:
-                    yield f"{path}:{start}", text
-                lines, start = [], number + 1
-            else:
-                lines.append(line)
+    lines, start, number = [], 1, 0
+    try:
+        with open_binary(path) as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise InputError(f"{path}:{number}: not valid UTF-8 (byte {e.start} of the line)") from None
+                if docs == "line" or (docs == "paragraph" and not line.strip()):
+                    text = "".join(lines + [line] if docs == "line" else lines).strip()
+                    if text:
+                        yield f"{path}:{start}", text
+                    lines, start = [], number + 1
+                else:
+                    lines.append(line)
+    except (OSError, EOFError) as e:  # a truncated or corrupt .gz
+        raise InputError(f"{path}:{number + 1}: not readable ({e})") from None
     text = "".join(lines).strip()
     if text:
         yield f"{path}:{start}", text
@@ -236,19 +239,27 @@ def chunks(docs, max_bytes=1 << 20, max_docs=2048):
 
 
 def ordered_map(function, items, workers, initializer, initargs):
-    """function over items on `workers` processes, results in order (in this process when workers <= 1)."""
+    """function over items on `workers` processes, results in order (in this process when workers <= 1). At most
+    2 * workers items are in flight: Pool.imap would read the whole input ahead into memory."""
     if workers <= 1:
         initializer(*initargs)
         yield from map(function, items)
         return
     with Pool(workers, initializer=initializer, initargs=initargs) as pool:
-        yield from pool.imap(function, items)
+        pending = deque()
+        for item in items:
+            pending.append(pool.apply_async(function, (item,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 # ------------------------------------------------------------------------------------------- dedup (this process)
 
 
 class Deduplicator:
-    """Exact then near-duplicate decisions in input order; clusters map each kept document to its removed copies."""
+    """Exact then near-duplicate decisions in input order; clusters map each kept document to [number of removed
+    copies, the first 5 of them] (bounded: a corpus of duplicates does not fill memory with their names)."""
 
     def __init__(self, settings):
         self.exact = {}
@@ -264,7 +275,10 @@ class Deduplicator:
         if original is None:
             self.exact[result["key"]] = where
             return None
-        self.clusters.setdefault(original, []).append(where)
+        cluster = self.clusters.setdefault(original, [0, []])
+        cluster[0] += 1
+        if len(cluster[1]) < 5:
+            cluster[1].append(where)
         return kind, original
 
 
@@ -324,10 +338,10 @@ def filter_corpus(paths, settings, out_dir, workers):
 
 
 def cluster_summary(clusters, show=10):
-    sizes = sorted((len(v) + 1 for v in clusters.values()), reverse=True)
-    largest = sorted(clusters.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:show]
+    sizes = sorted((n + 1 for n, _ in clusters.values()), reverse=True)
+    largest = sorted(clusters.items(), key=lambda kv: (-kv[1][0], kv[0]))[:show]
     return {"clusters": len(clusters), "documents_in_clusters": sum(sizes), "sizes": dict(Counter(sizes)),
-            "largest": [{"kept": k, "removed": v[:5], "size": len(v) + 1} for k, v in largest]}
+            "largest": [{"kept": k, "removed_first": shown, "size": n + 1} for k, (n, shown) in largest]}
 
 # ------------------------------------------------------------------------------------------------- tokenising
 
@@ -399,6 +413,7 @@ def plot_report(report, path):
     removed = dict(sorted(report["removed"].items(), key=lambda kv: -kv[1]))
     bars = {"kept": report["kept"]["train"] + report["kept"]["val"], **removed}
     axes[0].barh(list(bars)[::-1], list(bars.values())[::-1], color=["C1"] * len(removed) + ["C2"])
+    axes[0].set_xscale("log")  # a rule that removes 3 documents of a million still shows
     axes[0].set_title(f"{report['documents_in']:,} documents: kept and removed by stage:rule")
     langs = dict(Counter(report["languages"]).most_common(15))
     axes[1].bar(list(langs), list(langs.values()))
