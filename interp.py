@@ -6,9 +6,7 @@ induction heads and MoE routing, as PNGs and a JSON per view under RUN/interp/ (
     python interp.py --view=all --corrupt=...    # every view whose inputs are given
     python interp.py --view=names                # the hook points (nanogpt/interp.py run_with_cache reads them)
 """
-import json
 import os
-import sys
 from typing import Literal
 
 import torch

@@ -19,7 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configurator import configure  # noqa: E402
+from configurator import configure
 
 base = ""                      # the model.py to compare with (e.g. git show BASE:model.py > FILE)
 steps = 40                     # timed steps per model

@@ -3,7 +3,9 @@ activations (exact) and with zeros, the logit lens's last row against the model'
 a float64 recomputation written here, direct logit attribution against the head's own arithmetic, and bad input as
 one clear line. Models: GQA with value embeddings and a softcap; sliding windows with shared K/V (CLA2 and shared
 global K/V) on one K/V head; MoE."""
+import glob
 import math
+import os
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from test_chat import save
 
 from model import GPT, GPTConfig
 from nanogpt import interp
+from nanogpt.files import read_json
 
 CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 SPEC = {"kind": "char", "chars": CHARS}
@@ -138,7 +141,7 @@ def test_patching_recovers_all_where_the_prompts_differ_and_nothing_before(seed)
     clean = tokens(model, batch=1, length=6)
     corrupt = clean.clone()
     corrupt[0, 2] = (clean[0, 2] + 1) % model.config.vocab_size  # one token differs
-    results, clean_ld, corrupt_ld = interp.activation_patching(model, clean, corrupt, 3, 7)
+    results, _, _ = interp.activation_patching(model, clean, corrupt, 3, 7)
     assert results["resid_pre"].shape == (5, 6) and results["attn.z"].shape == (5, 2)
     # layer 0's input at the differing position is the whole difference: patched, the run is the clean one
     assert results["resid_pre"][0, 2].item() == pytest.approx(1.0, abs=1e-4)
@@ -206,25 +209,20 @@ def test_every_view_writes_its_json_and_pictures(run_dir):
     result = interp_cmd(run_dir, "--view=all", "--prompt=To be, or not", "--corrupt=To go, or not",
                         "--n_repeat_tokens=8", "--n_repeat_seqs=2")
     assert result.returncode == 0, result.stderr[-2000:]
-    import glob
-    import json
-    import os
     for view in ("attention", "logit_lens", "patching", "dla", "induction"):
-        data = json.load(open(os.path.join(run_dir, "interp", f"{view}.json")))
+        data = read_json(os.path.join(run_dir, "interp", f"{view}.json"))
         assert data["view"] == view
         assert glob.glob(os.path.join(run_dir, "interp", f"{view}*.png")), view
 
 
 def test_the_moe_view_routes_a_val_shard(tmp_path, seed):
-    import json
-
     from nanogpt.shards import write_shard
     run = save(tmp_path, "moe", tiny_model(**CONFIGS["moe"]), SPEC)
     (tmp_path / "data" / "tiny").mkdir(parents=True)
     write_shard(str(tmp_path / "data" / "tiny" / "val_000000.bin"), torch.randint(0, len(CHARS), (200,)).numpy())
     result = interp_cmd(run, "--view=moe", f"--data_root={tmp_path / 'data'}", "--dataset=tiny", "--moe_tokens=100")
     assert result.returncode == 0, result.stderr[-2000:]
-    data = json.load(open(tmp_path / "moe" / "interp" / "moe.json"))
+    data = read_json(str(tmp_path / "moe" / "interp" / "moe.json"))
     assert data["tokens"] == 100 and [row["layer"] for row in data["layers"]] == [1, 2]
     assert sum(data["layers"][0]["load"]) == pytest.approx(1.0)
     assert (tmp_path / "moe" / "interp" / "moe.png").exists()

@@ -13,7 +13,7 @@ from nanogpt import interp
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 bridge_module = pytest.importorskip("transformer_lens.model_bridge")
-from tools import export_hf  # noqa: E402  (needs safetensors)
+from tools import export_hf  # (after the skips: it needs safetensors)
 
 
 def test_patterns_head_outputs_and_logit_lens_agree_with_transformer_lens(tmp_path, seed):
