@@ -12,8 +12,8 @@ whatever the accumulation or the world size. Evaluation reports the cross-entrop
 """
 import torch
 
-from nanogpt.parallel import cut_xla_graph, mean_over_ranks, sum_over_ranks
 from nanogpt.distill import distill_losses, mixed_loss
+from nanogpt.parallel import cut_xla_graph, mean_over_ranks, sum_over_ranks
 from nanogpt.posttrain import dpo_objective
 
 KINDS = ("next_token", "dpo", "distill")
