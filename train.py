@@ -23,12 +23,12 @@ import torch
 from configurator import at_least, configure, given, require
 from model import GPTConfig
 from nanogpt import energy, lora, metrics, parallel, start
-from nanogpt.distill import load_teacher
 from nanogpt.checkpoint import has_checkpoint, load_sharded, save_run
+from nanogpt.distill import load_teacher
 from nanogpt.memory import dry_run_vocab_size, plan_for, print_dry_run
 from nanogpt.objectives import batch_weights, evaluate, make_objective
-from nanogpt.optim import (OPTIMIZERS, SCHEDULES, WSD_SHAPES, build_optimizer, scheduled_lr, scheduled_momentum,
-                           set_lr, state_bytes)
+from nanogpt.optim import OPTIMIZERS, SCHEDULES, WSD_SHAPES, build_optimizer, scheduled_lr, scheduled_momentum
+from nanogpt.optim import set_lr, state_bytes
 from nanogpt.parallel import cut_xla_graph, finish, gradient_sync, mean_over_ranks, sum_over_ranks
 from nanogpt.phases import PhaseError, PhasedLoader, Plan, check_phases, dataset_names
 from nanogpt.phases import write_report as write_phase_report

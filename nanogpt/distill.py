@@ -76,7 +76,12 @@ def load_teacher(source, tokenizer, block_size, device, recorded_fingerprint=Non
     """The frozen teacher GPT of `source` (a run folder, ckpt.pt, step_N/ or hf:FOLDER; a LoRA run merged) on
     `device`, at the run's block_size, and its identity {teacher_from, teacher_fingerprint}. ValueError (one line)
     for a teacher of another tokenizer, or, resuming, one whose weights changed since the run started."""
-    from nanogpt.checkpoint import clean_state_dict, model_from_checkpoint, read_checkpoint, tokenizer_spec
+    from nanogpt.checkpoint import (
+        clean_state_dict,
+        model_from_checkpoint,
+        read_checkpoint,
+        tokenizer_spec,
+    )
     from nanogpt.start import weights_fingerprint
     from nanogpt.tokenizer import Tokenizer
     ckpt = read_checkpoint(source)

@@ -23,6 +23,7 @@ weights, so sample.py, chat.py, the evaluations, tools/export_hf.py and new phas
 """
 import fnmatch
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -232,7 +233,6 @@ def spec_of(config):
 
 def source_path(init_from):
     """init_from as a path that still names the base from another working directory."""
-    import os
     if init_from.startswith("hf:"):
         return "hf:" + os.path.abspath(init_from[3:])
     return os.path.abspath(init_from)

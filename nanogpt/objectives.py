@@ -16,8 +16,8 @@ targets it has). lambda (mtp_weight) may follow a schedule; at 0 the MTP modules
 """
 import torch
 
-from nanogpt.parallel import cut_xla_graph, mean_over_ranks, sum_over_ranks
 from nanogpt.distill import distill_losses, mixed_loss
+from nanogpt.parallel import cut_xla_graph, mean_over_ranks, sum_over_ranks
 from nanogpt.posttrain import dpo_objective
 
 KINDS = ("next_token", "dpo", "distill")

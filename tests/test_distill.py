@@ -7,7 +7,6 @@ from dataclasses import asdict
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from model import GPT, GPTConfig
 from nanogpt import distill

@@ -9,8 +9,13 @@ import torch
 
 from model import GPT, GPTConfig
 from nanogpt import lora
-from nanogpt.checkpoint import load_model, model_from_checkpoint, read_checkpoint, read_checkpoint_file
-from nanogpt.checkpoint import save_checkpoint
+from nanogpt.checkpoint import (
+    load_model,
+    model_from_checkpoint,
+    read_checkpoint,
+    read_checkpoint_file,
+    save_checkpoint,
+)
 from nanogpt.optim import build_optimizer, state_bytes
 from tests.conftest import TINY, assert_one_clear_line, run_script
 from tests.test_distributed import launch, losses
