@@ -30,10 +30,12 @@ def saved_per_token(cfg, block):
     d, q, kv = cfg.n_embd, cfg.n_head * cfg.head_dim, 2 * cfg.n_kv_head * cfg.head_dim
     produces = hasattr(block.attn, "k_proj")
     attn = 3 * d + 4 * q + (3 * kv if produces else 0)  # x, norm(x), out; q raw/normed/rotated, attention; k, v
-    if cfg.mla:  # x, norm(x), out; q latent raw/normed; q raw/rotated/assembled; kv latent raw/normed, rope key;
+    if cfg.mla:  # x, norm(x), out; q latent raw/normed; q raw/rotated/assembled; the compressed K/V and normed
+        # latent; rotated rope key; expanded k_nope + v and assembled k; attention output (v wide)
         qk, v = cfg.n_head * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim), cfg.n_head * cfg.v_head_dim
-        r, rope = cfg.kv_lora_rank, cfg.qk_rope_head_dim  # expanded k_nope and v, assembled k; attention out
-        attn = 3 * d + 2 * cfg.q_lora_rank + 3 * qk + 2 * (r + rope) + r + 2 * qk + v + v
+        r, rope = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        attn = (3 * d + 2 * cfg.q_lora_rank + 3 * qk + (r + rope) + r + rope
+                + (cfg.n_head * cfg.qk_nope_head_dim + v) + qk + v)
     if isinstance(block.mlp, MoE):
         k, h, shared = cfg.n_expert_active, cfg.expert_hidden, cfg.n_shared_expert * cfg.expert_hidden
         per_hidden = 4 if cfg.mlp == "swiglu" else 3
