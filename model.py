@@ -351,10 +351,10 @@ class MLA(nn.Module):
         latent, k_rope = self.kv_a_proj_with_mqa(x).unsqueeze(1).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim],
                                                                       dim=-1)
         latent, k_rope = self.kv_a_layernorm(latent), apply_rope(k_rope, cos, sin)
-        window, decoding = self.window, cache is not None and cache.pos > 0
-        if cache is not None:  # the ring holds the latent and the rope key in place of K and V
+        window = self.window
+        if cache is not None:  # the cache holds the latent and the rope key in place of K and V
             latent, k_rope, window = cache.update(self.kv_group, latent, k_rope, window)
-        if decoding:  # the ring holds exactly the window: every cached position is visible
+        if cache is not None and T == 1 and window is None:  # one query that sees every cached position
             y = self.absorbed(q_nope, q_rope, latent, k_rope)
         else:
             y = self.expanded(q_nope, q_rope, latent, k_rope, window)

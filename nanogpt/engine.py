@@ -69,7 +69,7 @@ class SlotCache:
         size, (_, H, T, D) = self.size[kv_group], k.shape
         if kv_group not in self.k:  # the first forward sets the dtype and device
             self.k[kv_group] = k.new_zeros(self.slots, H, size, D)
-            self.v[kv_group] = torch.zeros_like(self.k[kv_group])
+            self.v[kv_group] = v.new_zeros(self.slots, H, size, v.size(3))  # MLA: the rope key, narrower
         if (size, window, T) not in self.masks:  # the layers of one kind share a mask
             self.masks[size, window, T] = self.mask(size, window, T)
         cache_k, cache_v, mask = self.k[kv_group], self.v[kv_group], self.masks[size, window, T]

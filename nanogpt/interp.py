@@ -28,7 +28,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from model import MoE, attend
+from model import Attention, MoE, attend
 from nanokernels.mask import attention_mask
 
 BLOCK_POINTS = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
@@ -46,7 +46,9 @@ def hook_names(model):
     """Every hook point of this model, in forward order."""
     names = []
     for i, block in enumerate(model.blocks):
-        attn = [p for p in ATTN_POINTS if block.attn.produces_kv or p not in ("k", "v")]
+        # an MLA layer (model.MLA) has no per-head q/k/v to hook: its residual points only
+        attn = ([p for p in ATTN_POINTS if block.attn.produces_kv or p not in ("k", "v")]
+                if isinstance(block.attn, Attention) else [])
         moe = MOE_POINTS if isinstance(block.mlp, MoE) else ()
         names += ([f"blocks.{i}.resid_pre"] + [f"blocks.{i}.attn.{p}" for p in attn]
                   + [f"blocks.{i}.{p}" for p in ("attn_out", "resid_mid")] + [f"blocks.{i}.mlp.{p}" for p in moe]

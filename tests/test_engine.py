@@ -20,6 +20,7 @@ CONFIGS = {
     "hybrid-gqa": dict(n_layer=3, n_head=4, n_kv_head=2, attn_pattern="LG", local_window=3),
     "global-mha": dict(n_layer=2, n_head=2),
     "moe": dict(n_layer=2, n_head=2, n_kv_head=1, n_expert=4, n_expert_active=2, n_dense_layers=1),
+    "mla-hybrid": dict(n_layer=2, n_head=2, kv_lora_rank=16, qk_norm=False, attn_pattern="LG", local_window=4),
 }
 VOCAB, BLOCK = 97, 40
 
