@@ -20,10 +20,11 @@ IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:]
 # card numbers as printed: one run of digits, groups of 4 (the last 1-7), or American Express's 4-6-5
 CARD = re.compile(r"(?<![\d.,+-])(?:\d{13,19}|\d{4}([ -])\d{4}\1\d{4}\1\d{1,7}|\d{4}([ -])\d{6}\2\d{5})"
                   r"(?![\d-]|[.,]\d)")
-# phone numbers: international (+country code, then groups) or North American ((555) 123-4567, 555-123-4567, with
-# one separator throughout); a bare run of digits or arithmetic such as 1500-135-141 is not a phone number
-PHONE = re.compile(r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(\d{1,4}\))?(?:[ .-]?\d{2,5}){1,5}(?![\w-])"
-                   r"|(?<![\w+])(?:\(\d{3}\) ?|\d{3}([ .-]))\d{3}(?(1)\1|[ .-])\d{4}(?![\w-]|[.,]\d)")
+# phone numbers: international (+country code, then groups) or North American ((555) 123-4567, 555-123-4567), each
+# with one separator throughout (so "+4915112345678 12 tickets" keeps its 12); a bare run of digits or arithmetic
+# such as 1500-135-141 is not a phone number
+PHONE = re.compile(r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(\d{1,4}\))?(?P<sep>[ .-]?)\d{2,5}(?:(?P=sep)\d{2,5}){0,4}(?![\w-])"
+                   r"|(?<![\w+])(?:\(\d{3}\) ?|\d{3}(?P<na>[ .-]))\d{3}(?(na)(?P=na)|[ .-])\d{4}(?![\w-]|[.,]\d)")
 
 
 def luhn_valid(digits):

@@ -8,7 +8,8 @@ import subprocess
 
 from conftest import ROOT
 
-STEPS = ["env", "attention", "fp8-gemm", "tests", "tests-backward", "window", "fp8-quantize-mlp", "train", "decode"]
+STEPS = ["env", "attention", "fp8-gemm", "tests", "tests-backward", "window", "fp8-quantize-mlp", "train", "decode",
+         "quant-gemm"]
 
 
 def dry_run(out, **env):
