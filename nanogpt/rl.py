@@ -275,16 +275,23 @@ class RLRun:
                 completions[i] = rows[j * G:(j + 1) * G]
         rewards = torch.tensor([[reward(self.tokenizer.decode([t for t in c if t < self.vocab]), p["answer"],
                                         s["rl_reward"]) for c in group] for p, group in zip(problems, completions)])
-        return prompts, completions, rewards, entropy
+        return prompts, completions, rewards, tuple(entropy)
 
     def step(self, model, problems, generator, optimizer_step, autocast):
         """One RL iteration on this rank's problems: rollouts, rewards, advantages, then rl_updates optimizer steps
         (optimizer_step() clips, steps and zeroes the gradients). Returns the step's metrics as tensors (means
         over this rank; train.py averages them over ranks)."""
-        s, G, world = self.s, self.s["rl_group_size"], self.s["world_size"]
         t0 = time.time()
-        prompts, completions, rewards, (entropy, entropy_n) = self.rollouts(problems, generator)
-        t_sample = time.time() - t0
+        prompts, completions, rewards, entropy = self.rollouts(problems, generator)
+        return self.update(model, prompts, completions, rewards, optimizer_step, autocast,
+                           {"entropy": entropy, "sample_seconds": time.time() - t0})
+
+    def update(self, model, prompts, completions, rewards, optimizer_step, autocast, sampling=None):
+        """The optimizer steps of one batch of rollouts: prompts (P lists of ids), completions (P groups of G id
+        lists), rewards (P, G); `model` is the policy as trained (DDP-wrapped or not). Returns the metrics."""
+        s, G, world = self.s, self.s["rl_group_size"], self.s["world_size"]
+        sampling = sampling or {"entropy": (0.0, 0), "sample_seconds": 0.0}
+        (entropy, entropy_n), t_sample = sampling["entropy"], sampling["sample_seconds"]
         flat_prompts = [p for p in prompts for _ in range(G)]
         flat_completions = [c for group in completions for c in group]
         lengths = torch.tensor([len(c) for c in flat_completions], dtype=torch.float)
