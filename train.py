@@ -164,7 +164,7 @@ def check_settings(config):
     require(0 <= dropout < 1, f"dropout must be in [0, 1), got {dropout}")
     require(dpo_beta > 0 and 0 <= dpo_label_smoothing < 0.5 and not (dpo_ipo and dpo_label_smoothing),
             "need dpo_beta > 0, 0 <= dpo_label_smoothing < 0.5, and no label smoothing with dpo_ipo")
-    if rl_task or explicit_rl_settings(config):
+    if rl_task or explicit_rl_settings():
         check_rl_settings(config)
     require(0 <= wsd_decay_frac <= 1, f"wsd_decay_frac must be in [0, 1], got {wsd_decay_frac}")
     require(learning_rate > 0 and 0 <= min_lr <= learning_rate,
@@ -183,14 +183,15 @@ def check_settings(config):
         require(False, str(e))
 
 
-def explicit_rl_settings(config):
-    return sorted(k for k in given() if k.startswith("rl_"))
+def explicit_rl_settings():
+    return sorted(k for k in given() if k.startswith("rl_") and k != "rl_task")
 
 
 def check_rl_settings(config):
     """RL's own checks: a task, a group to compare, a start with chat tokens (read_start checks the checkpoint)."""
-    require(rl_task in rl.TASKS, f"rl_task must be one of {', '.join(rl.TASKS)} (or '' for no RL), got {rl_task!r}"
-            + (f"; {', '.join(explicit_rl_settings(config))} only apply to RL" if not rl_task else ""))
+    require(rl_task, f"{', '.join(explicit_rl_settings())} only apply to RL: set rl_task ({', '.join(rl.TASKS)}) "
+            "or drop them")
+    require(rl_task in rl.TASKS, f"rl_task must be one of {', '.join(rl.TASKS)} (or '' for no RL), got {rl_task!r}")
     require(rl_group_size >= 2, f"rl_group_size must be >= 2 (advantages compare the completions of one prompt), "
             f"got {rl_group_size}")
     at_least(config, 1, "rl_prompts", "rl_max_new_tokens", "rl_updates", "rl_eval_samples")

@@ -1,6 +1,6 @@
 # RL from verifiable rewards on the arith task (nanogpt/rl.py), from the SFT checkpoint, on a 2-core CPU: groups of
 # 8 completions for 8 prompts a step, token-level loss, mean-and-std advantages, strictly on-policy, no KL
-# (nanochat's chat_rl and TRL's GRPOTrainer defaults, scaled down). pass@1 / pass@8 on 100 val problems at each
+# (nanochat's chat_rl and TRL's GRPOTrainer defaults, scaled down). pass@1 / pass@8 on 50 val problems at each
 # evaluation; the test split stays for eval.py --tasks=arith.
 #   python train.py config/rl_arith.py --init_from=out-arith-sft
 out_dir = "out-arith-rl"
@@ -16,13 +16,14 @@ rl_loss_type = "token"
 rl_scale_rewards = "group"
 rl_updates = 1
 rl_kl_beta = 0.0
-rl_eval_problems = 100
+rl_eval_problems = 50
 rl_eval_samples = 8
-max_iters = 40
-eval_interval = 20
+max_iters = 30
+eval_interval = 15
 eval_iters = 2
 log_interval = 1
 warmup_iters = 0
+optimizer = "adamw"            # on every matrix: Muon's normalised steps would amplify noisy policy gradients
 lr_schedule = "constant"
 learning_rate = 1e-3
 min_lr = 1e-3

@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/cpu_demo}
-EVAL_LIMIT=${EVAL_LIMIT:-200}        # test problems evaluated per stage (8 samples each + one greedy)
+EVAL_LIMIT=${EVAL_LIMIT:-100}        # test problems evaluated per stage (8 samples each + one greedy)
 export TIKTOKEN_CACHE_DIR=${TIKTOKEN_CACHE_DIR:-../shared/tiktoken_cache}
 mkdir -p "$OUT"
 DATA="$OUT/data"
