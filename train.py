@@ -197,7 +197,7 @@ def check_rl_settings(config):
     at_least(config, 1, "rl_prompts", "rl_max_new_tokens", "rl_updates", "rl_eval_samples")
     at_least(config, 0, "rl_top_k", "rl_kl_beta", "rl_eval_problems", "rl_clip_eps", "rl_clip_eps_high")
     require(rl_temperature > 0, f"rl_temperature must be > 0 (sampling), got {rl_temperature}")
-    require(init_from != "scratch", "RL starts from a chat model: set --init_from to an SFT run (or ckpt.pt)")
+    require(init_from != "scratch" or dry_run, "RL starts from a chat model: set --init_from to an SFT run (or ckpt.pt)")
 
 
 def rl_settings(place):
