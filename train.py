@@ -134,7 +134,7 @@ rl_clip_eps = 0.2              # PPO ratio clip: rho in [1 - eps, 1 + eps_high] 
 rl_clip_eps_high = 0.0         # the upper clip; 0 = rl_clip_eps (DAPO's clip-higher: 0.28)
 rl_updates = 1                 # optimizer steps per sampled batch; 1 = strictly on-policy
 rl_kl_beta = 0.0               # weight of the k3 KL to the frozen starting model; 0 = no reference model
-rl_eval_split = "val"          # held-out problems for pass@1 / pass@k at each evaluation (data_root/<task>/<split>.jsonl)
+rl_eval_split = "val"          # held-out problems of pass@1 / pass@k at evaluations: data_root/<task>/<split>.jsonl
 rl_eval_problems = 100         # problems per evaluation; 0 = the whole split
 rl_eval_samples = 8            # completions per problem: pass@1 and pass@<this>
 # energy and CO2e (nanogpt/energy.py)
@@ -197,7 +197,8 @@ def check_rl_settings(config):
     at_least(config, 1, "rl_prompts", "rl_max_new_tokens", "rl_updates", "rl_eval_samples")
     at_least(config, 0, "rl_top_k", "rl_kl_beta", "rl_eval_problems", "rl_clip_eps", "rl_clip_eps_high")
     require(rl_temperature > 0, f"rl_temperature must be > 0 (sampling), got {rl_temperature}")
-    require(init_from != "scratch" or dry_run, "RL starts from a chat model: set --init_from to an SFT run (or ckpt.pt)")
+    require(init_from != "scratch" or dry_run, "RL starts from a chat model: set --init_from to an SFT run (or its "
+            "ckpt.pt)")
 
 
 def rl_settings(place):

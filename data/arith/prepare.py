@@ -7,7 +7,7 @@ post-training road (pretrain -> SFT -> RL) on a 2-core machine.
 Families (each question a templated story, each answer a worked solution ending in GSM8K's `#### N` line):
     add   "Ann has 3 pens. Ann gets 5 more pens. How many pens does Ann have now?"   -> "3 + 5 = 8\\n#### 8"
     sub   "Ben has 9 coins and gives 4 away. How many coins does Ben have left?"     -> "9 - 4 = 5\\n#### 5"
-    sum3  multi-step: three amounts added one step at a time                          -> "3 + 5 = 8\\n8 + 2 = 10\\n#### 10"
+    sum3  multi-step: three amounts added one step at a time              -> "3 + 5 = 8\\n8 + 2 = 10\\n#### 10"
 Operands have a number of digits drawn from --digits (`1`, or a range `1-2`); `sub` never goes below zero.
 
 Splits. Problems are drawn with a seeded generator, duplicates (the same question text) dropped, and the distinct

@@ -4,7 +4,7 @@ as GSM8K's test.jsonl: pass@1 and pass@k by sampling, and greedy accuracy, on th
 Protocol. A chat model (its tokenizer has the chat tokens) gets the question as one user turn and
 <|assistant_start|>, and its reply ends at <|assistant_end|>; a base model gets "Question: {question}\\nAnswer:" (the
 form of data/arith_text's pretraining text) and its reply ends at <|endoftext|>. Either way at most max_new_tokens.
-SAMPLES completions at temperature 1 over the whole vocabulary (the RL sampler's settings) give pass@1 and
+SAMPLES completions at temperature 1 from the TOP_K likeliest tokens (config/rl_arith.py's sampler) give pass@1 and
 pass@SAMPLES (the unbiased estimator of Chen et al. 2021); one greedy completion gives `greedy`. A reply is correct
 when its last '#### N' number equals the reference's (nanogpt/rl.py's verifier). Files: test.jsonl in data_dir
 (default data/arith), or data_dir/arith/test.jsonl. Sampling is seeded (fewshot_seed): a rerun gives the same numbers.
@@ -20,6 +20,7 @@ from nanogpt.tasks.common import find_local, task_result
 
 SAMPLES = 8
 TEMPERATURE = 1.0
+TOP_K = 20
 DEFAULT_DIR = "data/arith"
 
 
@@ -55,7 +56,7 @@ class ArithTask:
         args = (stop_id, scorer.tok.vocab_size, scorer.tok)
         with scorer.autocast:
             generator.manual_seed(settings.fewshot_seed)
-            sampled = solve_rates(model, prompts, references, SAMPLES, *args, TEMPERATURE, None,
+            sampled = solve_rates(model, prompts, references, SAMPLES, *args, TEMPERATURE, TOP_K,
                                   settings.max_new_tokens, generator)
             greedy = solve_rates(model, prompts, references, 1, *args, 0, None, settings.max_new_tokens, generator)
         records = [{"id": i, "family": p.get("family", ""), "correct_of_samples": c, "pass@1": pass_at_k(SAMPLES, c, 1),
@@ -63,7 +64,7 @@ class ArithTask:
                    for i, (p, c, g) in enumerate(zip(problems, sampled, greedy))]
         fmt = "chat" if has_chat(scorer.tok) else "plain 'Question:/Answer:' (a base model)"
         return task_result(self.name, 0, records, ("pass@1", f"pass@{SAMPLES}", "greedy"), start,
-                           [f"prompt format: {fmt}; {SAMPLES} samples at temperature {TEMPERATURE}"])
+                           [f"prompt format: {fmt}; {SAMPLES} samples at temperature {TEMPERATURE}, top-k {TOP_K}"])
 
 
 TASK = ArithTask()
