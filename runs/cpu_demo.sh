@@ -83,7 +83,7 @@ for stage, r in stages.items():
     lines.append(f"| {stage} | {r['pass@1']:.3f} | {r['pass@8']:.3f} | {r['greedy']:.3f} | {r['train']['wall_s']:.0f} "
                  f"| {r['train']['cpu_s']:.0f} | {r['eval']['wall_s']:.0f} |")
 lines += ["", f"RL adds {100 * report['rl_gain_pass@1']:+.1f} points of pass@1 over SFT "
-          f"({stages['rl']['test_problems']} test problems; pass@1 and pass@8 from 8 samples at temperature 1).",
+          f"({stages['rl']['test_problems']} test problems; pass@1 and pass@8 from 8 samples at temperature 1, top-k 20).",
           f"Total: {total['wall_s']:.0f} s wall, {total['cpu_s']:.0f} s CPU (user + system) on {os.cpu_count()} cores; "
           f"load average before {report['load_average_before']}, after {report['load_average_after']}.",
           "", "![reward over RL steps](reward.png)", ""]
