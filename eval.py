@@ -4,7 +4,8 @@ each with lm-evaluation-harness's (HumanEval: the original release's) protocol, 
 (nanogpt/scoring.py). MMLU's 5-shot runner is eval_mmlu.py; its mmlu.json joins the report card.
 
 Tasks: hellaswag, arc_easy, arc_challenge, winogrande, truthfulqa_mc1, truthfulqa_mc2, gsm8k, mmlu_cot, humaneval,
-crows_pairs, bbq, bpb.
+crows_pairs, bbq, bpb; and arith (data/arith/prepare.py's held-out test split: pass@1, pass@8, greedy; not part of
+'all').
 
     python eval.py --out_dir=out --tasks=hellaswag,arc_challenge,gsm8k
     python eval.py --out_dir=out --tasks=all --limit=200                    # every task (bpb when text_file is set)
@@ -65,7 +66,7 @@ def task_names(spec):
     """The tasks a --tasks value names ('all': every task, bpb only with a text_file)."""
     names = [n.strip() for n in spec.split(",") if n.strip()]
     if names == ["all"]:
-        return [n for n in TASKS if n != "bpb" or text_file]
+        return [n for n in TASKS if (n != "bpb" or text_file) and n != "arith"]  # arith: this repo's own task
     unknown = [n for n in names if n not in TASKS]
     require(names and not unknown, f"unknown tasks {unknown or [spec]}; choose from {', '.join(TASKS)} or 'all'")
     require("bpb" not in names or text_file, "bpb needs --text_file (a text file, or a dataset folder of val shards)")

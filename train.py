@@ -22,7 +22,7 @@ import torch
 
 from configurator import at_least, configure, given, require
 from model import GPTConfig
-from nanogpt import energy, lora, metrics, parallel, start
+from nanogpt import energy, lora, metrics, parallel, rl, start
 from nanogpt.checkpoint import has_checkpoint, load_sharded, save_run
 from nanogpt.distill import load_teacher
 from nanogpt.memory import dry_run_vocab_size, plan_for, print_dry_run
@@ -155,6 +155,23 @@ lora_experts = False           # also adapt the routed experts (MoE), one adapte
 teacher_from = ""              # the teacher: a run folder, ckpt.pt or hf:FOLDER with the data's tokenizer; '' = off
 distill_weight = 0.5           # loss = (1 - distill_weight) CE + distill_weight T^2 KL(teacher^T || student^T)
 distill_temperature = 2.0      # T: both models' logits divided by T before the KL
+# post-training: RL from verifiable rewards, the GRPO family (nanogpt/rl.py), from a chat (SFT) checkpoint
+rl_task = ""                   # '' = off; 'arith' or 'gsm8k': problems and answers from data_root/<task>/*.jsonl
+rl_reward: Literal[rl.REWARDS] = "answer"  # 1 for the right final '#### N'; 'answer_format': 0.1 if wrong but formed
+rl_prompts = 8                 # prompts per rank per step
+rl_group_size = 8              # completions sampled per prompt (GRPO's G; >= 2)
+rl_temperature = 1.0           # sampling temperature of the rollouts and of the pass@k evaluation
+rl_top_k = 0                   # sample from the top-k tokens; 0 = the whole vocabulary
+rl_max_new_tokens = 32         # a completion ends at <|assistant_end|> or after this many tokens
+rl_scale_rewards: Literal[rl.SCALE_REWARDS] = "group"  # advantages / std of the 'group', the 'batch', or 'none'
+rl_loss_type: Literal[rl.LOSS_TYPES] = "token"  # 'token' (DAPO), 'sequence' (GRPO) or 'dr_grpo' normalisation
+rl_clip_eps = 0.2              # PPO ratio clip: rho in [1 - eps, 1 + eps_high] (binds only with rl_updates > 1)
+rl_clip_eps_high = 0.0         # the upper clip; 0 = rl_clip_eps (DAPO's clip-higher: 0.28)
+rl_updates = 1                 # optimizer steps per sampled batch; 1 = strictly on-policy
+rl_kl_beta = 0.0               # weight of the k3 KL to the frozen starting model; 0 = no reference model
+rl_eval_split = "val"          # held-out problems of pass@1 / pass@k at evaluations: data_root/<task>/<split>.jsonl
+rl_eval_problems = 100         # problems per evaluation; 0 = the whole split
+rl_eval_samples = 8            # completions per problem: pass@1 and pass@<this>
 # energy and CO2e (nanogpt/energy.py)
 pue = energy.DEFAULT_PUE       # data-centre overhead (1.56: Uptime Institute Global Data Center Survey 2024)
 carbon_intensity_g_per_kwh = energy.DEFAULT_G_PER_KWH  # grid (366 g CO2/kWh: US utility-scale average 2023, EIA)
@@ -192,6 +209,8 @@ def check_settings(config):
             "need 0 <= distill_weight <= 1 and distill_temperature > 0")
     require(not teacher_from or os.path.exists(teacher_from.removeprefix("hf:")),
             f"teacher_from must be a run folder, ckpt.pt or hf:FOLDER; {teacher_from!r} does not exist")
+    if rl_task or explicit_rl_settings():
+        check_rl_settings(config)
     require(0 <= wsd_decay_frac <= 1, f"wsd_decay_frac must be in [0, 1], got {wsd_decay_frac}")
     require(learning_rate > 0 and 0 <= min_lr <= learning_rate,
             "need 0 < learning_rate and 0 <= min_lr <= learning_rate")
@@ -219,6 +238,30 @@ def check_settings(config):
         GPTConfig(**{f.name: config[f.name] for f in fields(GPTConfig) if f.name in config})
     except ValueError as e:
         require(False, str(e))
+
+
+def explicit_rl_settings():
+    return sorted(k for k in given() if k.startswith("rl_") and k != "rl_task")
+
+
+def check_rl_settings(config):
+    """RL's own checks: a task, a group to compare, a start with chat tokens (read_start checks the checkpoint)."""
+    require(rl_task, f"{', '.join(explicit_rl_settings())} only apply to RL: set rl_task ({', '.join(rl.TASKS)}) "
+            "or drop them")
+    require(rl_task in rl.TASKS, f"rl_task must be one of {', '.join(rl.TASKS)} (or '' for no RL), got {rl_task!r}")
+    require(rl_group_size >= 2, f"rl_group_size must be >= 2 (advantages compare the completions of one prompt), "
+            f"got {rl_group_size}")
+    at_least(config, 1, "rl_prompts", "rl_max_new_tokens", "rl_updates", "rl_eval_samples")
+    at_least(config, 0, "rl_top_k", "rl_kl_beta", "rl_eval_problems", "rl_clip_eps", "rl_clip_eps_high")
+    require(rl_temperature > 0, f"rl_temperature must be > 0 (sampling), got {rl_temperature}")
+    require(init_from != "scratch" or dry_run, "RL starts from a chat model: set --init_from to an SFT run (or its "
+            "ckpt.pt)")
+
+
+def rl_settings(place):
+    """What nanogpt/rl.py reads: the rl_* settings, the micro-batch (sequences per forward) and the world size."""
+    return {**{k: v for k, v in globals().items() if k.startswith("rl_")}, "micro_batch": batch_size,
+            "world_size": place.world_size, "seed": seed}
 
 
 def place_process():
@@ -273,7 +316,7 @@ def run_joules(meter, place, joules_before):
     return joules_before + sum_over_ranks(joules).item()
 
 
-def save(config, model, raw_model, opt, progress, val_loss, joules, train_loader, tokenizer, records, place):
+def save(config, model, raw_model, opt, progress, val_loss, joules, train_loader, tokenizer, records, place, kind):
     """This run's checkpoint: its weights and optimizer, and what resuming it needs (nanogpt/checkpoint.py)."""
     rng = {"torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state() if place.device_type == "cuda" else None}
@@ -281,7 +324,7 @@ def save(config, model, raw_model, opt, progress, val_loss, joules, train_loader
             "iter_num": progress.iter_num, "best_val_loss": progress.best_val_loss, "val_loss": val_loss,
             "train_seconds": progress.train_seconds, **records, "energy_joules": joules,
             "loader": train_loader.state_dict(), "tokenizer": tokenizer.spec, "rng": rng,
-            "objective": "dpo" if train_loader.pairs else "next_token"}
+            "objective": kind}
     save_run(out_dir, meta, model, raw_model, opt, place.mode, place.master, keep_checkpoints)  # LoRA: adapters only
 
 
@@ -333,7 +376,7 @@ def main():
             train_loader = PhasedLoader(train_loader, plan, accumulation, block_size, master)
     except (OSError, ValueError) as e:  # missing or corrupt shards, no tokenizer record: the message says what to do
         refuse(str(e))
-    kind = "dpo" if train_loader.pairs else "next_token"  # pretraining and SFT: next_token
+    kind = "rl" if rl_task else "dpo" if train_loader.pairs else "next_token"  # pretraining and SFT: next_token
     if kind != "dpo" and explicit & set(start.DPO_SETTINGS):
         refuse(f"config error: {', '.join(sorted(explicit & set(start.DPO_SETTINGS)))} only apply to preference "
                f"pairs (DPO), and {datasets or dataset} holds none: drop them")
@@ -342,6 +385,13 @@ def main():
     if not teacher_from and explicit & {"distill_weight", "distill_temperature"}:
         refuse("config error: distill_weight and distill_temperature only apply with a teacher: set --teacher_from")
     eval_starts = {split: loader.state_dict() for split, loader in eval_loaders.items()}  # rewound to at every eval
+    if kind == "rl":  # the task's problems as prompts replace the training rows (the shards' losses are evaluated)
+        try:
+            rl_eval_set = rl.task_problems(data_root, rl_task, rl_eval_split)[:rl_eval_problems or None]
+            train_loader = rl.PromptStream(rl.task_problems(data_root, rl_task, "train"), rl_prompts, place.rank,
+                                           place.world_size, seed, place.device)
+        except (OSError, ValueError) as e:
+            refuse(str(e))
 
     # model: from scratch, resumed, or a new phase's weights (nanogpt/start.py); DPO's frozen reference beside it
     try:
@@ -360,7 +410,7 @@ def main():
         reference_from = checkpoint.get("reference_from", "scratch") if init_from == "resume" else init_from
         resumed = checkpoint if init_from == "resume" else None  # its reference must be the one it started from
         reference = (start.reference_model(config, explicit, vocab_size, place, tokenizer, reference_from, resumed)
-                     if train_loader.pairs else None)
+                     if train_loader.pairs or (kind == "rl" and rl_kl_beta > 0) else None)
         reference_id = getattr(reference, "identity", {"reference_from": reference_from})
     except (OSError, RuntimeError, ValueError) as e:  # the message says which file and what to do
         refuse(str(e))
@@ -406,9 +456,11 @@ def main():
         return mtp_weight_late if 0 < mtp_weight_switch <= progress.iter_num else mtp_weight
     distill = dict(teacher=teacher, head=raw_model.lm_head, softcap=raw_model.config.logit_softcap,
                    weight=distill_weight, temperature=distill_temperature, vocab=tokenizer.vocab_size)
-    kind = "distill" if teacher is not None else kind  # the data stays next-token (saved as such)
-    objective = make_objective(kind, model, accumulation, reference, dpo_beta, dpo_label_smoothing, dpo_ipo, distill,
-                               mtp_lambda)
+    saved_kind = kind  # the checkpoint records the data's objective (distillation trains on next-token data)
+    kind = "distill" if teacher is not None else kind
+    objective = make_objective("next_token" if kind == "rl" else kind, model, accumulation, reference, dpo_beta,
+                               dpo_label_smoothing, dpo_ipo, distill, mtp_lambda)
+    rl_run = rl.RLRun(rl_settings(place), tokenizer, raw_model, reference) if kind == "rl" else None
     flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
     peak = (peak_flops or device_peak_flops(place.device)) * place.world_size
 
@@ -428,6 +480,10 @@ def main():
             if eval_tasks:  # logged beside the val loss as val_<task>/<metric>, and val_tasks_seconds
                 evaluated["val"].update(in_training.metrics_or_stop(raw_model, tokenizer, in_training.check_names(
                     eval_tasks), eval_task_limit, eval_task_data_dir, place, autocast))
+            if kind == "rl":  # pass@1 and pass@k of the policy on held-out problems
+                with autocast:
+                    evaluated["val"].update(rl.evaluate_pass(raw_model, tokenizer, rl_eval_set, rl_run.s,
+                                                             place.rank, place.world_size))
             joules = run_joules(meter, place, progress.joules_before)
             losses = {split: m["loss"] for split, m in evaluated.items()}
             if master:
@@ -443,7 +499,7 @@ def main():
             if progress.iter_num > 0 and (losses["val"] < progress.best_val_loss or always_save_checkpoint):
                 progress.best_val_loss = min(progress.best_val_loss, losses["val"])
                 save(config, model, raw_model, opt, progress, losses["val"], joules, train_loader, tokenizer,
-                     dict(reference_id, **lora_id, **teacher_id), place)
+                     dict(reference_id, **lora_id, **teacher_id), place, saved_kind)
             if eval_only or reached:
                 break
             t_train = time.time()
@@ -451,21 +507,29 @@ def main():
         if progress.iter_num >= max_iters:
             break
 
-        batches = [next_batch(train_loader, place) for _ in range(accumulation)]
-        weight, trained_tokens = batch_weights(kind, batches, place.world_size)
-        step_metrics = {}
-        for micro_step, batch in enumerate(batches):
-            with gradient_sync(model, micro_step == accumulation - 1), autocast:
-                loss, batch_metrics = objective(batch, weight)
-            scaler.scale(loss).backward()
-            for k, v in batch_metrics.items():
-                step_metrics[k] = step_metrics.get(k, 0.0) + v * weight
-        if grad_clip:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        def optimizer_step():
+            if grad_clip:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+
+        if kind == "rl":  # rollouts, rewards, advantages and rl_updates optimizer steps (nanogpt/rl.py)
+            step_metrics = rl_run.step(model, train_loader.next_problems(), train_loader.generator, optimizer_step,
+                                       autocast)
+            weight, trained_tokens = 1.0, None
+        else:
+            batches = [next_batch(train_loader, place) for _ in range(accumulation)]
+            weight, trained_tokens = batch_weights(kind, batches, place.world_size)
+            step_metrics = {}
+            for micro_step, batch in enumerate(batches):
+                with gradient_sync(model, micro_step == accumulation - 1), autocast:
+                    loss, batch_metrics = objective(batch, weight)
+                scaler.scale(loss).backward()
+                for k, v in batch_metrics.items():
+                    step_metrics[k] = step_metrics.get(k, 0.0) + v * weight
+            optimizer_step()
         loads = raw_model.expert_loads()  # MoE only: expert biases follow the step's loads over every rank
         imbalance = raw_model.update_expert_biases(sum_over_ranks(loads)) if loads is not None else None
         cut_xla_graph(place.device)
@@ -485,7 +549,7 @@ def main():
                     logged["trained_tokens"] = int(trained_tokens.item())
                 compilations = parallel.xla_compilations() if place.device_type == "xla" else None
                 metrics.log_train(out_dir, progress.iter_num, loss_value, logged, lr, dt, tokens_per_iter,
-                                  flops_per_iter / dt / peak if peak else None, joules, pue,
+                                  flops_per_iter / dt / peak if peak and kind != "rl" else None, joules, pue,
                                   carbon_intensity_g_per_kwh, imbalance.item() if imbalance is not None else None,
                                   train_loader.mixture(), compilations)
 

@@ -36,7 +36,7 @@ from nanogpt.memory import advice, fits, format_plan, plan_for
 from nanogpt.optim import load_optimizer_state
 from nanogpt.parallel import barrier, shard_fsdp2
 from nanogpt.posttrain import adapt_checkpoint
-from nanogpt.tokenizer import Tokenizer, dataset_tokenizer, model_vocab_size
+from nanogpt.tokenizer import CHAT_TOKENS, Tokenizer, dataset_tokenizer, model_vocab_size
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AUTO_PREPARED = ("shakespeare_char", "shakespeare")  # small enough to prepare unasked; others print their command
@@ -142,10 +142,15 @@ def resume_path(out_dir, mode):
     return steps[-1]
 
 
-def read_phase_start(path, tokenizer, master):
+def read_phase_start(path, tokenizer, master, need_chat=False):
     """A checkpoint to start a new phase from (weights only), adapted to the data's tokenizer: rows for special
-    tokens new to it (chat fine-tuning of a base model) start at the mean embedding, and the run says so."""
-    checkpoint, note = adapt_checkpoint(read_checkpoint(path), tokenizer.spec, model_vocab_size(tokenizer))
+    tokens new to it (chat fine-tuning of a base model) start at the mean embedding, and the run says so.
+    need_chat (RL): a checkpoint that never learned the chat tokens (a base model) is refused."""
+    checkpoint = read_checkpoint(path)
+    if need_chat and not set(CHAT_TOKENS) <= checkpoint.get("tokenizer", {}).get("special", {}).keys():
+        raise ValueError(f"{path} was trained without the chat tokens (a base model): RL samples chat replies, so "
+                         "fine-tune it first (SFT, e.g. config/sft_arith.py) and start RL from that run")
+    checkpoint, note = adapt_checkpoint(checkpoint, tokenizer.spec, model_vocab_size(tokenizer))
     if note and master:
         print(f"{path}: {note}")
     return checkpoint
@@ -154,9 +159,9 @@ def read_phase_start(path, tokenizer, master):
 def read_start(init_from, resume_from, mode, tokenizer, master, objective):
     """The checkpoint dict the run starts from, or None for scratch. A sharded run's meta.pt holds all but the
     weights and optimizer (they load after the model is sharded: load_sharded). A resume keeps its objective
-    ('next_token' or 'dpo'): other data would turn the run into another one."""
+    ('next_token', 'dpo' or 'rl'): other data would turn the run into another one."""
     if init_from not in ("scratch", "resume"):
-        return read_phase_start(init_from, tokenizer, master)
+        return read_phase_start(init_from, tokenizer, master, need_chat=objective == "rl")
     if init_from == "scratch":
         return None
     if mode == "fsdp":
