@@ -23,7 +23,7 @@ import torch
 from configurator import at_least, configure, given, require
 from model import GPTConfig
 from nanogpt import energy, lora, metrics, parallel, rl, start
-from nanogpt.checkpoint import has_checkpoint, load_sharded, save_run
+from nanogpt.checkpoint import has_checkpoint, load_sharded, read_lora_base, save_run
 from nanogpt.distill import load_teacher
 from nanogpt.memory import dry_run_vocab_size, plan_for, print_dry_run
 from nanogpt.objectives import batch_weights, evaluate, make_objective
@@ -399,10 +399,10 @@ def main():
         checkpoint = start.read_start(init_from, resume_from, place.mode, tokenizer, master, kind)
         vocab_size = checkpoint["model_args"]["vocab_size"] if checkpoint else model_vocab_size(tokenizer)
         adapters = checkpoint if init_from == "resume" and checkpoint and "lora" in checkpoint else None
-        base = lora.read_base(adapters, resume_from) if adapters else checkpoint  # a LoRA run resumes on its base
+        base = read_lora_base(adapters, resume_from) if adapters else checkpoint  # a LoRA run resumes on its base
         model = start.build_model(config, explicit, vocab_size, place, base)
         full_state = state_bytes(optimizer, model, muon_normalize)  # what full fine-tuning's optimizer would keep
-        adapted, lora_id = lora.start_adapters(model, config, init_from, base, adapters) if lora_rank or adapters \
+        adapted, lora_id = start.start_adapters(model, config, init_from, base, adapters) if lora_rank or adapters \
             else ([], {})
         recorded = checkpoint.get("teacher_fingerprint") if init_from == "resume" else None
         teacher, teacher_id = (load_teacher(teacher_from, tokenizer, block_size, place.device, recorded)

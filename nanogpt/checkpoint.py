@@ -6,6 +6,7 @@ Names follow one rule across the library: `read_*` returns plain data read from 
 tensors, rows), `load_*` returns live objects or fills them (a model, a scorer, an optimizer's state), and
 `X_from_Y` builds one thing from another in memory."""
 import errno
+import hashlib
 import os
 import pickle
 import re
@@ -16,7 +17,9 @@ from dataclasses import asdict
 import torch
 
 from model import GPT, GPTConfig, layer_plan
+from nanogpt import lora
 from nanogpt.files import atomic_path
+from nanogpt.posttrain import adapt_checkpoint
 from nanogpt.tokenizer import GPT2_VOCAB_SIZE, VOCAB_MULTIPLE, Tokenizer
 
 # model_args keys that older checkpoints saved but that are not part of the architecture (the attention kernel is
@@ -177,8 +180,7 @@ def read_checkpoint(source, quantized_ok=False):
         source = os.path.join(source, "ckpt.pt")
     ckpt = read_checkpoint_file(source, quantized_ok=quantized_ok)
     if "lora" in ckpt:  # a LoRA run's adapters: merged into its base's weights (nanogpt/lora.py)
-        from nanogpt.lora import merged_checkpoint
-        return merged_checkpoint(ckpt, source)
+        return merged_lora_checkpoint(ckpt, source)
     return ckpt
 
 
@@ -290,8 +292,7 @@ def save_run(out_dir, meta, model, raw_model, optimizer, mode, master, keep=2):
         try:
             weights = raw_model.state_dict()
             if getattr(raw_model, "lora", None):  # a LoRA run saves its adapters only (nanogpt/lora.py)
-                from nanogpt.lora import adapter_state
-                weights = adapter_state(raw_model)
+                weights = lora.adapter_state(raw_model)
             save_checkpoint(to_cpu(dict(meta, model=weights, optimizer=optimizer.state_dict())),
                             os.path.join(out_dir, "ckpt.pt"))
         except OSError as e:
@@ -331,3 +332,42 @@ def consolidate_newest(out_dir):
     save_checkpoint(consolidate(dirs[-1]), os.path.join(out_dir, "ckpt.pt"))
     return dirs[-1]
 
+
+# ---------------------------------------------------------------------------------- weights and LoRA runs
+
+def weights_fingerprint(state):
+    """sha256 over a state dict's names, dtypes, shapes and bytes: the identity of a set of weights."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def read_lora_base(ckpt, source="checkpoint"):
+    """The checkpoint dict of the base model an adapter checkpoint points to, adapted to the tokenizer the adapters
+    were trained with (new chat-token rows, as the run started), its fingerprint checked."""
+    path = ckpt["lora_base"]
+    try:
+        base = read_checkpoint(path)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{source} holds LoRA adapters of the base model {path}, which cannot be read ({e}): put "
+                         "the base back there") from None
+    base, _ = adapt_checkpoint(base, ckpt["tokenizer"], ckpt["model_args"]["vocab_size"])
+    if weights_fingerprint(clean_state_dict(base["model"])) != ckpt["lora_base_fingerprint"]:
+        raise ValueError(f"{source} holds LoRA adapters of {path}, but the weights there are not the ones they were "
+                         "trained on (their sha256 differs): restore that base model")
+    return base
+
+
+def merged_lora_checkpoint(ckpt, source="checkpoint"):
+    """An adapter checkpoint as an ordinary one: the base's weights with the adapters folded in, the run's other
+    records kept (not its optimizer, data position or RNG: a merged model starts new phases, it does not resume)."""
+    model = model_from_checkpoint(read_lora_base(ckpt, source), ckpt["lora_base"])
+    spec = ckpt["lora"]
+    lora.attach(model, spec["rank"], spec["alpha"], 0.0, spec["targets"], spec["experts"])
+    lora.load_adapter_state(model, ckpt["model"])
+    dropped = ("optimizer", "loader", "rng", "lora", "lora_base", "lora_base_fingerprint")
+    return dict({k: v for k, v in ckpt.items() if k not in dropped}, model=lora.merge(model).state_dict(),
+                merged_from={"adapters": source, "base": ckpt["lora_base"]})

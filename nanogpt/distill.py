@@ -81,8 +81,8 @@ def load_teacher(source, tokenizer, block_size, device, recorded_fingerprint=Non
         model_from_checkpoint,
         read_checkpoint,
         tokenizer_spec,
+        weights_fingerprint,
     )
-    from nanogpt.start import weights_fingerprint
     from nanogpt.tokenizer import Tokenizer
     ckpt = read_checkpoint(source)
     spec = tokenizer_spec(ckpt, source)

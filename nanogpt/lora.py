@@ -16,7 +16,7 @@ to the linear layers only.
 
 The checkpoint of a LoRA run holds the adapters and the model's buffers (an MoE layer's routing bias keeps adapting
 while its experts are frozen), `lora` (rank, alpha, targets, experts) and a pointer to the base: `lora_base`, the
-checkpoint it started from, and `lora_base_fingerprint`, the sha256 of the base weights (nanogpt/start.py
+checkpoint it started from, and `lora_base_fingerprint`, the sha256 of the base weights (nanogpt/checkpoint.py
 weights_fingerprint). `checkpoint.read_checkpoint` returns such a checkpoint with the adapters merged into the base's
 weights, so sample.py, chat.py, the evaluations, tools/export_hf.py and new phases see an ordinary model;
 `python tools/merge.py --method=lora --models=out-lora` writes the merged ckpt.pt.
@@ -192,39 +192,7 @@ def optimizer_state_bytes(optimizer):
                if torch.is_tensor(t))
 
 
-# ------------------------------------------------------------------------------------ the base, runs, checkpoints
-
-def read_base(ckpt, source="checkpoint"):
-    """The checkpoint dict of the base model an adapter checkpoint points to, adapted to the tokenizer the adapters
-    were trained with (new chat-token rows, as the run started), its fingerprint checked."""
-    from nanogpt.checkpoint import clean_state_dict, read_checkpoint
-    from nanogpt.posttrain import adapt_checkpoint
-    from nanogpt.start import weights_fingerprint
-    path = ckpt["lora_base"]
-    try:
-        base = read_checkpoint(path)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise ValueError(f"{source} holds LoRA adapters of the base model {path}, which cannot be read ({e}): put "
-                         "the base back there") from None
-    base, _ = adapt_checkpoint(base, ckpt["tokenizer"], ckpt["model_args"]["vocab_size"])
-    if weights_fingerprint(clean_state_dict(base["model"])) != ckpt["lora_base_fingerprint"]:
-        raise ValueError(f"{source} holds LoRA adapters of {path}, but the weights there are not the ones they were "
-                         "trained on (their sha256 differs): restore that base model")
-    return base
-
-
-def merged_checkpoint(ckpt, source="checkpoint"):
-    """An adapter checkpoint as an ordinary one: the base's weights with the adapters folded in, the run's other
-    records kept (not its optimizer, data position or RNG: a merged model starts new phases, it does not resume)."""
-    from nanogpt.checkpoint import model_from_checkpoint
-    model = model_from_checkpoint(read_base(ckpt, source), ckpt["lora_base"])
-    spec = ckpt["lora"]
-    attach(model, spec["rank"], spec["alpha"], 0.0, spec["targets"], spec["experts"])
-    load_adapter_state(model, ckpt["model"])
-    dropped = ("optimizer", "loader", "rng", "lora", "lora_base", "lora_base_fingerprint")
-    return dict({k: v for k, v in ckpt.items() if k not in dropped}, model=merge(model).state_dict(),
-                merged_from={"adapters": source, "base": ckpt["lora_base"]})
-
+# ------------------------------------------------------------------------------------------- settings
 
 def spec_of(config):
     return {"rank": config["lora_rank"], "alpha": config["lora_alpha"], "targets": config["lora_targets"],
@@ -236,27 +204,3 @@ def source_path(init_from):
     if init_from.startswith("hf:"):
         return "hf:" + os.path.abspath(init_from[3:])
     return os.path.abspath(init_from)
-
-
-def start_adapters(model, config, init_from, base, resumed=None):
-    """Attach the run's adapters to `model` (holding the base weights `base`, a checkpoint dict): fresh ones for a
-    new phase from init_from, or a resumed run's own (its spec must be this run's). Returns (names adapted, the
-    records saved with every checkpoint: spec, base path and fingerprint)."""
-    from nanogpt.checkpoint import clean_state_dict
-    from nanogpt.start import weights_fingerprint
-    spec = spec_of(config)
-    if resumed is not None:
-        saved = {k: resumed["lora"][k] for k in SPEC_KEYS}
-        if saved != spec:
-            differ = {k: (saved[k], spec[k]) for k in SPEC_KEYS if saved[k] != spec[k]}
-            raise ValueError(f"config error: the run being resumed trains other LoRA adapters (checkpoint, setting): "
-                             f"{differ}; set its values")
-        identity = {"lora_base": resumed["lora_base"], "lora_base_fingerprint": resumed["lora_base_fingerprint"]}
-    else:
-        identity = {"lora_base": source_path(init_from),
-                    "lora_base_fingerprint": weights_fingerprint(clean_state_dict(base["model"]))}
-    names = attach(model, spec["rank"], spec["alpha"], config["lora_dropout"], spec["targets"], spec["experts"],
-                   seed=config["seed"])
-    if resumed is not None:
-        load_adapter_state(model, resumed["model"])
-    return names, dict(identity, lora=dict(spec, dropout=config["lora_dropout"]))

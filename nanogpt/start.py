@@ -9,7 +9,6 @@
 Errors are ValueError / OSError / RuntimeError with a message that says what to do; train.py prints it and stops.
 """
 import fcntl
-import hashlib
 import os
 import shutil
 import subprocess
@@ -19,7 +18,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from model import GPT, GPTConfig
-from nanogpt import metrics
+from nanogpt import lora, metrics
 from nanogpt.checkpoint import (
     architecture_for,
     check_compatible,
@@ -30,6 +29,7 @@ from nanogpt.checkpoint import (
     read_state,
     remove_stale_writes,
     step_dirs,
+    weights_fingerprint,
 )
 from nanogpt.loader import BatchLoader, PrefixLoader
 from nanogpt.memory import advice, fits, format_plan, plan_for
@@ -227,16 +227,6 @@ def build_model(config, explicit, vocab_size, place, checkpoint=None):
     return model
 
 
-def weights_fingerprint(state):
-    """sha256 over a state dict's names, dtypes, shapes and bytes: the identity of a set of weights."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def reference_model(config, explicit, vocab_size, place, tokenizer, reference_from, resumed=None):
     """DPO's frozen model: the phase's starting point (for a resumed run, the one its checkpoint names), with its
     weights' fingerprint. A resumed run whose reference was replaced since it started is refused."""
@@ -283,3 +273,25 @@ def resume(state, resume_from, opt, train_loader, place, out_dir):
         metrics.keep_until(out_dir, state["iter_num"])  # drop what the interrupted run logged after its checkpoint
     return Progress(state["iter_num"], state["best_val_loss"], state.get("train_seconds", 0.0),
                     state.get("energy_joules", 0.0))
+
+
+def start_adapters(model, config, init_from, base, resumed=None):
+    """Attach the run's adapters to `model` (holding the base weights `base`, a checkpoint dict): fresh ones for a
+    new phase from init_from, or a resumed run's own (its spec must be this run's). Returns (names adapted, the
+    records saved with every checkpoint: spec, base path and fingerprint)."""
+    spec = lora.spec_of(config)
+    if resumed is not None:
+        saved = {k: resumed["lora"][k] for k in lora.SPEC_KEYS}
+        if saved != spec:
+            differ = {k: (saved[k], spec[k]) for k in lora.SPEC_KEYS if saved[k] != spec[k]}
+            raise ValueError(f"config error: the run being resumed trains other LoRA adapters (checkpoint, setting): "
+                             f"{differ}; set its values")
+        identity = {"lora_base": resumed["lora_base"], "lora_base_fingerprint": resumed["lora_base_fingerprint"]}
+    else:
+        identity = {"lora_base": lora.source_path(init_from),
+                    "lora_base_fingerprint": weights_fingerprint(clean_state_dict(base["model"]))}
+    names = lora.attach(model, spec["rank"], spec["alpha"], config["lora_dropout"], spec["targets"], spec["experts"],
+                   seed=config["seed"])
+    if resumed is not None:
+        lora.load_adapter_state(model, resumed["model"])
+    return names, dict(identity, lora=dict(spec, dropout=config["lora_dropout"]))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from nanogpt import lora
+from nanogpt import checkpoint, lora
 from nanogpt.checkpoint import (
     load_model,
     model_from_checkpoint,
@@ -182,7 +182,7 @@ def test_lora_checkpoint_loads_merged_and_merge_tool(runs):
     changed["model"]["norm.weight"] = changed["model"]["norm.weight"] + 1
     save_checkpoint(changed, str(tmp / "changed.pt"))
     with pytest.raises(ValueError, match="not the ones they were trained on"):
-        lora.merged_checkpoint(dict(ckpt, lora_base=str(tmp / "changed.pt")), "adapters")
+        checkpoint.merged_lora_checkpoint(dict(ckpt, lora_base=str(tmp / "changed.pt")), "adapters")
 
 
 def test_lora_under_ddp_matches_one_process(runs):

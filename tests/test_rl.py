@@ -145,11 +145,21 @@ def answer_tokens(tok):
     return hashes[0], five[0], six[0], end
 
 
+def success_rate(model, tok, seed, samples=512):
+    """The policy's chance of a final '#### 5', from `samples` fresh completions (standard error about 0.02)."""
+    model.eval()
+    correct = rl.solve_rates(model, [rl.prompt_ids(tok, "q")], ["#### 5"], samples, answer_tokens(tok)[3],
+                             tok.vocab_size, tok, 1.0, None, 3, torch.Generator().manual_seed(seed + 1))
+    model.train()
+    return correct[0] / samples
+
+
 @pytest.mark.parametrize("loss_type,updates", [("token", 1), ("sequence", 2)])
 def test_rl_raises_the_reward_of_a_tiny_policy(seed, loss_type, updates):
     """Replies over {'####', ' 5', ' 6', <|assistant_end|>}: reward 1 for a final '#### 5' (about a fifth of the
     samples at first). Only the head trains (SGD), so the policy is one distribution over those tokens at every
-    position, whose best reward is about one half; 20 RL steps must lift the reward clearly above its start."""
+    position, whose best reward is about one half; 20 RL steps must lift its success rate, measured on 512 fresh
+    samples before and after (the steps' own 32-sample rewards are too noisy to compare), clearly above its start."""
     tok = tokenizer()
     model = biased_policy(tok, list(answer_tokens(tok)), seed)
     run = rl.RLRun(settings(rl_loss_type=loss_type, rl_updates=updates), tok, model)
@@ -159,11 +169,12 @@ def test_rl_raises_the_reward_of_a_tiny_policy(seed, loss_type, updates):
     def optimizer_step():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    before = success_rate(model, tok, seed)
     generator = torch.Generator().manual_seed(seed)
     rewards = [run.step(model, problems, generator, optimizer_step, torch.autocast("cpu", enabled=False))["reward"]
                .item() for _ in range(20)]
-    before, after = sum(rewards[:3]) / 3, sum(rewards[-5:]) / 5
-    assert before < 0.35 and after > before + 0.12, rewards
+    after = success_rate(model, tok, seed)
+    assert before < 0.35 and after > before + 0.1, (before, after, rewards)
 
 
 def test_sampling_stops_at_the_end_token_and_is_reproducible(seed):
@@ -238,8 +249,9 @@ def update_grads(model, policy, reference, world_size, rank, loss_type, scale, m
 
 def models(seed):
     tok = tokenizer()
-    return (biased_policy(tok, list(answer_tokens(tok)), seed),
-            biased_policy(tok, list(answer_tokens(tok)), seed + 1).requires_grad_(False))
+    # float64: a gradient here can be a small difference of large terms, whose float32 rounding depends on threads
+    return (biased_policy(tok, list(answer_tokens(tok)), seed).double(),
+            biased_policy(tok, list(answer_tokens(tok)), seed + 1).double().requires_grad_(False))
 
 
 def ddp_worker(rank, store, seed, results):
@@ -263,4 +275,5 @@ def test_two_rank_gradient_equals_one_process(tmp_path, seed):
         for rank in range(2):
             ranked = torch.load(tmp_path / f"rank{rank}.pt")[i]
             for name, g in grads.items():
-                torch.testing.assert_close(ranked[name], g, rtol=1e-4, atol=1e-6, msg=f"{case}: {name}, rank {rank}")
+                torch.testing.assert_close(ranked[name], g, rtol=1e-4, atol=1e-6,
+                                           msg=lambda m: f"{case}: {name}, rank {rank}: {m}")
