@@ -1008,7 +1008,7 @@ class GPT(nn.Module):
         last-block output for tokens[:, :-1] (1, T - 1, n_embd). Depth k at position i reads token
         i + k: here the tokens themselves, then the guesses so far."""
         n = tokens.size(1) - 1
-        cos, sin = rope_tables(0, n, self.config.head_dim, self.config.rope_theta, tokens.device)
+        cos, sin = rope_tables(0, n, self.config.rope_dim, self.config.rope_theta, tokens.device)
         h, seq = last, tokens
         for module in self.mtp:
             h, _ = module(h, self.wte(seq[:, -n:]), cos, sin)

@@ -15,7 +15,7 @@ def tiny(**kw):
 
 
 def tables(model, length):
-    return rope_tables(0, length, model.config.head_dim, model.config.rope_theta, "cpu")
+    return rope_tables(0, length, model.config.rope_dim, model.config.rope_theta, "cpu")
 
 
 def test_each_depth_reads_and_predicts_the_right_tokens():
@@ -134,6 +134,14 @@ def test_speculative_decoding_gives_greedy_tokens_whatever_the_drafts(seed, monk
     steps = list(run(40))
     assert torch.equal(torch.cat([prompt] + [s for s, _ in steps], dim=1), reference)
     assert all(ok == min(n, 1) for _, (ok, n) in steps)
+
+
+def test_mla_model_drafts_and_decodes_greedily(seed):
+    """MTP over multi-head latent attention: RoPE covers only MLA's rope part, in the drafts too."""
+    model = GPT(tiny(mtp_depth=2, kv_lora_rank=8, qk_norm=False)).double().eval()
+    prompt = torch.randint(0, 13, (1, 4))
+    steps = list(model.generate_speculative(prompt, 30))
+    assert torch.equal(torch.cat([prompt] + [s for s, _ in steps], dim=1), model.generate(prompt, 30, temperature=0))
 
 
 def test_bad_settings_get_one_line(tmp_path):
