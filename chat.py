@@ -19,7 +19,7 @@ import torch
 from configurator import at_least, configure, require
 from nanogpt.chat_format import chat_tokens, render_prompt
 from nanogpt.runtime import ATTN_IMPLS, DTYPE_SETTINGS, load_for_inference
-from nanogpt.sampling import TextStream, params_from_settings
+from nanogpt.sampling import TextStream, params_from_settings, sampler
 
 out_dir = "out-sft"            # the chat model (ckpt.pt, or a sharded run's newest step_N/)
 prompt = ""                    # answer this one message and exit; '' = an interactive chat
@@ -64,8 +64,8 @@ def end_of_reply_token(tokenizer):
 def reply_tokens(model, tokenizer, context, device, params):
     """Reply tokens after the ids `context`, one at a time, until <|assistant_end|> or max_tokens."""
     end_of_reply = end_of_reply_token(tokenizer)
-    for token in model.generate_tokens(torch.tensor([context], device=device), params.max_tokens, params=params,
-                                       vocab_limit=tokenizer.vocab_size):
+    for token in model.generate_tokens(torch.tensor([context], device=device), params.max_tokens,
+                                       sampler(params, 1, device), vocab_limit=tokenizer.vocab_size):
         if token.item() == end_of_reply:
             return
         yield token.item()

@@ -772,15 +772,6 @@ class LMHead(nn.Linear):
                           for i in range(0, len(x), chunk_rows)])
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Next tokens (B, 1) from last-position logits (B, V): greedy at temperature 0, else top-k /
-    nucleus sampling (nanogpt/sampling.py, where every sampling setting lives)."""
-    from nanogpt.sampling import SamplingParams, next_tokens
-    params = SamplingParams(temperature=temperature, top_k=top_k or 0,
-                            top_p=1.0 if top_p is None else top_p)
-    return next_tokens(logits, params, generators=generator)[:, None]
-
-
 # -------------------------------------------------------------------------------------------- model
 
 class GPT(nn.Module):
@@ -970,22 +961,13 @@ class GPT(nn.Module):
     # ----------------------------------------------------------------------------------- generation
 
     @torch.no_grad()
-    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        generator=None, vocab_limit=None, params=None):
-        """Yield the next tokens (B, 1) after idx (B, T), one step at a time, sampled with the KV
-        cache. Past block_size the cache is rebuilt from the last 3/4 block of the context.
-        vocab_limit: ids from here on (a padded vocabulary's spare rows) are never sampled.
-        params: a nanogpt.sampling.SamplingParams (or one per row) in place of temperature / top_k /
-        top_p, with its penalties counted over the tokens generated here; generator: one for all
-        rows or one per row (default: each row's params.seed, else the global RNG)."""
-        from nanogpt.sampling import SamplingParams, next_tokens
-        if params is None:
-            params = SamplingParams(temperature=temperature, top_k=top_k or 0,
-                                    top_p=1.0 if top_p is None else top_p)
-        rows = params if isinstance(params, (list, tuple)) else [params] * idx.size(0)
-        if generator is None and any(p.seed is not None for p in rows):
-            generator = [p.generator(idx.device) for p in rows]
-        block, cache, generated = self.config.block_size, None, [[] for _ in rows]
+    def generate_tokens(self, idx, max_new_tokens, sample=None, vocab_limit=None):
+        """Yield the next tokens (B, 1) after idx (B, T), one step at a time, with the KV cache. Past
+        block_size the cache is rebuilt from the last 3/4 block of the context. sample: (logits
+        (B, V), each row's tokens generated so far) -> (B,) next tokens (nanogpt/sampling.py's
+        sampler() makes one from any sampling settings); None: greedy. vocab_limit: ids from here
+        on (a padded vocabulary's spare rows) are never sampled."""
+        block, cache, generated = self.config.block_size, None, [[] for _ in range(idx.size(0))]
         for _ in range(max_new_tokens):
             if cache is None or cache.pos >= block:
                 keep = block if cache is None else block * 3 // 4
@@ -996,7 +978,7 @@ class GPT(nn.Module):
             logits = self.logits(h[:, -1])
             if vocab_limit is not None:
                 logits[:, vocab_limit:] = float("-inf")
-            token = next_tokens(logits, params, generated, generator)[:, None]
+            token = (logits.argmax(-1) if sample is None else sample(logits, generated))[:, None]
             for row, t in zip(generated, token[:, 0].tolist()):
                 row.append(t)
             idx = torch.cat((idx, token), dim=1)
@@ -1047,6 +1029,6 @@ class GPT(nn.Module):
             drafts = self.mtp_drafts(last[:, :kept],
                                      torch.cat((seq[:, :kept], step[:, -1:]), dim=1))
 
-    def generate(self, idx, max_new_tokens, **sampling):
-        """idx (B, T) followed by max_new_tokens sampled tokens (generate_tokens' settings)."""
-        return torch.cat([idx, *self.generate_tokens(idx, max_new_tokens, **sampling)], dim=1)
+    def generate(self, idx, max_new_tokens, sample=None, vocab_limit=None):
+        """idx (B, T) followed by max_new_tokens tokens (generate_tokens' settings; greedy by default)."""
+        return torch.cat([idx, *self.generate_tokens(idx, max_new_tokens, sample, vocab_limit)], dim=1)

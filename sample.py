@@ -16,7 +16,7 @@ from configurator import at_least, configure, require
 from model import KVCache
 from nanogpt.files import FileFormatError, read_text
 from nanogpt.runtime import ATTN_IMPLS, DTYPE_SETTINGS, load_for_inference
-from nanogpt.sampling import first_stop, params_from_settings
+from nanogpt.sampling import first_stop, params_from_settings, sampler
 
 out_dir = "out"                # the checkpoint to sample (ckpt.pt, or a sharded run's newest step_N/)
 start = "\n"                   # prompt text, or FILE:path to read it from a file
@@ -68,7 +68,8 @@ def sampling_params(config):
 def generate(model, x, params, tokenizer):
     """The sampled ids of each row of x; with stop strings, until every row holds one."""
     rows = [[] for _ in range(x.size(0))]
-    for token in model.generate_tokens(x, params.max_tokens, params=params, vocab_limit=tokenizer.vocab_size):
+    sample = sampler(params, x.size(0), x.device)
+    for token in model.generate_tokens(x, params.max_tokens, sample, vocab_limit=tokenizer.vocab_size):
         for row, t in zip(rows, token[:, 0].tolist()):
             row.append(t)
         if params.stop and all(first_stop(tokenizer.decode(row), params.stop) >= 0 for row in rows):

@@ -49,7 +49,7 @@ def parse_args():
 
 def sequential(model, prompts, new):
     for prompt in prompts:
-        for _ in model.generate_tokens(torch.tensor([prompt]), new, temperature=0):
+        for _ in model.generate_tokens(torch.tensor([prompt]), new):
             pass
 
 

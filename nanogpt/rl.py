@@ -37,9 +37,10 @@ import time
 import numpy as np
 import torch
 
-from model import KVCache, sample_next
+from model import KVCache
 from nanogpt.chat_format import chat_tokens, render_prompt
 from nanogpt.parallel import gradient_sync, sum_over_ranks
+from nanogpt.sampling import SamplingParams, next_tokens
 
 TASKS = ("arith", "gsm8k")        # the folder in data_root holding {train,val,test}.jsonl of the task's problems
 REWARDS = ("answer", "answer_format")
@@ -129,7 +130,8 @@ def sample_batch(model, prompts, max_new_tokens, stop_id, temperature=1.0, top_k
         logp = logits.log_softmax(-1)
         entropy += -(logp.exp() * logp).sum(-1)[~done].sum()
         counted += int((~done).sum())
-        token = sample_next(logits, temperature, top_k, None, generator)
+        params = SamplingParams(temperature=temperature, top_k=top_k or 0)
+        token = next_tokens(logits, params, generators=generator)[:, None]
         token[done] = stop_id
         tokens.append(token)
         done |= token[:, 0] == stop_id

@@ -4,6 +4,7 @@ top-p, min-p, repetition / frequency / presence penalties, stop strings, max tok
     params = SamplingParams(temperature=0.7, top_p=0.9, stop=("\\n\\n",), seed=1)
     params.check()                                    # ValueError with one line for a bad value
     token = next_tokens(logits, params, generated=[ids_so_far], generators=params.generator(device))
+    model.generate_tokens(idx, n, sample=sampler(params, rows=idx.size(0), device=idx.device))
     stream = TextStream(tokenizer, params.stop)       # incremental decoding that holds back a partial stop string
 
 Order of operations, per row (the common practice of vLLM and Hugging Face):
@@ -192,6 +193,15 @@ def next_tokens(logits, params, generated=None, generators=None):
         else:  # one draw per row from its own generator: batching never changes a seeded request's tokens
             tokens[i] = torch.multinomial(probs[i], 1, generator=generators[i])[0]
     return tokens
+
+
+def sampler(params, rows=1, device="cpu", generators=None):
+    """The `sample` function model.generate_tokens takes, (logits (B, V), each row's ids so far) -> (B,) tokens, for
+    params (one SamplingParams or one per row). generators: as next_tokens'; default: each row's params.seed (None,
+    the global RNG, for a row without one)."""
+    if generators is None:
+        generators = [p.generator(device) for p in per_row(params, rows, "params")]
+    return lambda logits, generated: next_tokens(logits, params, generated, generators)
 
 
 # ---------------------------------------------------------------------------------------------------- stop strings

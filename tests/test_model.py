@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, KVCache, MoE, attention_mask, layer_plan, sample_next
+from model import GPT, GPTConfig, KVCache, MoE, attention_mask, layer_plan
 from nanogpt.optim import build_optimizer
+from nanogpt.sampling import SamplingParams, next_tokens, sampler
 from nanokernels.attention import flash_decode
 
 pytestmark = pytest.mark.usefixtures("seed")  # every test: a fresh printed seed (tests/conftest.py)
@@ -291,12 +292,12 @@ def test_cached_generation_equals_full_forward(heads, pattern, share, experts):
         nxt = full.argmax(-1, keepdim=True)
         seq = torch.cat((seq, nxt), 1)
         logits = model.logits(model(nxt, cache=cache)[:, -1])
-    assert torch.equal(model.generate(prompt, 12, temperature=0), seq)
+    assert torch.equal(model.generate(prompt, 12), seq)
 
 
 def test_generation_past_block_size_rebuilds_the_cache():
     model = GPT(tiny(block_size=16)).eval()
-    out = model.generate(torch.randint(0, 37, (1, 10)), 30, temperature=1.0, top_k=5, top_p=0.9)
+    out = model.generate(torch.randint(0, 37, (1, 10)), 30, sampler(SamplingParams(top_k=5, top_p=0.9)))
     assert out.shape == (1, 40)
 
 
@@ -350,7 +351,7 @@ def test_triton_attention_trains_and_generates_like_sdpa(monkeypatch):
     for (name, a), b in zip(ref.named_parameters(), tri.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
     prompt = idx[:, :8]  # longer than the window: the decode steps read the ring buffer
-    assert torch.equal(ref.eval().generate(prompt, 10, temperature=0), tri.eval().generate(prompt, 10, temperature=0))
+    assert torch.equal(ref.eval().generate(prompt, 10), tri.eval().generate(prompt, 10))
     assert len(decode_calls) == 9 * 3  # 9 decode steps after the prefill, 3 layers
 
 
@@ -375,7 +376,7 @@ def test_cached_generation_with_value_embeddings_and_softcap_equals_full_forward
     cfg = tiny(value_embeds=2, logit_softcap=4.0, n_kv_head=1, attn_pattern="LLG", local_window=5, block_size=40)
     model = randomize_norms(GPT(cfg)).eval()
     prompt, seq = torch.randint(0, 37, (2, 9)), None
-    seq = model.generate(prompt, 10, temperature=0)
+    seq = model.generate(prompt, 10)
     for t in range(9, 19):  # each cached step chose the argmax of the uncached forward over its prefix
         assert torch.equal(model.logits(model(seq[:, :t])[:, -1]).argmax(-1), seq[:, t])
 
@@ -414,13 +415,13 @@ def test_chunked_loss_and_gradients_equal_the_unchunked_ones(monkeypatch, dtype,
 def test_a_vanishing_temperature_samples_the_argmax_without_nan(seed, temperature):
     logits = torch.randn(4, 37) * 30
     logits[:, 5:] = float("-inf")  # a padded vocabulary's masked rows
-    tokens = sample_next(logits, temperature=temperature, top_k=10, top_p=0.9)
-    assert torch.equal(tokens, logits.argmax(-1, keepdim=True))
+    tokens = next_tokens(logits, SamplingParams(temperature=temperature, top_k=10, top_p=0.9))
+    assert torch.equal(tokens, logits.argmax(-1))
 
 
 def test_generate_tokens_yields_the_steps_of_generate(seed):
     model = GPT(tiny(block_size=16)).eval()
     prompt = torch.randint(0, 37, (2, 5))
-    steps = list(model.generate_tokens(prompt, 20, temperature=0))  # past block_size: the cache is rebuilt
+    steps = list(model.generate_tokens(prompt, 20))  # past block_size: the cache is rebuilt
     assert len(steps) == 20 and all(s.shape == (2, 1) for s in steps)
-    assert torch.equal(torch.cat([prompt, *steps], 1), model.generate(prompt, 20, temperature=0))
+    assert torch.equal(torch.cat([prompt, *steps], 1), model.generate(prompt, 20))

@@ -106,7 +106,7 @@ def test_flops_count_the_mtp_blocks_and_their_use_of_the_head():
 def test_speculative_decoding_gives_greedy_tokens_whatever_the_drafts(seed, monkeypatch):
     model = GPT(tiny(mtp_depth=3)).double().eval()
     prompt = torch.randint(0, 13, (1, 5))
-    reference = model.generate(prompt, 40, temperature=0)  # past block_size 24: the cache restarts
+    reference = model.generate(prompt, 40)  # past block_size 24: the cache restarts
     steps = list(model.generate_speculative(prompt, 40))
     assert torch.equal(torch.cat([prompt] + [s for s, _ in steps], dim=1), reference)
 
@@ -141,7 +141,7 @@ def test_mla_model_drafts_and_decodes_greedily(seed):
     model = GPT(tiny(mtp_depth=2, kv_lora_rank=8, qk_norm=False)).double().eval()
     prompt = torch.randint(0, 13, (1, 4))
     steps = list(model.generate_speculative(prompt, 30))
-    assert torch.equal(torch.cat([prompt] + [s for s, _ in steps], dim=1), model.generate(prompt, 30, temperature=0))
+    assert torch.equal(torch.cat([prompt] + [s for s, _ in steps], dim=1), model.generate(prompt, 30))
 
 
 def test_bad_settings_get_one_line(tmp_path):

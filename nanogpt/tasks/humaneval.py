@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from nanogpt.sampling import SamplingParams, sampler
 from nanogpt.sandbox import Limits, check_sandbox, run_programs
 from nanogpt.tasks.common import Files, convert_rows, read_task_rows, task_result
 from nanogpt.files import numbered_jsonl
@@ -114,8 +115,8 @@ def sample(scorer, prompt, n, temperature, max_new_tokens, generator):
     ids = torch.tensor([prompt] * n, device=scorer.device)
     rows, done = [[] for _ in range(n)], [None] * n
     with scorer.autocast:
-        for token in scorer.model.generate_tokens(ids, max_new_tokens, temperature=temperature, generator=generator,
-                                                  vocab_limit=scorer.tok.vocab_size):
+        sample = sampler(SamplingParams(temperature=temperature), n, scorer.device, generator)
+        for token in scorer.model.generate_tokens(ids, max_new_tokens, sample, vocab_limit=scorer.tok.vocab_size):
             for i, t in enumerate(token[:, 0].tolist()):
                 if done[i] is None:
                     if t == scorer.tok.eot:
