@@ -145,7 +145,7 @@ def test_patching_recovers_all_where_the_prompts_differ_and_nothing_before(seed)
     assert results["resid_pre"].shape == (5, 6) and results["attn.z"].shape == (5, 2)
     # layer 0's input at the differing position is the whole difference: patched, the run is the clean one
     assert results["resid_pre"][0, 2].item() == pytest.approx(1.0, abs=1e-4)
-    assert results["resid_pre"][0].tolist()[3:] == [0, 0, 0]  # the same token, the same embedding
+    assert results["resid_pre"][0, 3:].abs().max() < 1e-5  # the same token, the same embedding (float32 rounding)
     # (causal) before the differing token both runs agree at every layer: patching there changes nothing
     assert results["resid_pre"][:, :2].abs().max() < 1e-5 and results["attn_out"][:, :2].abs().max() < 1e-5
 
