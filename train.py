@@ -464,6 +464,14 @@ def main():
     flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
     peak = (peak_flops or device_peak_flops(place.device)) * place.world_size
 
+    def optimizer_step():  # one update from the accumulated gradients (RL calls it rl_updates times a batch)
+        if grad_clip:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
     # loop
     t_start = t_log = t_train = time.time()  # t_train: when training (not evaluating) last resumed
     losses = {}
@@ -507,18 +515,10 @@ def main():
         if progress.iter_num >= max_iters:
             break
 
-        def optimizer_step():
-            if grad_clip:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-
         if kind == "rl":  # rollouts, rewards, advantages and rl_updates optimizer steps (nanogpt/rl.py)
             step_metrics = rl_run.step(model, train_loader.next_problems(), train_loader.generator, optimizer_step,
                                        autocast)
-            weight, trained_tokens = 1.0, None
+            trained_tokens = None
         else:
             batches = [next_batch(train_loader, place) for _ in range(accumulation)]
             weight, trained_tokens = batch_weights(kind, batches, place.world_size)
