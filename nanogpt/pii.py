@@ -23,7 +23,8 @@ CARD = re.compile(r"(?<![\d.,+-])(?:\d{13,19}|\d{4}([ -])\d{4}\1\d{4}\1\d{1,7}|\
 # phone numbers: international (+country code, then groups) or North American ((555) 123-4567, 555-123-4567), each
 # with one separator throughout (so "+4915112345678 12 tickets" keeps its 12); a bare run of digits or arithmetic
 # such as 1500-135-141 is not a phone number
-PHONE = re.compile(r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(\d{1,4}\))?(?P<sep>[ .-]?)\d{2,5}(?:(?P=sep)\d{2,5}){0,4}(?![\w-])"
+PHONE = re.compile(r"(?<![\w+])\+1[ .-]?(?:\(\d{3}\)|\d{3})[ .-]?\d{3}[ .-]?\d{4}(?![\w-])"  # +1: always 3-3-4
+                   r"|(?<![\w+])\+[2-9]\d{0,2}(?:[ .-]?\(\d{1,4}\))?(?P<sep>[ .-]?)\d{2,5}(?:(?P=sep)\d{2,5}){0,4}(?![\w-])"
                    r"|(?<![\w+])(?:\(\d{3}\) ?|\d{3}(?P<na>[ .-]))\d{3}(?(na)(?P=na)|[ .-])\d{4}(?![\w-]|[.,]\d)")
 
 
@@ -73,6 +74,22 @@ KINDS = {
 }
 
 
+def substitute(pattern, check, text, placeholder):
+    """(text with each match that passes check replaced, how many): pattern.sub, except that a rejected match is
+    searched again from its second character, so a number just before a card or phone number (1500 4111 1111 1111
+    1111) cannot hide it."""
+    out, count, pos = [], 0, 0
+    m = pattern.search(text)
+    while m:
+        if check(m.group()):
+            out += [text[pos:m.start()], placeholder]
+            count, pos = count + 1, m.end()
+            m = pattern.search(text, pos)
+        else:
+            m = pattern.search(text, m.start() + 1)
+    return "".join(out) + text[pos:], count
+
+
 def redact(text, kinds=tuple(KINDS)):
     """(text with each found PII replaced by its placeholder, {kind: number replaced}); ipv6 counts as 'ip'."""
     counts = dict.fromkeys(PLACEHOLDERS, 0)
@@ -83,11 +100,6 @@ def redact(text, kinds=tuple(KINDS)):
         if not may_hold(text):
             continue
         name = "ip" if kind == "ipv6" else kind
-
-        def replace(m, name=name, check=check):
-            if not check(m.group()):
-                return m.group()
-            counts[name] += 1
-            return PLACEHOLDERS[name]
-        text = pattern.sub(replace, text)
+        text, found = substitute(pattern, check, text, PLACEHOLDERS[name])
+        counts[name] += found
     return text, counts
