@@ -36,7 +36,7 @@ stop = ""                      # a reply ends before this text; '' = none
 seed = 1337                    # the sampling RNG
 device = "auto"                # 'auto' (cuda, else cpu), 'cpu', 'cuda', 'xla'
 dtype: Literal[DTYPE_SETTINGS] = "auto"  # 'auto': bfloat16 on CUDA and XLA, else float32
-attn_impl: Literal[ATTN_IMPLS] = "auto"  # 'auto' (triton on CUDA, sdpa elsewhere)
+attn_impl: Literal[ATTN_IMPLS] = "auto"  # 'auto' = sdpa until the GPU check passes 'triton'
 
 
 def check_settings(config):

@@ -56,7 +56,7 @@ sandbox_workers = 0            # humaneval: programs run at a time in the sandbo
 shared_prefix = True           # compute a question's shots and context once for all its choices
 device = "auto"                # 'auto' (cuda when there is a GPU, else cpu), 'cpu', 'cuda', 'cuda:N', 'xla'
 dtype: Literal[DTYPE_SETTINGS] = "auto"  # 'auto': bfloat16 on CUDA, else float32
-attn_impl: Literal[ATTN_IMPLS] = "auto"  # 'auto' (triton on CUDA, sdpa elsewhere)
+attn_impl: Literal[ATTN_IMPLS] = "auto"  # 'auto' = sdpa until the GPU check passes 'triton'
 compile = False                # torch.compile the model (dynamic shapes)
 
 COLUMNS = ("task", "metric", "value", "stderr", "shots", "questions", "seconds", "iter", "date")

@@ -43,7 +43,7 @@ batch_size = 16                # prompts per forward pass (right-padded, sorted 
 shared_prefix = True           # compute a subject's few-shot prefix once (False: every prompt whole, as before)
 device = "auto"                # 'auto' (cuda when there is a GPU, else cpu), 'cpu', 'cuda', 'cuda:N', 'xla'
 dtype: Literal[DTYPE_SETTINGS] = "auto"  # 'auto': bfloat16 on CUDA, else float32
-attn_impl: Literal[ATTN_IMPLS] = "auto"  # 'auto' (triton on CUDA, sdpa elsewhere)
+attn_impl: Literal[ATTN_IMPLS] = "auto"  # 'auto' = sdpa until the GPU check passes 'triton'
 compile = False                # torch.compile the model (dynamic shapes)
 
 

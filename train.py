@@ -103,7 +103,7 @@ memory_topk = 16               # value slots read per head and token
 memory_heads = 4               # memory read heads
 memory_key_dim = 64            # query / key width per head
 memory_gated = True            # Memory+ (Berges et al. 2024): the read gated by silu(W x), then projected
-attn_impl: Literal[ATTN_IMPLS] = "auto"  # 'auto' (triton on CUDA, sdpa elsewhere): this process's kernel, not saved
+attn_impl: Literal[ATTN_IMPLS] = "auto"  # 'auto' = sdpa until the GPU check passes 'triton': this process's kernel, not saved
 # optimizer and schedule (nanogpt/optim.py)
 optimizer: Literal[OPTIMIZERS] = "muon"  # Muon for hidden matrices and experts, AdamW for the rest; or 'adamw'
 learning_rate = 4e-3           # peak lr (each parameter group runs at its lr_scales multiple of it)
@@ -276,7 +276,7 @@ def place_process():
     dtype_name, ptdtype = resolve_dtype(dtype, kind)
     compiled = kind == "cuda" if compile is None else compile and kind != "xla"
     return start.Placement(rank, local_rank, world_size, dev, mode, kind, dtype_name, ptdtype, compiled,
-                           resolve_attn_impl(attn_impl, kind))
+                           resolve_attn_impl(attn_impl))
 
 
 def report_dry_run(config, explicit, place, tokens_per_iter):

@@ -297,7 +297,7 @@ def load_scorer(out_dir, device="auto", dtype="auto", attn_impl="auto", compile=
     dev = resolve_device(device)
     dev_type = device_type(dev)
     autocast = autocast_for(dev_type, resolve_dtype(dtype, dev_type)[1])
-    model, tok, ckpt = load_model(out_dir, dev, resolve_attn_impl(attn_impl, dev_type))
+    model, tok, ckpt = load_model(out_dir, dev, resolve_attn_impl(attn_impl))
     if compile:
         model = torch.compile(model, dynamic=True)  # lengths vary from batch to batch
     return Scorer(model, tok, dev, autocast, batch_size, shared_prefix), ckpt

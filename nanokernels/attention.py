@@ -67,14 +67,15 @@ _DECODE_GRANULE = 16 if _INTERPRET else 128  # keys per decode split are a multi
 _MAX_DECODE_SPLITS = 64
 
 
-def _autotune(shapes, key=("HEAD_DIM", "USE_TMA", "TUNE_TQ", "TUNE_SPAN")):
+def _autotune(shapes, key=("HEAD_DIM", "USE_TMA", "TUNE_TQ", "TUNE_SPAN"), reset_to_zero=None):
     """triton.autotune over `shapes` (below). The key is the head dim, the load path (Triton adds the dtypes) and
     power-of-two buckets of Tq and of the visible key span, so a KV cache that grows by one token per step does not
     retune on every call. The interpreter gets one 16 x 16 config: tuning there is slow, and small blocks let small
-    test shapes span several blocks and ragged tails."""
+    test shapes span several blocks and ragged tails. reset_to_zero: outputs a kernel adds into (atomics), zeroed
+    before each timed run of the tuning and again before the real one, which would otherwise add onto them."""
     if _INTERPRET:
         return triton.autotune([triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)],
-                               key=list(key))
+                               key=list(key), reset_to_zero=reset_to_zero)
     largest = {(m, n, w, s): (d, d_plain) for m, n, w, s, d, d_plain in shapes}
 
     def fits(configs, named_args, **kwargs):
@@ -86,7 +87,8 @@ def _autotune(shapes, key=("HEAD_DIM", "USE_TMA", "TUNE_TQ", "TUNE_SPAN")):
         return [c for c in configs if kwargs["HEAD_DIM"] <= largest[
             c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages][path]]
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s, _, _ in shapes]
-    return triton.autotune(configs, key=list(key), prune_configs_by={"early_config_prune": fits})
+    return triton.autotune(configs, key=list(key), prune_configs_by={"early_config_prune": fits},
+                           reset_to_zero=reset_to_zero)
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim with TMA loads, ... with plain loads). A config is tried
@@ -322,7 +324,7 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, LSE, Delta, DQ, stride_qt, stride_q
     return dk, dv
 
 
-@_autotune(_DKDV_SHAPES, key=("HEAD_DIM", "USE_TMA", "ATOMIC_DQ", "TUNE_TQ", "TUNE_SPAN"))
+@_autotune(_DKDV_SHAPES, key=("HEAD_DIM", "USE_TMA", "ATOMIC_DQ", "TUNE_TQ", "TUNE_SPAN"), reset_to_zero=["DQ"])
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, DQ,
                      stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
@@ -602,7 +604,8 @@ def _backward_dkdv(q, k, v, do, lse, delta, window, dq, use_tma):
         dk, dv = (k.new_empty(split, *k.shape, dtype=torch.float32) for _ in range(2))
     else:
         dk, dv = torch.empty_like(k).unsqueeze(0), torch.empty_like(v).unsqueeze(0)
-    dq_args = (dq, *dq.stride()) if dq is not None else (q, *q.stride())  # q: a placeholder, never written
+    # without the atomic dQ, DQ is a placeholder: one fp32 zero, never written (the tuner's reset zeroes it)
+    dq_args = (dq, *dq.stride()) if dq is not None else (q.new_zeros(1, dtype=torch.float32), 0, 0, 0, 0)
     sm_scale = D ** -0.5
     grid = lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv, split)  # noqa: E731
     _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, dq_args[0], *q.stride(), *k.stride(), *v.stride(),

@@ -141,6 +141,26 @@ def test_every_path_matches_reference(seed, monkeypatch, tma, deterministic, sm_
     check_against_reference(q, k, v, window, deterministic)
 
 
+def test_autotuning_adds_nothing_into_the_atomic_dq(seed, monkeypatch):
+    """On a GPU the dK/dV kernel is tuned over several configs, each timed by running it; with the atomic dQ
+    (D <= 64) every timed run would add into dQ unless the tuner zeroes it first (reset_to_zero; seen on an H200:
+    test_gradients_real_sizes_cuda's D = 64 case). The interpreter has one config and never times, so here the
+    kernel's own tuner gets it twice and a 'timer' that runs each three times."""
+    tuner = attention._bwd_dkdv_kernel
+
+    def run_three_times(kernel_call, quantiles):
+        for _ in range(3):
+            kernel_call()
+        return [1.0, 1.0, 1.0]
+    monkeypatch.setattr(tuner, "configs", tuner.configs * 2)
+    monkeypatch.setattr(tuner, "cache", {})
+    monkeypatch.setattr(tuner, "_do_bench", run_three_times)
+    q = make(1, 4, 37, 32, bf16, "bthd")
+    k, v = make(1, 2, 37, 32, bf16, "bthd"), make(1, 2, 37, 32, bf16, "bthd")
+    check_against_reference(q, k, v, None)
+    assert len(tuner.cache) == 1  # it did tune
+
+
 def test_split_plan():
     """The dK/dV split fills two programs per SM and never exceeds the group; decode splits cover every key once."""
     cpu = torch.device("cpu")

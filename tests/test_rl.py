@@ -154,12 +154,14 @@ def success_rate(model, tok, seed, samples=512):
     return correct[0] / samples
 
 
-@pytest.mark.parametrize("loss_type,updates", [("token", 1), ("sequence", 2)])
-def test_rl_raises_the_reward_of_a_tiny_policy(seed, loss_type, updates):
+@pytest.mark.parametrize("loss_type,updates,steps", [("token", 1, 20), ("sequence", 2, 30)])
+def test_rl_raises_the_reward_of_a_tiny_policy(seed, loss_type, updates, steps):
     """Replies over {'####', ' 5', ' 6', <|assistant_end|>}: reward 1 for a final '#### 5' (about a fifth of the
     samples at first). Only the head trains (SGD), so the policy is one distribution over those tokens at every
-    position, whose best reward is about one half; 20 RL steps must lift its success rate, measured on 512 fresh
-    samples before and after (the steps' own 32-sample rewards are too noisy to compare), clearly above its start."""
+    position, whose best reward is about one half; the RL steps must lift its success rate, measured on 512 fresh
+    samples before and after (the steps' own 32-sample rewards are too noisy to compare), clearly above its start.
+    Clipped updates move less per step: over 10 seeds 20 steps gained 0.30-0.40 with the token loss, 0.07-0.34
+    with the clipped sequence loss, and 30 steps of the latter 0.16-0.28."""
     tok = tokenizer()
     model = biased_policy(tok, list(answer_tokens(tok)), seed)
     run = rl.RLRun(settings(rl_loss_type=loss_type, rl_updates=updates), tok, model)
@@ -172,7 +174,7 @@ def test_rl_raises_the_reward_of_a_tiny_policy(seed, loss_type, updates):
     before = success_rate(model, tok, seed)
     generator = torch.Generator().manual_seed(seed)
     rewards = [run.step(model, problems, generator, optimizer_step, torch.autocast("cpu", enabled=False))["reward"]
-               .item() for _ in range(20)]
+               .item() for _ in range(steps)]
     after = success_rate(model, tok, seed)
     assert before < 0.35 and after > before + 0.1, (before, after, rewards)
 
