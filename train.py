@@ -164,6 +164,7 @@ rl_temperature = 1.0           # sampling temperature of the rollouts and of the
 rl_top_k = 0                   # sample from the top-k tokens; 0 = the whole vocabulary
 rl_max_new_tokens = 32         # a completion ends at <|assistant_end|> or after this many tokens
 rl_scale_rewards: Literal[rl.SCALE_REWARDS] = "group"  # advantages / std of the 'group', the 'batch', or 'none'
+rl_negative_weight = 1.0       # weight of negative advantages: 1 = GRPO; < 1 leans on reinforcing successes
 rl_loss_type: Literal[rl.LOSS_TYPES] = "token"  # 'token' (DAPO), 'sequence' (GRPO) or 'dr_grpo' normalisation
 rl_clip_eps = 0.2              # PPO ratio clip: rho in [1 - eps, 1 + eps_high] (binds only with rl_updates > 1)
 rl_clip_eps_high = 0.0         # the upper clip; 0 = rl_clip_eps (DAPO's clip-higher: 0.28)
@@ -252,7 +253,8 @@ def check_rl_settings(config):
     require(rl_group_size >= 2, f"rl_group_size must be >= 2 (advantages compare the completions of one prompt), "
             f"got {rl_group_size}")
     at_least(config, 1, "rl_prompts", "rl_max_new_tokens", "rl_updates", "rl_eval_samples")
-    at_least(config, 0, "rl_top_k", "rl_kl_beta", "rl_eval_problems", "rl_clip_eps", "rl_clip_eps_high")
+    at_least(config, 0, "rl_top_k", "rl_kl_beta", "rl_eval_problems", "rl_clip_eps", "rl_clip_eps_high",
+             "rl_negative_weight")
     require(rl_temperature > 0, f"rl_temperature must be > 0 (sampling), got {rl_temperature}")
     require(init_from != "scratch" or dry_run, "RL starts from a chat model: set --init_from to an SFT run (or its "
             "ckpt.pt)")

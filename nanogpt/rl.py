@@ -11,8 +11,14 @@ One step (train.py calls RLRun.step once per iteration):
   4. Advantages (Shao et al. 2024, GRPO): A = r - mean of its group; scale_rewards 'group' divides by the group's
      std (+1e-4), 'batch' by the std over the whole global batch, 'none' not at all (Dr. GRPO, Liu et al. 2025;
      nanochat's chat_rl). A group whose rewards are all equal has A = 0: it contributes no policy gradient (its
-     share is logged).
-  5. Loss per completion token t, ratio rho = pi(t) / pi_old(t) with pi_old the sampling policy's log-probs,
+     share is logged). rl_negative_weight scales the negative advantages: 1 is GRPO; below 1 the step leans on
+     reinforcing successes, which sharpens the policy (pass@1), while pushing failures down spreads it (pass@k;
+     Zhu et al. 2025, "The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning").
+  5. Loss per completion token t, ratio rho = pi(t) / pi_old(t), where pi is the policy the tokens were sampled
+     from: the logits divided by rl_temperature and, with rl_top_k, renormalised over the k likeliest tokens. With
+     the full-vocabulary softmax instead, pushing a bad token down would lift all 50k others, the never-sampled
+     tail too, until junk enters the top k (seen on the arith task: bench/RESULTS.md). pi_old: the same before
+     the first update,
          l_t = -min(rho A, clip(rho, 1 - eps, 1 + eps_high) A) + beta k3_t,
          k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1               (Schulman's k3 estimator of KL(pi||ref))
      aggregated as rl_loss_type:
@@ -28,6 +34,7 @@ The sampler's generator travels with the prompt stream's state in the checkpoint
 prompts and the same completions as an uninterrupted one. Evaluation: pass@1 and pass@k (the unbiased estimator of
 Chen et al. 2021 from rl_eval_samples completions per problem) on the held-out split.
 """
+import functools
 import json
 import math
 import os
@@ -36,8 +43,9 @@ import time
 
 import numpy as np
 import torch
+from torch.utils.checkpoint import checkpoint
 
-from model import KVCache
+from model import LOSS_CHUNK_ELEMENTS, KVCache
 from nanogpt.chat_format import chat_tokens, render_prompt
 from nanogpt.parallel import gradient_sync, sum_over_ranks
 from nanogpt.sampling import SamplingParams, next_tokens
@@ -148,10 +156,11 @@ def prompt_ids(tokenizer, question):
 # ------------------------------------------------------------------------------------------------- the loss
 
 
-def group_advantages(rewards, scale="group", batch_std=None):
+def group_advantages(rewards, scale="group", batch_std=None, negative_weight=1.0):
     """(advantages (P, G), all-equal groups (P,) bool) from rewards (P, G): reward - group mean, divided by the
     group's std + 1e-4 ('group'), by batch_std + 1e-4 ('batch': the std of every reward of the global batch) or
-    not at all ('none'). Stds are unbiased (n - 1), as torch.std and TRL compute them."""
+    not at all ('none'), the negative ones then times negative_weight. Stds are unbiased (n - 1), as torch.std and
+    TRL compute them."""
     advantages = rewards - rewards.mean(1, keepdim=True)
     if scale == "group":
         advantages = advantages / (rewards.std(1, keepdim=True) + 1e-4)
@@ -159,6 +168,7 @@ def group_advantages(rewards, scale="group", batch_std=None):
         advantages = advantages / ((rewards.std() if batch_std is None else batch_std) + 1e-4)
     elif scale != "none":
         raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale!r}")
+    advantages = torch.where(advantages < 0, advantages * negative_weight, advantages)
     return advantages, rewards.amax(1) == rewards.amin(1)
 
 
@@ -202,12 +212,29 @@ def padded_rows(prompts, completions, pad_id):
     return x, y
 
 
-def completion_logprobs(model, head, x, y, softcap=0.0):
-    """log pi of each completion token (the positions where y >= 0, row-major), differentiable: one forward for
-    the hidden states, the head (a (rows, vocab) matmul) only on completion positions."""
+def sampled_logprobs(logits, targets, temperature=1.0, top_k=0):
+    """log pi(target) of each row under the sampling policy: logits / temperature, restricted to the top_k
+    likeliest (top_k > 0; ties at the k-th value kept, as nanogpt/sampling.py keeps them) and renormalised."""
+    logits = logits / temperature
+    if top_k and top_k < logits.size(-1):
+        kth = logits.topk(top_k, -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
+
+
+def completion_logprobs(model, head, x, y, softcap=0.0, temperature=1.0, top_k=0):
+    """log pi of each completion token (the positions where y >= 0, row-major) under the sampling policy,
+    differentiable: one forward for the hidden states, then the head in chunks of rows whose (rows, vocab) logits
+    are recomputed in backward, so long completions never hold every position's logits at once."""
     h = model(x)
     counted = y >= 0
-    return -head(h[counted], y[counted], softcap, per_token=True)
+    h, targets = h[counted], y[counted]
+
+    def chunk(hc, tc):
+        return sampled_logprobs(head(hc, softcap=softcap), tc, temperature, top_k)
+    rows = max(1, LOSS_CHUNK_ELEMENTS // head.out_features)
+    run = functools.partial(checkpoint, chunk, use_reentrant=False) if torch.is_grad_enabled() else chunk
+    return torch.cat([run(h[i:i + rows], targets[i:i + rows]) for i in range(0, len(h), rows)])
 
 # ------------------------------------------------------------------------------------------------- the run
 
@@ -304,7 +331,7 @@ class RLRun:
         if s["rl_scale_rewards"] == "batch":
             n = totals[4]
             batch_std = ((totals[3] - totals[2] ** 2 / n) / max(n - 1, 1)).clamp(min=0).sqrt().float()
-        advantages, equal = group_advantages(rewards, s["rl_scale_rewards"], batch_std)
+        advantages, equal = group_advantages(rewards, s["rl_scale_rewards"], batch_std, s["rl_negative_weight"])
         advantages = advantages.flatten()
         total_tokens, total_sequences = totals[0].item(), totals[1].item()
 
@@ -318,21 +345,22 @@ class RLRun:
                                self.tokenizer.eot)
             sequence = torch.tensor(rows).repeat_interleave(lengths[rows].long())
             batches.append({"x": x.to(device), "y": y.to(device), "sequence": sequence.to(device)})
-        softcap = self.raw.config.logit_softcap
+        policy = (self.raw.config.logit_softcap, s["rl_temperature"], s["rl_top_k"] or 0)  # what sampled them
         with torch.no_grad(), autocast:
             for b in batches:
                 if s["rl_updates"] > 1:
-                    b["old"] = completion_logprobs(model, self.raw.lm_head, b["x"], b["y"], softcap).float()
+                    b["old"] = completion_logprobs(model, self.raw.lm_head, b["x"], b["y"], *policy).float()
                 if self.reference is not None:
+                    # the reference over its whole vocabulary: its top k may not hold the sampled token
                     b["ref"] = completion_logprobs(self.reference, self.reference.lm_head, b["x"], b["y"],
-                                                   softcap).float()
+                                                   *policy[:2]).float()
         t1 = time.time()
         lengths_d, adv_d = lengths.to(device), advantages.to(device)
         loss_sum = clip_sum = kl_sum = torch.zeros((), device=device)
         for update in range(s["rl_updates"]):
             for i, b in enumerate(batches):
                 with gradient_sync(model, i == len(batches) - 1), autocast:
-                    logp = completion_logprobs(model, self.raw.lm_head, b["x"], b["y"], softcap).float()
+                    logp = completion_logprobs(model, self.raw.lm_head, b["x"], b["y"], *policy).float()
                     old = b.get("old", logp.detach())
                     losses, clipped, kl = token_losses(logp, old, adv_d[b["sequence"]], s["rl_clip_eps"],
                                                        s["rl_clip_eps_high"] or s["rl_clip_eps"], b.get("ref"),

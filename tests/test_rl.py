@@ -33,6 +33,8 @@ def test_group_advantages_by_hand():
     batch_std = math.sqrt(((flat - flat.mean()) ** 2).sum().item() / 11)
     batch, _ = rl.group_advantages(rewards, "batch")
     assert batch[0, 0].item() == pytest.approx(0.5 / (batch_std + 1e-4))
+    weighted, _ = rl.group_advantages(rewards, "none", negative_weight=0.1)
+    assert weighted[2].tolist() == pytest.approx([-0.025, -0.025, -0.025, 0.75])  # failures pushed down a tenth
     with pytest.raises(ValueError, match="scale_rewards"):
         rl.group_advantages(rewards, "sometimes")
 
@@ -78,6 +80,36 @@ def test_loss_types_by_hand():
     assert rl.aggregate(losses, sequence, lengths, "token", 10, 4, 4).item() == pytest.approx(1.5)
     with pytest.raises(ValueError, match="rl_loss_type"):
         rl.aggregate(losses, sequence, lengths, "mean", 5, 2, 4)
+
+
+def test_logprobs_are_the_sampling_policys(seed, monkeypatch):
+    """log pi(token) under what sampled it: logits / temperature renormalised over the top k (ties at the k-th value
+    kept) by hand; the gradient of a bad token's log-prob reaches only the top k's logits (the full softmax's lifts
+    the never-sampled tail too); and completion_logprobs, chunked and recomputed in backward, equals it."""
+    logits = torch.tensor([[2.0, 1.0, 1.0, -1.0, 0.5], [0.0, 3.0, -2.0, -2.0, 1.0]], dtype=torch.float64)
+    targets = torch.tensor([1, 4])
+    got = rl.sampled_logprobs(logits, targets, temperature=0.5, top_k=2)
+    row0 = [4.0, 2.0, 2.0]  # the 2 likeliest of row 0 at T = 0.5, and the tie at the second value
+    row1 = [6.0, 2.0]
+    expected = [2.0 - math.log(sum(math.exp(v) for v in row0)), 2.0 - math.log(sum(math.exp(v) for v in row1))]
+    assert got.tolist() == pytest.approx(expected)
+    full = logits.log_softmax(-1)[[0, 1], [1, 4]]
+    assert rl.sampled_logprobs(logits, targets).tolist() == pytest.approx(full.tolist())
+    leaf = logits.clone().requires_grad_()
+    rl.sampled_logprobs(leaf, targets, top_k=2)[1].backward()
+    assert leaf.grad[1, [2, 3]].tolist() == [0.0, 0.0] and leaf.grad[1, [1, 4]].abs().min() > 0
+
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=64, n_layer=1, n_embd=16, n_head=2, block_size=16))
+    model.init_weights()
+    x, y = rl.padded_rows([[1, 2, 3], [4, 5, 6, 7]], [[8, 9], [10, 11, 12]], 0)
+    monkeypatch.setattr(rl, "LOSS_CHUNK_ELEMENTS", 64 * 2)  # two rows a chunk: three chunks for five tokens
+    chunked = rl.completion_logprobs(model, model.lm_head, x, y, 0.0, 0.8, 5)
+    with torch.no_grad():
+        logits = model.logits(model(x))[y >= 0]
+    assert chunked.tolist() == pytest.approx(rl.sampled_logprobs(logits, y[y >= 0], 0.8, 5).tolist(), abs=1e-6)
+    chunked.sum().backward()
+    assert model.lm_head.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 8])
@@ -133,8 +165,8 @@ def biased_policy(tok, allowed, seed):
 def settings(**changes):
     s = {"rl_group_size": 8, "rl_prompts": 4, "rl_temperature": 1.0, "rl_top_k": 0, "rl_max_new_tokens": 3,
          "rl_reward": "answer", "rl_scale_rewards": "group", "rl_loss_type": "token", "rl_clip_eps": 0.2,
-         "rl_clip_eps_high": 0.0, "rl_updates": 1, "rl_kl_beta": 0.0, "rl_eval_samples": 4, "micro_batch": 16,
-         "world_size": 1, "seed": 0}
+         "rl_clip_eps_high": 0.0, "rl_updates": 1, "rl_kl_beta": 0.0, "rl_negative_weight": 1.0, "rl_eval_samples": 4,
+         "micro_batch": 16, "world_size": 1, "seed": 0}
     return {**s, **changes}
 
 
