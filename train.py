@@ -103,7 +103,7 @@ memory_topk = 16               # value slots read per head and token
 memory_heads = 4               # memory read heads
 memory_key_dim = 64            # query / key width per head
 memory_gated = True            # Memory+ (Berges et al. 2024): the read gated by silu(W x), then projected
-attn_impl: Literal[ATTN_IMPLS] = "auto"  # 'auto' = sdpa until the GPU check passes 'triton': this process's kernel, not saved
+attn_impl: Literal[ATTN_IMPLS] = "auto"  # 'auto' = sdpa until the GPU check passes 'triton'; this process's, not saved
 # optimizer and schedule (nanogpt/optim.py)
 optimizer: Literal[OPTIMIZERS] = "muon"  # Muon for hidden matrices and experts, AdamW for the rest; or 'adamw'
 learning_rate = 4e-3           # peak lr (each parameter group runs at its lr_scales multiple of it)
@@ -146,6 +146,7 @@ dpo_beta = 0.1                 # DPO's beta: how far the policy may move from th
 dpo_label_smoothing = 0.0      # cDPO: the probability that a preference label is wrong
 dpo_ipo = False                # the IPO loss (on per-token mean log-probs) instead of DPO's
 # post-training: LoRA (nanogpt/lora.py), low-rank adapters on the frozen init_from model, for any objective
+train_only = ""                # regex: only parameters whose full names match it train, e.g. r'norm\.weight'; '' = all
 lora_rank = 0                  # adapter rank; 0 = off (every weight trains)
 lora_alpha = 16.0              # the adapters' update is scaled by lora_alpha / lora_rank
 lora_dropout = 0.0             # dropout on the adapters' input (linear layers only)
@@ -204,6 +205,7 @@ def check_settings(config):
             "need lora_rank >= 0 (0 = off), lora_alpha > 0 and 0 <= lora_dropout < 1")
     require(not lora_rank or init_from != "scratch", "lora_rank > 0 adapts a trained model: name it with --init_from "
             "(a run folder, ckpt.pt or hf:FOLDER)")
+    require(not (train_only and lora_rank), "train_only and lora_rank both choose what trains: set one of them")
     require(not (lora_rank and fsdp), "LoRA does not run under FSDP: train the adapters on one process or with DDP "
             "(fsdp=False)")
     require(0 <= distill_weight <= 1 and distill_temperature > 0,
@@ -406,6 +408,7 @@ def main():
         full_state = state_bytes(optimizer, model, muon_normalize)  # what full fine-tuning's optimizer would keep
         adapted, lora_id = start.start_adapters(model, config, init_from, base, adapters) if lora_rank or adapters \
             else ([], {})
+        trained = start.freeze_all_but(model, train_only) if train_only else []
         recorded = checkpoint.get("teacher_fingerprint") if init_from == "resume" else None
         teacher, teacher_id = (load_teacher(teacher_from, tokenizer, block_size, place.device, recorded)
                                if teacher_from else (None, {}))
@@ -423,6 +426,10 @@ def main():
               f"activation_checkpoint={activation_checkpoint!r}")
         if adapted:
             print(lora.describe(model, adapted))
+        if trained:
+            n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            print(f"training only {', '.join(trained)} ({n_trained:,} parameters, train_only={train_only!r}); "
+                  "the rest is frozen")
         if teacher is not None:
             print(f"distilling from {teacher_from} ({teacher.num_params():,} parameters): loss = "
                   f"{1 - distill_weight:g} CE + {distill_weight:g} x {distill_temperature:g}^2 KL at T = "

@@ -10,6 +10,7 @@ Errors are ValueError / OSError / RuntimeError with a message that says what to 
 """
 import fcntl
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -273,6 +274,22 @@ def resume(state, resume_from, opt, train_loader, place, out_dir):
         metrics.keep_until(out_dir, state["iter_num"])  # drop what the interrupted run logged after its checkpoint
     return Progress(state["iter_num"], state["best_val_loss"], state.get("train_seconds", 0.0),
                     state.get("energy_joules", 0.0))
+
+
+def freeze_all_but(model, pattern):
+    """Freeze every parameter whose name does not fully match the regular expression `pattern`; the names left
+    training. A bad pattern, or one that matches nothing (the run would train nothing), is refused."""
+    try:
+        rule = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"train_only={pattern!r} is not a regular expression ({e})") from None
+    names = [n for n, _ in model.named_parameters() if rule.fullmatch(n)]
+    if not names:
+        examples = ", ".join(n for n, _ in list(model.named_parameters())[:4])
+        raise ValueError(f"train_only={pattern!r} matches no parameter name (they look like {examples}, ...)")
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+    return names
 
 
 def start_adapters(model, config, init_from, base, resumed=None):

@@ -1,6 +1,7 @@
 """train.py and sample.py end to end, in subprocesses: exact resume, the quick run's CLI, failure messages."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from nanogpt.checkpoint import read_checkpoint_file, save_checkpoint
-from tests.conftest import ROOT, SHARED, TINY, run_script
+from tests.conftest import ROOT, SHARED, TINY, assert_one_clear_line, run_script
 
 
 def train_losses(out_dir):
@@ -165,3 +166,27 @@ def test_importing_train_runs_nothing(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.split() == ["32", "True"], result.stderr
     assert not os.path.exists(os.path.join(ROOT, "never"))
+
+
+def test_train_only_trains_the_matching_parameters_alone(tmp_path, data_root):
+    """train_only: a full-match regex over parameter names; every other weight ends bit-identical to the start (the
+    output norm is 'norm.weight', the blocks' norms not: a full match). A pattern that matches nothing, one that does
+    not compile, and train_only with LoRA are refused in one line."""
+    common = [*TINY, f"--data_root={data_root}", "--eval_interval=2"]
+    run_script("train.py", *common, "--max_iters=2", f"--out_dir={tmp_path / 'base'}")
+    base = str(tmp_path / "base" / "ckpt.pt")
+    pattern = r"norm\.weight|blocks\.1\.mlp\..*"
+    run = run_script("train.py", *common, "--max_iters=3", f"--init_from={base}", f"--train_only={pattern}",
+                     "--learning_rate=1e-2", f"--out_dir={tmp_path / 'part'}")
+    assert ("training only blocks.1.mlp.up_proj.weight, blocks.1.mlp.gate_proj.weight, blocks.1.mlp.down_proj.weight, "
+            "norm.weight (") in run.stdout, run.stdout
+    before, after = (read_checkpoint_file(path)["model"] for path in (base, str(tmp_path / "part" / "ckpt.pt")))
+    assert set(before) == set(after)
+    for name, weights in before.items():
+        assert torch.equal(weights, after[name]) != bool(re.fullmatch(pattern, name)), name
+    for args, needle in ((["--train_only=nothing_matches"], "matches no parameter name"),
+                         (["--train_only=norm[.weight"], "is not a regular expression"),
+                         (["--train_only=norm\\.weight", "--lora_rank=2"], "set one of them")):
+        result = run_script("train.py", *common, "--max_iters=1", f"--init_from={base}", *args,
+                            f"--out_dir={tmp_path / 'refused'}", check=False)
+        assert_one_clear_line(result, needle)
