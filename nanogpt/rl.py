@@ -12,8 +12,8 @@ One step (train.py calls RLRun.step once per iteration):
      std (+1e-4), 'batch' by the std over the whole global batch, 'none' not at all (Dr. GRPO, Liu et al. 2025;
      nanochat's chat_rl). A group whose rewards are all equal has A = 0: it contributes no policy gradient (its
      share is logged). rl_negative_weight scales the negative advantages: 1 is GRPO; below 1 the step leans on
-     reinforcing successes, which sharpens the policy (pass@1), while pushing failures down spreads it (pass@k;
-     Zhu et al. 2025, "The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning").
+     reinforcing successes, which Zhu et al. 2025 ("The Surprising Effectiveness of Negative Reinforcement in LLM
+     Reasoning") find sharpens the policy (pass@1), while pushing failures down spreads it (pass@k).
   5. Loss per completion token t, ratio rho = pi(t) / pi_old(t), where pi is the policy the tokens were sampled
      from: the logits divided by rl_temperature and, with rl_top_k, renormalised over the k likeliest tokens. With
      the full-vocabulary softmax instead, pushing a bad token down would lift all 50k others, the never-sampled
