@@ -824,7 +824,7 @@ class GPT(nn.Module):
             if hasattr(module, name):
                 nn.init.normal_(getattr(module, name).weight, std=writer_std)
 
-    def forward(self, idx, targets=None, cache=None, per_token=False, mtp=False):
+    def forward(self, idx, targets=None, cache=None, per_token=False, mtp=False, with_balance=False):
         """Two paths.
         Loss (targets given; -1 marks a position without a loss): returns (ce, balance). ce is the
         cross-entropy summed over the counted targets, or per position (B, T) with per_token (0
@@ -835,7 +835,8 @@ class GPT(nn.Module):
         (mtp_depth,) holds each MTP depth's cross-entropy summed over its counted targets (depth k:
         targets[:, k:]), and balance includes the MTP blocks'.
         States (no targets): returns the final-norm hidden states (B, T, n_embd); logits(h) applies
-        the head. With mtp, (states, the last block's output): the MTP modules' input.
+        the head. With mtp, (states, the last block's output): the MTP modules' input. With
+        with_balance, (that, balance): a loss of the caller's own on the states (distillation).
         With a cache, idx continues the cached context and cache.pos advances."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -858,7 +859,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         if targets is None:
-            return (x, last) if mtp else x
+            states = (x, last) if mtp else x
+            return (states, balance) if with_balance else states
         ce = self.lm_head(x.flatten(0, 1), targets.flatten(), self.config.logit_softcap, per_token)
         if mtp and self.mtp:
             mtp_ce, mtp_balance = self.mtp_losses(last, idx, targets, cos, sin)

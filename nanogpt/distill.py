@@ -16,8 +16,8 @@ loss goes over chunks of rows (model.py's LOSS_CHUNK_ELEMENTS): in each chunk bo
 losses taken, and the chunk's logits dropped; backward recomputes them chunk by chunk (activation checkpointing), so
 the peak is one chunk of each model's logits, as for the plain loss. The teacher runs without gradients.
 
-An MoE student's forward without targets returns no balance loss: distillation trains MoE students with the
-aux-loss-free bias balancing only (moe_aux_alpha has no effect here).
+An MoE student's balance loss (moe_aux_alpha) comes back beside the two losses, and the objective adds it as the plain
+loss does; the aux-loss-free bias balancing runs as in any training.
 """
 import functools
 
@@ -45,10 +45,12 @@ def chunk_losses(h_student, h_teacher, w_student, w_teacher, targets, temperatur
 
 
 def distill_losses(student, student_head, softcap, teacher, x, y, temperature, vocab):
-    """(summed CE of the student on targets y, summed KL(teacher^T || student^T) over the same positions). student:
-    the model the loop calls (wrapped or not: its forward without targets gives hidden states); student_head: the
-    student's raw output layer; teacher: a frozen GPT."""
-    h = student(x).flatten(0, 1)
+    """(summed CE of the student on targets y, summed KL(teacher^T || student^T) over the same positions, the
+    student's MoE balance loss). student: the model the loop calls (wrapped or not: its forward without targets
+    gives hidden states, and with with_balance their balance loss); student_head: the student's raw output layer;
+    teacher: a frozen GPT."""
+    h, balance = student(x, with_balance=True)
+    h = h.flatten(0, 1)
     with torch.no_grad():
         h_teacher = teacher(x).flatten(0, 1)
     targets = y.flatten()
@@ -62,7 +64,7 @@ def distill_losses(student, student_head, softcap, teacher, x, y, temperature, v
         c, k = run(h[i:i + rows], h_teacher[i:i + rows], student_head.weight, teacher.lm_head.weight,
                    targets[i:i + rows])
         ce, kl = ce + c, kl + k
-    return ce, kl
+    return ce, kl, balance
 
 
 def mixed_loss(ce, kl, weight, temperature):

@@ -58,9 +58,10 @@ def make_objective(kind, model, accumulation, reference=None, beta=0.1, label_sm
 
     def distillation(batch, weight):
         d = distill
-        ce, kl = distill_losses(model, d["head"], d["softcap"], d["teacher"], *batch, d["temperature"], d["vocab"])
+        ce, kl, balance = distill_losses(model, d["head"], d["softcap"], d["teacher"], *batch, d["temperature"],
+                                         d["vocab"])
         loss = mixed_loss(ce, kl, d["weight"], d["temperature"])
-        return loss * weight, {"loss": ce.detach().float(), "kl": kl.detach().float()}
+        return loss * weight + balance / accumulation, {"loss": ce.detach().float(), "kl": kl.detach().float()}
 
     return {"dpo": dpo, "distill": distillation}.get(kind, next_token)
 

@@ -31,13 +31,18 @@ class Frozen(torch.nn.Module):
         return h
 
 
+def states(h):
+    """A stand-in student whose forward gives the states h and no balance loss."""
+    return lambda x, with_balance: (h, torch.zeros((), dtype=h.dtype))
+
+
 def test_kl_by_hand():
     """Two rows, vocabulary of 2, student logits [0, 1], teacher [1, 0], T = 2; the second row not counted."""
     eye = torch.eye(2, dtype=torch.float64)
     h_student = torch.tensor([[[0.0, 1.0], [5.0, -5.0]]], dtype=torch.float64)
     h_teacher = torch.tensor([[[1.0, 0.0], [-5.0, 5.0]]], dtype=torch.float64)
-    ce, kl = distill.distill_losses(lambda x: h_student, Head(eye), 0.0, Frozen(eye, 0.0), h_teacher,
-                                    torch.tensor([[1, -1]]), 2.0, 2)
+    ce, kl, _ = distill.distill_losses(states(h_student), Head(eye), 0.0, Frozen(eye, 0.0), h_teacher,
+                                       torch.tensor([[1, -1]]), 2.0, 2)
     p_t = [math.exp(0.5) / (math.exp(0.5) + 1), 1 / (math.exp(0.5) + 1)]  # softmax([1, 0] / 2)
     p_s = p_t[::-1]                                                           # softmax([0, 1] / 2)
     assert kl.item() == pytest.approx(sum(t * math.log(t / s) for t, s in zip(p_t, p_s)), rel=1e-12)
@@ -68,8 +73,8 @@ def test_chunked_losses_and_gradients_match_naive_float64(seed, monkeypatch, sof
     h_t, w_t = torch.randn(3, 11, d_t, dtype=torch.float64), torch.randn(vocab, d_t, dtype=torch.float64)
     y = torch.randint(0, vocab, (3, 11))
     y[0, :4] = -1  # SFT-style masked prompt positions
-    ce, kl = distill.distill_losses(lambda x: h_s, Head(w_s), softcaps[0], Frozen(w_t, softcaps[1]), h_t, y, 1.7,
-                                    vocab)
+    ce, kl, _ = distill.distill_losses(states(h_s), Head(w_s), softcaps[0], Frozen(w_t, softcaps[1]), h_t, y, 1.7,
+                                       vocab)
     ref_ce, ref_kl = naive(h_s.flatten(0, 1), w_s, h_t.flatten(0, 1), w_t, y.flatten(), 1.7, softcaps, vocab)
     torch.testing.assert_close(ce, ref_ce, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(kl, ref_kl, rtol=1e-12, atol=1e-12)
@@ -84,9 +89,25 @@ def test_identical_teacher_gives_zero_kl(seed):
     torch.manual_seed(seed)
     model = GPT(GPTConfig(vocab_size=65, n_layer=1, n_embd=16, n_head=2, block_size=16)).double()
     x = torch.randint(0, 65, (2, 16))
-    ce, kl = distill.distill_losses(model, model.lm_head, 0.0, model, x, x, 3.0, 65)
-    assert abs(kl.item()) < 1e-12
+    ce, kl, balance = distill.distill_losses(model, model.lm_head, 0.0, model, x, x, 3.0, 65)
+    assert abs(kl.item()) < 1e-12 and balance.item() == 0.0  # no MoE: no balance loss
     torch.testing.assert_close(ce, model(x, x)[0])  # the data term is the model's own loss
+
+
+def test_an_moe_student_keeps_its_balance_loss(seed):
+    """The distillation objective adds the student's MoE balance loss as the plain objective does: the same value
+    as the next-token path's on the same batch, and a gradient on the router."""
+    torch.manual_seed(seed)
+    cfg = GPTConfig(vocab_size=65, n_layer=2, n_embd=16, n_head=2, block_size=16, n_expert=4, n_expert_active=2,
+                    n_dense_layers=1, moe_hidden=16, moe_aux_alpha=0.1)
+    student, teacher = GPT(cfg).double().train(), GPT(GPTConfig(vocab_size=65, n_layer=1, n_embd=8, n_head=2,
+                                                                block_size=16)).double()
+    x = torch.randint(0, 65, (2, 16))
+    ce, kl, balance = distill.distill_losses(student, student.lm_head, 0.0, teacher, x, x, 2.0, 65)
+    assert balance.item() > 0
+    torch.testing.assert_close(balance, student(x, x)[1])
+    router = next(p for n, p in student.named_parameters() if n.endswith("router.weight"))
+    assert torch.autograd.grad(balance, router)[0].abs().sum() > 0
 
 # ----------------------------------------------------------------------------------------------------- train.py
 
