@@ -5,12 +5,14 @@ message, the worked answer, ending in its `#### N` line, as the assistant reply.
     python data/gsm8k/prepare.py --input TRAIN.jsonl [TEST.jsonl] --block_size 512  # or local copies
 
 Writes train and val (a seeded `--val_fraction` of train.jsonl) and, with test.jsonl, a test split, in the rows
-of data/chat/prepare.py. The answers' calculator annotations, `48/2 = <<48/2=24>>24`, are removed by default
-(`48/2 = 24`): they are the paper's calculator calls, which only help a sampler that runs them, and chat.py does not,
-so the model would learn to write every result twice. `--calculator keep` keeps them (to train for such a tool).
+of data/chat/prepare.py, and keeps train.jsonl (and test.jsonl) in the output folder, where RL reads its problems.
+The answers' calculator annotations, `48/2 = <<48/2=24>>24`, are removed by default (`48/2 = 24`): they are the
+paper's calculator calls, which only help a sampler that runs them, and chat.py does not, so the model would learn to
+write every result twice. `--calculator keep` keeps them (to train for such a tool).
 """
 import os
 import re
+import shutil
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -81,7 +83,12 @@ def main(argv=None):
     splits = dict(zip(("train", "val"), split_val(problems[0], args.val_fraction, args.seed)))
     if len(problems) > 1:
         splits["test"] = problems[1]
-    return write_dataset(args.out_dir, "conversations", splits, args.block_size, args.open_rows)
+    written = write_dataset(args.out_dir, "conversations", splits, args.block_size, args.open_rows)
+    for path, name in zip(paths, FILES):  # RL reads its prompts and answers there (nanogpt/rl.py task_problems)
+        target = os.path.join(args.out_dir, name)
+        if not (os.path.exists(target) and os.path.samefile(path, target)):
+            shutil.copyfile(path, target)
+    return written
 
 
 if __name__ == "__main__":
