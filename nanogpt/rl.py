@@ -182,7 +182,9 @@ def token_losses(logp, old_logp, advantages, clip_eps, clip_eps_high, ref_logp=N
     loss = -torch.minimum(unclipped, clipped)
     kl = None
     if ref_logp is not None:
-        delta = ref_logp - logp
+        # after a first update a sampled token may leave the policy's top k (logp -inf): the policy no longer
+        # samples it, so it adds nothing to KL(pi || ref), an expectation under pi
+        delta = torch.where(torch.isinf(logp), 0.0, ref_logp - logp)
         kl = delta.exp() - delta - 1
         loss = loss + beta * kl
     return loss, clipped < unclipped, kl

@@ -58,6 +58,12 @@ def test_clipped_surrogate_and_k3_by_hand():
     assert kl.tolist() == pytest.approx(k3)
     assert all(v >= 0 for v in k3) and k3[2] == 0.0  # k3 is nonnegative, 0 where the policy equals the reference
     assert loss_kl.tolist() == pytest.approx([e + 0.5 * k for e, k in zip(expected, k3)])
+    # a token that left the policy's top k after an update (rl_updates > 1): ratio 0, no KL (pi no longer samples it)
+    gone = torch.tensor([-math.inf], dtype=torch.float64, requires_grad=True)
+    loss_gone, _, kl_gone = rl.token_losses(gone, old[:1], adv[:1], 0.2, 0.28, ref[:1], beta=0.5)
+    assert loss_gone.item() == 0.0 and kl_gone.item() == 0.0
+    loss_gone.sum().backward()
+    assert gone.grad.item() == 0.0
 
 
 def test_on_policy_gradient_is_advantage_weighted_logprob():
