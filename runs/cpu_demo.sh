@@ -18,17 +18,9 @@ EVAL_LIMIT=${EVAL_LIMIT:-100}        # test problems evaluated per stage (8 samp
 export TIKTOKEN_CACHE_DIR=${TIKTOKEN_CACHE_DIR:-../shared/tiktoken_cache}
 mkdir -p "$OUT"
 DATA="$OUT/data"
-TIMEFORMAT="%R %U %S"
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+source runs/common.sh  # timed STAGE command...: each stage's seconds into $OUT/times.json
 
-timed() {  # timed STAGE command...: run it, appending "wall user sys" seconds to $OUT/times.txt
-    local stage=$1; shift
-    echo "== $stage: $*"
-    { time "$@" 2>&3 ; } 3>&2 2> "$OUT/time_$stage.txt"
-    echo "$stage $(tail -n 1 "$OUT/time_$stage.txt")" >> "$OUT/times.txt"
-}
-
-rm -f "$OUT/times.txt"
 timed prepare python data/arith/prepare.py --out_dir "$DATA/arith" --text_dir "$DATA/arith_text" --block_size 64 \
     --overwrite ${PREP_ARGS:-}
 timed base python train.py config/base_arith.py --data_root="$DATA" --out_dir="$OUT/base" --overwrite=True \
@@ -49,10 +41,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 out = sys.argv[1]
-times = {}
-for line in open(os.path.join(out, "times.txt")):
-    stage, wall, user, system = line.split()
-    times[stage] = {"wall_s": float(wall), "cpu_s": float(user) + float(system)}
+times = json.load(open(os.path.join(out, "times.json")))  # runs/common.sh's timed
 stages = {}
 for stage in ("base", "sft", "rl"):
     result = json.load(open(os.path.join(out, stage, "eval.json")))["results"]["arith"]

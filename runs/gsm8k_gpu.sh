@@ -17,23 +17,15 @@ OUT=${OUT:-out/gsm8k}
 GPUS=${GPUS:-$(nvidia-smi -L 2> /dev/null | wc -l)}
 EVAL_LIMIT=${EVAL_LIMIT:-0}            # test problems per evaluation; 0 = all 1,319
 DATA="$OUT/data"
-TIMEFORMAT="%R %U %S"
 mkdir -p "$OUT"
-
-timed() {  # timed STAGE command...: run it, appending "wall user sys" seconds to $OUT/times.txt
-    local stage=$1; shift
-    echo "== $stage: $*"
-    { time "$@" 2>&3 ; } 3>&2 2> "$OUT/time_$stage.txt"
-    echo "$stage $(tail -n 1 "$OUT/time_$stage.txt")" >> "$OUT/times.txt"
-}
+source runs/common.sh  # timed STAGE command...: each stage's seconds into $OUT/times.json
 
 launch() {  # train.py on GPUS processes (torchrun: DDP) or one
     if [ "${GPUS:-0}" -gt 1 ]; then torchrun --standalone --nproc_per_node="$GPUS" "$@"; else python "$@"; fi
 }
 
-rm -f "$OUT/times.txt"
-# shellcheck disable=SC2086  # the *_ARGS and GSM8K_INPUT are word lists
 # rows of 512 tokens: the RL stage's block (a prompt + 256 new tokens), so SFT trains at 512 too
+# shellcheck disable=SC2086  # the *_ARGS and GSM8K_INPUT are word lists
 timed prepare python data/gsm8k/prepare.py --out_dir "$DATA/gsm8k" --block_size 512 --overwrite \
     ${GSM8K_INPUT:+--input $GSM8K_INPUT}
 # shellcheck disable=SC2086
@@ -56,10 +48,7 @@ import json, os, sys
 from nanogpt.checkpoint import results_dir  # where eval.py wrote each model's eval.json
 
 out = sys.argv[1]
-times = {}
-for line in open(os.path.join(out, "times.txt")):
-    stage, wall, user, system = line.split()
-    times[stage] = {"wall_s": float(wall), "cpu_s": float(user) + float(system)}
+times = json.load(open(os.path.join(out, "times.json")))  # runs/common.sh's timed
 stages = {}
 for stage in ("base", "sft", "rl"):
     source = os.environ["BASE"] if stage == "base" else os.path.join(out, stage)
