@@ -16,9 +16,9 @@ One step (train.py calls RLRun.step once per iteration):
      Reasoning") find sharpens the policy (pass@1), while pushing failures down spreads it (pass@k).
   5. Loss per completion token t, ratio rho = pi(t) / pi_old(t), where pi is the policy the tokens were sampled
      from: the logits divided by rl_temperature and, with rl_top_k, renormalised over the k likeliest tokens. With
-     the full-vocabulary softmax instead, pushing a bad token down would lift all 50k others, the never-sampled
-     tail too, until junk enters the top k (seen on the arith task: bench/RESULTS.md). pi_old: the same before
-     the first update,
+     the full-vocabulary softmax instead, pushing a bad token down would also lift the never-sampled tail of the
+     vocabulary (the reason for it; on the arith task it did not change the outcome: bench/RESULTS.md). pi_old: the
+     same before the first update,
          l_t = -min(rho A, clip(rho, 1 - eps, 1 + eps_high) A) + beta k3_t,
          k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1               (Schulman's k3 estimator of KL(pi||ref))
      aggregated as rl_loss_type:
@@ -48,7 +48,7 @@ from torch.utils.checkpoint import checkpoint
 from model import LOSS_CHUNK_ELEMENTS, KVCache
 from nanogpt.chat_format import chat_tokens, render_prompt
 from nanogpt.parallel import gradient_sync, sum_over_ranks
-from nanogpt.sampling import SamplingParams, next_tokens
+from nanogpt.sampling import SamplingParams, filtered_logits, next_tokens
 
 TASKS = ("arith", "gsm8k")        # the folder in data_root holding {train,val,test}.jsonl of the task's problems
 REWARDS = ("answer", "answer_format")
@@ -215,13 +215,10 @@ def padded_rows(prompts, completions, pad_id):
 
 
 def sampled_logprobs(logits, targets, temperature=1.0, top_k=0):
-    """log pi(target) of each row under the sampling policy: logits / temperature, restricted to the top_k
-    likeliest (top_k > 0; ties at the k-th value kept, as nanogpt/sampling.py keeps them) and renormalised."""
-    logits = logits / temperature
-    if top_k and top_k < logits.size(-1):
-        kth = logits.topk(top_k, -1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
+    """log pi(target) of each row under the sampling policy: the sampler's own filtered_logits (logits / temperature,
+    then the top_k likeliest, ties at the k-th value kept), renormalised."""
+    params = [SamplingParams(temperature=temperature, top_k=top_k)] * len(logits)
+    return filtered_logits(logits, params).log_softmax(-1).gather(1, targets[:, None])[:, 0]
 
 
 def completion_logprobs(model, head, x, y, softcap=0.0, temperature=1.0, top_k=0):
