@@ -12,6 +12,7 @@
 # Each stage's wall, user and system seconds (bash's `time`, children included) go into the report, with the
 # machine's load average: on a shared machine wall time depends on what else runs.
 set -euo pipefail
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0; fi
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/cpu_demo}
 EVAL_LIMIT=${EVAL_LIMIT:-100}        # test problems evaluated per stage (8 samples each + one greedy)

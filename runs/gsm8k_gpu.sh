@@ -11,6 +11,7 @@
 #   GSM8K_INPUT="train.jsonl test.jsonl" ...          # offline: local copies instead of the download
 #   SFT_ARGS=... RL_ARGS=... EVAL_ARGS=... EVAL_LIMIT=N  # overrides (tests/test_runs.py shrinks it onto a CPU)
 set -euo pipefail
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0; fi
 cd "$(dirname "$0")/.."
 BASE=${BASE:?set BASE to a GPT-2-BPE checkpoint, e.g. BASE=out-speedrun (config/speedrun_gpt2.py) or hf:FOLDER}
 OUT=${OUT:-out/gsm8k}

@@ -38,3 +38,9 @@ def test_gsm8k_pipeline_needs_a_base(tmp_path):
     env = {**{k: v for k, v in os.environ.items() if k != "BASE"}, "OUT": str(tmp_path)}
     run = subprocess.run(["bash", "runs/gsm8k_gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert run.returncode != 0 and "set BASE to a GPT-2-BPE checkpoint" in run.stderr.strip().splitlines()[-1]
+
+
+def test_the_pipelines_answer_help():
+    for script in ("runs/gsm8k_gpu.sh", "runs/cpu_demo.sh"):
+        run = subprocess.run(["bash", script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert run.returncode == 0 and "OUT=" in run.stdout and "set -euo" not in run.stdout, script
