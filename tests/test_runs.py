@@ -43,4 +43,4 @@ def test_gsm8k_pipeline_needs_a_base(tmp_path):
 def test_the_pipelines_answer_help():
     for script in ("runs/gsm8k_gpu.sh", "runs/cpu_demo.sh"):
         run = subprocess.run(["bash", script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=30)
-        assert run.returncode == 0 and "OUT=" in run.stdout and "set -euo" not in run.stdout, script
+        assert run.returncode == 0 and f"bash {script}" in run.stdout and "set -euo" not in run.stdout, script
